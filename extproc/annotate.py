@@ -1,0 +1,90 @@
+"""Annotations as RFC 8941 structured fields, safe whatever bytes the evidence holds.
+
+Evidence comes from the wire (a Host, a cluster name, an Envoy error string) and may hold
+any byte. An sf-string allows only printable ASCII, so everything else, and `%` itself, is
+percent-encoded from its UTF-8 bytes (the same idea as RFC 9651's Display String), which
+keeps the value reversible and the header free of CR, LF and control bytes. Each value is
+cut at `MAX_VALUE` characters, ending in `...`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+
+from extproc.diagnosis import Diagnosis
+from extproc.headers import Applied
+
+DIAGNOSIS_HEADER = "x-extproc-diagnosis"
+HINT_HEADER = "x-extproc-hint"
+ACTIONS_HEADER = "x-extproc-actions"
+
+MAX_VALUE = 256
+
+_TOKEN = re.compile(r"[A-Za-z*][!#$%&'*+\-.^_`|~0-9A-Za-z:/]*")
+_KEY = re.compile(r"[a-z*][a-z0-9_\-.*]*")
+_PLAIN = frozenset(range(0x20, 0x7F)) - {ord("%"), ord('"'), ord("\\")}
+_ESCAPES = {ord('"'): '\\"', ord("\\"): "\\\\"}
+# What each byte becomes inside an sf-string.
+_PIECES = tuple(chr(b) if b in _PLAIN else _ESCAPES.get(b) or f"%{b:02x}" for b in range(256))
+
+
+def sf_string(value: str, limit: int = MAX_VALUE) -> str:
+    """`value` as an RFC 8941 sf-string, percent-encoding non-printable bytes, at most `limit` long."""
+    out: list[str] = []
+    size = 0
+    for byte in value.encode("utf-8", "surrogateescape"):
+        piece = _PIECES[byte]
+        if size + len(piece) > limit - 3:
+            out.append("...")
+            break
+        out.append(piece)
+        size += len(piece)
+    return '"' + "".join(out) + '"'
+
+
+def _bare(value: str | int | bool) -> str:
+    if value is True:
+        return ""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"={value}"
+    return f"={sf_string(str(value))}"
+
+
+def sf_item(token: str, params: Iterable[tuple[str, str | int | bool]] = ()) -> str:
+    """A token with parameters. Keys must be valid RFC 8941 keys (they come from code)."""
+    if not _TOKEN.fullmatch(token):
+        raise ValueError(f"not an RFC 8941 token: {token!r}")
+    parts = [token]
+    for key, value in params:
+        if not _KEY.fullmatch(key):
+            raise ValueError(f"not an RFC 8941 key: {key!r}")
+        parts.append(f";{key}{_bare(value)}")
+    return "".join(parts)
+
+
+def diagnosis_headers(diagnosis: Diagnosis) -> tuple[tuple[str, str], ...]:
+    """The x-extproc-diagnosis Item and the x-extproc-hint line."""
+    return (
+        (DIAGNOSIS_HEADER, sf_item(diagnosis.reason, diagnosis.evidence)),
+        (HINT_HEADER, printable(diagnosis.hint)),
+    )
+
+
+def actions_header(applied: Sequence[Applied]) -> str:
+    """The x-extproc-actions List: one token per rule, `;report` when nothing was changed."""
+    members = []
+    for entry in applied:
+        params: list[tuple[str, str | int | bool]] = []
+        if entry.names:
+            params.append(("headers", " ".join(entry.names)))
+        if entry.report:
+            params.append(("report", True))
+        members.append(sf_item(entry.token, params))
+    return ", ".join(members)
+
+
+def printable(text: str, limit: int = 512) -> str:
+    """Plain text made safe for a header value: visible ASCII and spaces only."""
+    inner = sf_string(text, limit)[1:-1]
+    return inner.replace('\\"', '"').replace("\\\\", "\\")

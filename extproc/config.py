@@ -1,0 +1,192 @@
+"""The policy file: parsed once, validated in full, frozen.
+
+Every error names the file, the key and what was expected, because a policy that is
+half-applied is worse than one that is refused.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import yaml
+
+
+class PolicyError(ValueError):
+    """The policy file cannot be used; the message says where and why."""
+
+
+class Mode(enum.StrEnum):
+    ENFORCE = "enforce"
+    REPORT = "report"
+
+
+class Action(enum.StrEnum):
+    """What a header rule does with the headers it matches."""
+
+    STRIP = "strip"  # remove them
+    REPORT = "report"  # list them in x-extproc-actions, change nothing
+    KEEP = "keep"  # rule off
+    REWRITE = "rewrite"  # underscore headers only: x_user_id -> x-user-id
+
+
+class Direction(enum.StrEnum):
+    """Where the filter sits, which decides the rules that apply."""
+
+    AUTO = "auto"  # from the xds.listener_direction attribute; unset means edge
+    EDGE = "edge"  # a gateway or a plain front Envoy
+    OUTBOUND = "outbound"  # a sidecar's outbound listener: the app is the client
+    INBOUND = "inbound"  # a sidecar's inbound listener: another sidecar is the client
+
+
+# RFC 9110 token characters; Envoy lower-cases header names.
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
+_HOST = re.compile(
+    r"(?:[a-z0-9](?:[a-z0-9\-_]{0,61}[a-z0-9])?\.)*[a-z0-9](?:[a-z0-9\-_]{0,61}[a-z0-9])?\.?"
+)
+_AUTHORITY = re.compile(rf"(?P<host>{_HOST.pattern}|\[[0-9a-f:.]+\])(?::(?P<port>[0-9]{{1,5}}))?")
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """What the server does to requests. The defaults are safe for a mesh."""
+
+    mode: Mode = Mode.ENFORCE
+    # Left out of the hash (a mapping has none); equality still compares it.
+    host_rewrites: Mapping[str, str] = field(
+        default_factory=lambda: MappingProxyType({}), hash=False
+    )
+    strip_host_port: bool = False
+    echoed_envoy_headers: Action = Action.STRIP
+    forwarding_headers: Action = Action.STRIP
+    underscore_headers: Action = Action.REPORT
+    direction: Direction = Direction.AUTO
+    source: str = "<defaults>"
+
+    @property
+    def enforcing(self) -> bool:
+        return self.mode is Mode.ENFORCE
+
+
+# key -> (expected, converter). The converter raises ValueError with what was expected.
+_SWITCH_ACTIONS = {Action.STRIP, Action.REPORT, Action.KEEP}
+_UNDERSCORE_ACTIONS = {Action.STRIP, Action.REPORT, Action.KEEP, Action.REWRITE}
+
+
+def _enum(kind: type[enum.StrEnum], allowed: set[Any] | None = None) -> Any:
+    choices = sorted(str(v) for v in (allowed or set(kind)))
+
+    def convert(value: object) -> enum.StrEnum:
+        if not isinstance(value, str) or value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
+        return kind(value)
+
+    return convert
+
+
+def _bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+def _host_rewrites(value: object) -> Mapping[str, str]:
+    if value is None:
+        return MappingProxyType({})
+    if not isinstance(value, Mapping):
+        raise ValueError(f"expected a map from Host to authority, got {type(value).__name__}")
+    rewrites: dict[str, str] = {}
+    for host, target in value.items():
+        if not isinstance(host, str) or not _HOST.fullmatch(host.lower()):
+            raise ValueError(
+                f"key {host!r} is not a host name (give it without a port: the port is ignored)"
+            )
+        if not isinstance(target, str) or not _AUTHORITY.fullmatch(target.lower()):
+            raise ValueError(f"{host}: {target!r} is not an authority (host or host:port)")
+        key = host.lower().rstrip(".")
+        if key in rewrites:
+            raise ValueError(f"{host!r} is listed twice (keys are case-insensitive)")
+        rewrites[key] = target.lower()
+    return MappingProxyType(rewrites)
+
+
+_KEYS: dict[str, Any] = {
+    "mode": _enum(Mode),
+    "host_rewrites": _host_rewrites,
+    "strip_host_port": _bool,
+    "echoed_envoy_headers": _enum(Action, _SWITCH_ACTIONS),
+    "forwarding_headers": _enum(Action, _SWITCH_ACTIONS),
+    "underscore_headers": _enum(Action, _UNDERSCORE_ACTIONS),
+    "direction": _enum(Direction),
+}
+
+
+def policy_from_mapping(data: object, source: str = "<policy>") -> Policy:
+    """Validate a parsed YAML document into a Policy, or raise PolicyError naming the key."""
+    if data is None:
+        return Policy(source=source)
+    if not isinstance(data, Mapping):
+        raise PolicyError(
+            f"{source}: expected a map of policy keys at the top level, got {type(data).__name__}"
+        )
+    values: dict[str, Any] = {}
+    for key, raw in data.items():
+        convert = _KEYS.get(key)
+        if convert is None:
+            known = ", ".join(sorted(_KEYS))
+            raise PolicyError(
+                f"{source}{_line_of(data, key)}: unknown key {key!r} (known keys: {known})"
+            )
+        try:
+            values[key] = convert(raw)
+        except ValueError as exc:
+            raise PolicyError(f"{source}{_line_of(data, key)}: {key}: {exc}") from None
+    return Policy(source=source, **values)
+
+
+def _line_of(data: Mapping[Any, Any], key: object) -> str:
+    lines = getattr(data, "lines", {})
+    return f":{lines[key]}" if key in lines else ""
+
+
+class _LineLoader(yaml.SafeLoader):
+    """A safe loader whose top-level map remembers the line of each key."""
+
+
+class _LinedDict(dict[Any, Any]):
+    lines: dict[Any, int]
+
+
+def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> _LinedDict:
+    mapping = _LinedDict(loader.construct_mapping(node, deep=True))
+    mapping.lines = {
+        loader.construct_object(k, deep=True): k.start_mark.line + 1 for k, _ in node.value
+    }
+    return mapping
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Read and validate a policy file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PolicyError(f"{path}: cannot read the policy file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise PolicyError(f"{path}: the policy file is not UTF-8: {exc.reason}") from None
+    try:
+        data = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise PolicyError(f"{path}{where}: not valid YAML: {problem}") from None
+    return policy_from_mapping(data, source=str(path))

@@ -1,0 +1,395 @@
+"""Failure diagnosis: Envoy's own failure evidence in, one reason code and a hint out.
+
+Strategy: the catalogue is a table of `Signature` rows, walked top to bottom by one
+matcher (`classify`); the first row that fits wins, so rows go from the most specific
+(a TLS reason buried in the transport failure reason) to the most general (any
+Envoy-generated failure). Envoy's strings drift between versions (`|` or `,` separators,
+errno numbers or words, `TLS error: ` or `TLS_error:|`), so text conditions are plain
+substrings matched against a normalised copy of the code details and the transport
+failure reason: lower case, with `_` turned back into spaces.
+
+No grpc or protobuf here: the adapter in `server.py` (or the access-log parser) builds an
+`Evidence`, and everything below is a pure function of it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from extproc import flags as F
+
+# Clusters and routes that carry traffic whose Host matched no mesh service: Istio's
+# outbound catch-all (`allow_any` → PassthroughCluster under ALLOW_ANY, `block_all` →
+# BlackHoleCluster under REGISTRY_ONLY).
+PASSTHROUGH_CLUSTERS = frozenset(
+    {"PassthroughCluster", "BlackHoleCluster", "InboundPassthroughCluster"}
+)
+PASSTHROUGH_ROUTES = frozenset({"allow_any", "block_all"})
+
+
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    """What Envoy told us about one response, from attributes, headers or a log line."""
+
+    status: int | None = None
+    flags: int = 0
+    code_details: str = ""
+    transport_failure_reason: str = ""
+    cluster: str = ""
+    upstream_address: str = ""
+    route: str = ""
+    host: str = ""
+    grpc_status: int | None = None
+    # True when the response came from the upstream (Envoy adds
+    # x-envoy-upstream-service-time); None when unknown.
+    upstream_answered: bool | None = None
+    overloaded: bool = False
+    # The text-format `envoy.config.core.v3.Metadata` of the cluster, as Envoy sends
+    # `xds.cluster_metadata`; Istio names the DestinationRule there.
+    cluster_metadata: str = ""
+    # False when Envoy sent none of the failure attributes: reasons then come from the
+    # status and headers only, and are less precise.
+    has_attributes: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Diagnosis:
+    """A reason code from the catalogue, a one-line hint, and the evidence that led there."""
+
+    reason: str
+    hint: str
+    evidence: tuple[tuple[str, str | int], ...] = field(default=())
+
+
+@dataclass(frozen=True, slots=True)
+class Signature:
+    """One catalogue row.
+
+    `flags` and `text` are alternatives: the row fits when any of its flag bits is set
+    or any of its substrings occurs. The other fields narrow it and must all hold.
+    A row with neither `flags` nor `text` is decided by the narrowing fields alone.
+    """
+
+    reason: str
+    flags: int = 0
+    text: tuple[str, ...] = ()
+    status: tuple[int, int] | None = None
+    upstream_answered: bool | None = None
+    has_attributes: bool | None = None
+    passthrough: bool | None = None
+    overloaded: bool | None = None
+    grpc_status: frozenset[int] | None = None
+    # Overrides the reason's hint where this row knows more than the reason does.
+    hint: str | None = None
+
+
+HINTS: dict[str, str] = {
+    "host_not_in_mesh": (
+        "The Host matched no mesh service, so the sidecar sent the request out its "
+        "passthrough route; fix the Host (a reverse proxy forwarding the external Host?) "
+        "or add a host_rewrites entry."
+    ),
+    "upstream_requires_mtls": (
+        "The upstream closed a plaintext connection: it likely requires mTLS (STRICT "
+        "PeerAuthentication vs a DestinationRule with tls.mode DISABLE or a subset without "
+        "trafficPolicy); if sporadic, it may be an idle keep-alive connection closed by the upstream."
+    ),
+    "upstream_not_tls": (
+        "Envoy spoke TLS to a port that answered in plaintext: the destination has no "
+        "sidecar, or the cluster's TLS settings point at a plaintext port."
+    ),
+    "upstream_cert_untrusted": (
+        "Envoy did not trust the upstream's certificate chain: check that both sides use "
+        "the same root CA (trust domain, cacerts)."
+    ),
+    "upstream_san_mismatch": (
+        "The upstream's certificate does not carry the expected SAN/SPIFFE identity: check "
+        "subjectAltNames, the service account and the trust domain."
+    ),
+    "upstream_cert_expired": (
+        "The upstream's certificate has expired: rotate it, and check the cert agent or SDS."
+    ),
+    "client_cert_rejected": (
+        "The upstream rejected our client certificate (expired, or from a CA it does not "
+        "trust): check this sidecar's certificate and the shared root."
+    ),
+    "sni_rejected": (
+        "The upstream did not accept the TLS server name: set sni or auto_sni on the "
+        "cluster's TLS context."
+    ),
+    "tls_handshake_rejected": (
+        "The upstream reset the TLS handshake: usually no filter chain matched, either the "
+        "SNI (set sni/auto_sni) or the ALPN (an HTTP/1.1 client where the server expects h2)."
+    ),
+    "alpn_mismatch": (
+        "No ALPN protocol in common: the upstream expects another protocol (often h2); "
+        "name the port by protocol or enable HTTP/2 to it."
+    ),
+    "tls_version_mismatch": (
+        "Envoy and the upstream share no TLS version or cipher: align tls_minimum/"
+        "maximum_protocol_version and cipher suites."
+    ),
+    "sds_secret_missing": (
+        "Envoy had no certificate to present: the SDS secret is not ready (check the "
+        "istio-agent or cert provider)."
+    ),
+    "protocol_mismatch": (
+        "The upstream spoke another HTTP version than Envoy expected (HTTP/1.1 vs h2): "
+        "name the service port by protocol or set appProtocol."
+    ),
+    "upstream_refused": (
+        "Nothing listens on the upstream port: check the port the service was called on "
+        "and the targetPort."
+    ),
+    "upstream_connect_timeout": (
+        "The upstream connection timed out: the endpoint is unreachable, filtered, or a TLS "
+        "handshake stalled (missing SNI?)."
+    ),
+    "upstream_reset": (
+        "The upstream reset the stream: it crashed or closed the connection, or an idle "
+        "keep-alive connection raced with a new request."
+    ),
+    "upstream_timeout": (
+        "The upstream did not answer within the route timeout: raise the timeout or find "
+        "the slow dependency."
+    ),
+    "no_healthy_upstream": (
+        "The cluster has no healthy endpoint: no ready pods, or outlier detection ejected them all."
+    ),
+    "circuit_open": (
+        "A circuit breaker or overload limit rejected the request: check the "
+        "DestinationRule connectionPool settings."
+    ),
+    "no_route": (
+        "No route matched the request's Host and path: check the Host (and a host:port "
+        "mismatch) against the virtual hosts."
+    ),
+    "cluster_not_found": (
+        "The route names a cluster that does not exist: check the route's destination and "
+        "the service's registration."
+    ),
+    "dns_failure": "DNS resolution of the upstream failed: check the host name and the resolver.",
+    "upstream_app_error": (
+        "The upstream application itself answered with this error; the mesh delivered it."
+    ),
+    "upstream_failure": (
+        "Envoy failed the request for a reason the catalogue does not know; see the evidence."
+    ),
+}
+
+_TLS_ERROR = ("tls error", "tls_error")
+
+# The catalogue, most specific first. Text is matched after normalisation (see module doc).
+CATALOGUE: tuple[Signature, ...] = (
+    # The upstream answered: whatever it said, the mesh delivered it.
+    Signature("upstream_app_error", status=(500, 599), upstream_answered=True),
+    # The Host fell through to the passthrough route and then failed.
+    Signature("host_not_in_mesh", passthrough=True),
+    # TLS: our verdict on their certificate.
+    Signature("upstream_cert_expired", text=("certificate has expired",)),
+    Signature("upstream_san_mismatch", text=("verify san list", "san matcher")),
+    Signature("upstream_cert_untrusted", text=("certificate verify failed",)),
+    # TLS: their verdict on us, as an alert.
+    Signature(
+        "upstream_requires_mtls",
+        text=("alert certificate required", "peer did not return a certificate"),
+    ),
+    Signature(
+        "client_cert_rejected",
+        text=(
+            "alert bad certificate",
+            "alert unknown ca",
+            "alert certificate expired",
+            "alert certificate unknown",
+            "alert certificate revoked",
+            "alert access denied",
+        ),
+    ),
+    Signature(
+        "upstream_requires_mtls",
+        text=("alert handshake failure",),
+        hint=(
+            "The upstream failed the TLS handshake: it most likely requires a client "
+            "certificate (mTLS); if the cluster sends no SNI, the server may need one."
+        ),
+    ),
+    Signature("sni_rejected", text=("alert unrecognized name",)),
+    Signature("alpn_mismatch", text=("no application protocol",)),
+    Signature(
+        "tls_version_mismatch",
+        text=("alert protocol version", "unsupported protocol", "no shared cipher"),
+    ),
+    Signature("upstream_not_tls", text=("wrong version number", "http request")),
+    Signature("sds_secret_missing", text=("secret is not supplied by sds",)),
+    Signature("tls_handshake_rejected", text=("openssl internal:connection reset by peer",)),
+    # Transport.
+    Signature(
+        "upstream_refused", text=("connection refused", "connect error: 111", "connect error:111")
+    ),
+    Signature("upstream_connect_timeout", text=("connection timeout",)),
+    Signature("dns_failure", flags=F.DF),
+    # Routing and cluster state.
+    Signature("no_route", flags=F.NR, text=("route not found",)),
+    Signature("cluster_not_found", flags=F.NC, text=("cluster not found",)),
+    Signature("no_healthy_upstream", flags=F.UH, text=("no healthy upstream",)),
+    Signature("circuit_open", flags=F.UO | F.OM, text=("overflow",)),
+    Signature("circuit_open", overloaded=True),
+    # HTTP and stream level.
+    Signature("protocol_mismatch", flags=F.UPE, text=("protocol error",)),
+    Signature("upstream_timeout", flags=F.UT, text=("response timeout", "per try timeout")),
+    Signature("upstream_requires_mtls", flags=F.UC, text=("connection termination",)),
+    Signature("upstream_reset", flags=F.UR | F.LR, text=("remote reset", "local reset")),
+    Signature(
+        "upstream_failure",
+        flags=F.UF,
+        hint=(
+            "Envoy could not connect to the upstream and gave no transport reason: check "
+            "the port, the TLS settings on both sides, and the endpoint's reachability."
+        ),
+    ),
+    # No attributes: the status and headers are all there is.
+    Signature("upstream_timeout", status=(504, 504), upstream_answered=False, has_attributes=False),
+    Signature(
+        "upstream_timeout",
+        grpc_status=frozenset({4}),
+        upstream_answered=False,
+        has_attributes=False,
+    ),
+    Signature("no_route", status=(404, 404), upstream_answered=False, has_attributes=False),
+    Signature(
+        "upstream_failure",
+        status=(500, 599),
+        has_attributes=False,
+        hint=(
+            "Envoy failed this request but sent no failure attributes: configure the "
+            "ext_proc response_attributes listed in the README for a precise reason."
+        ),
+    ),
+    Signature(
+        "upstream_failure",
+        grpc_status=frozenset({4, 8, 13, 14}),
+        upstream_answered=False,
+        has_attributes=False,
+        hint=(
+            "Envoy failed this gRPC call but sent no failure attributes: configure the "
+            "ext_proc response_attributes listed in the README for a precise reason."
+        ),
+    ),
+    # Anything else Envoy failed.
+    Signature("upstream_failure"),
+)
+
+
+def _normalise(text: str) -> str:
+    return text.replace("_", " ").lower()
+
+
+def is_envoy_failure(ev: Evidence) -> bool:
+    """True when the response needs a diagnosis.
+
+    A response Envoy did not fail (no failure flags, details `via_upstream` or absent,
+    status below 500, no gRPC error from a local reply) is left alone. A gRPC local
+    reply is HTTP 200, so flags and details count as much as the status.
+    """
+    if ev.flags & ~F.BENIGN:
+        return True
+    if ev.code_details and ev.code_details not in ("via_upstream", "direct_response"):
+        return True
+    if ev.status is not None and ev.status >= 500:
+        return True
+    if ev.has_attributes:
+        return False
+    # Without attributes, a 404 or a gRPC error that Envoy itself produced (no
+    # x-envoy-upstream-service-time) is the best sign there is.
+    if ev.upstream_answered is False:
+        return ev.status == 404 or bool(ev.grpc_status)
+    return ev.overloaded
+
+
+def _fits(sig: Signature, ev: Evidence, text: str, passthrough: bool) -> bool:
+    if (sig.flags or sig.text) and not (ev.flags & sig.flags or any(t in text for t in sig.text)):
+        return False
+    if sig.status is not None:
+        low, high = sig.status
+        if ev.status is None or not low <= ev.status <= high:
+            return False
+    return (
+        (sig.upstream_answered is None or sig.upstream_answered == _answered(ev))
+        and (sig.has_attributes is None or sig.has_attributes == ev.has_attributes)
+        and (sig.passthrough is None or sig.passthrough == passthrough)
+        and (sig.overloaded is None or sig.overloaded == ev.overloaded)
+        and (sig.grpc_status is None or ev.grpc_status in sig.grpc_status)
+    )
+
+
+def _answered(ev: Evidence) -> bool:
+    """Did the upstream itself produce this response?"""
+    if ev.has_attributes:
+        # URX: retries ran out on the upstream's own answers, which were delivered.
+        return ev.code_details == "via_upstream" and not ev.flags & ~(F.BENIGN | F.URX)
+    return bool(ev.upstream_answered)
+
+
+def classify(ev: Evidence) -> Diagnosis | None:
+    """The first catalogue row that fits `ev`, or None when Envoy did not fail the response."""
+    if not is_envoy_failure(ev):
+        return None
+    text = _normalise(ev.code_details) + "\n" + _normalise(ev.transport_failure_reason)
+    passthrough = ev.cluster in PASSTHROUGH_CLUSTERS or ev.route in PASSTHROUGH_ROUTES
+    passthrough = passthrough and not _answered(ev)
+    for sig in CATALOGUE:
+        if _fits(sig, ev, text, passthrough):
+            return Diagnosis(sig.reason, sig.hint or HINTS[sig.reason], evidence_of(ev))
+    raise AssertionError("the catalogue ends with a catch-all row")  # pragma: no cover
+
+
+# `TLS_error:|268435703:SSL routines:OPENSSL_internal:WRONG_VERSION_NUMBER:TLS_error_end`
+# → `WRONG_VERSION_NUMBER`; with a detail after the reason, that is kept too.
+_TLS_PARTS = re.compile(
+    r"TLS[ _]error:\s*\|?\s*(?:\d+:)?[^:|]*:[^:|]*:(?P<reason>.*?)(?::TLS_error_end|$)"
+)
+_DESTINATION_RULE = re.compile(r"/destination-rule/([A-Za-z0-9.\-]+)")
+_DESTINATION_RULE_NS = re.compile(r"/namespaces/([A-Za-z0-9.\-]+)/destination-rule/")
+
+
+def transport_detail(ev: Evidence) -> str:
+    """The most telling part of the failure text: the TLS reason, the connect error, or the details."""
+    source = ev.transport_failure_reason or ev.code_details
+    m = _TLS_PARTS.search(source)
+    if m:
+        return m.group("reason")
+    if ev.transport_failure_reason:
+        return ev.transport_failure_reason
+    return ev.code_details
+
+
+def destination_rule(cluster_metadata: str) -> str:
+    """`namespace/name` of the DestinationRule Istio recorded in the cluster metadata, or ''."""
+    m = _DESTINATION_RULE.search(cluster_metadata)
+    if not m:
+        return ""
+    ns = _DESTINATION_RULE_NS.search(cluster_metadata)
+    return f"{ns.group(1)}/{m.group(1)}" if ns else m.group(1)
+
+
+def evidence_of(ev: Evidence) -> tuple[tuple[str, str | int], ...]:
+    """The evidence parameters, in a fixed order, leaving out what is unknown."""
+    items: list[tuple[str, str | int]] = []
+    if ev.status is not None:
+        items.append(("status", ev.status))
+    if ev.grpc_status:
+        items.append(("grpc", ev.grpc_status))
+    if ev.flags:
+        items.append(("flags", F.format_flags(ev.flags)))
+    for key, value in (
+        ("cluster", ev.cluster),
+        ("route", ev.route),
+        ("upstream", ev.upstream_address),
+        ("host", ev.host),
+        ("dr", destination_rule(ev.cluster_metadata)),
+        ("detail", transport_detail(ev)),
+    ):
+        if value:
+            items.append((key, value))
+    return tuple(items)

@@ -1,0 +1,90 @@
+"""The Envoy side of the contract: the ext_proc filter settings the server relies on.
+
+One source for the README, the demo, the tests and (later) the rendered manifests: a
+setting changed here changes everywhere. Plain dicts in Envoy's JSON/YAML shape, so this
+module needs neither protobuf nor envoy-data-plane.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# The dynamic metadata namespace the server writes the diagnosis into. Access logs read
+# it as %DYNAMIC_METADATA(extproc_doctor:reason)%.
+METADATA_NAMESPACE = "extproc_doctor"
+
+# Sent with the request headers. The listener direction tells an outbound sidecar
+# listener (2) from an inbound one (1) and from a gateway or plain Envoy (0 or absent).
+REQUEST_ATTRIBUTES: tuple[str, ...] = ("xds.listener_direction",)
+
+# Sent with the response headers: Envoy's own account of how the request ended.
+RESPONSE_ATTRIBUTES: tuple[str, ...] = (
+    "response.code",
+    "response.flags",
+    "response.code_details",
+    "upstream.transport_failure_reason",
+    "upstream.address",
+    "xds.cluster_name",
+    "xds.route_name",
+    "xds.cluster_metadata",
+)
+
+# Envoy waits this long for each answer before it applies failure_mode_allow. The
+# default (200 ms) is tight for a Python server on a busy node; a late answer on the
+# failure path only costs an annotation, never the request, because the filter fails open.
+MESSAGE_TIMEOUT = "0.5s"
+
+
+def ext_proc_filter(cluster_name: str, *, failure_mode_allow: bool = True) -> dict[str, Any]:
+    """The `envoy.filters.http.ext_proc` HTTP filter, always-on mode."""
+    return {
+        "name": "envoy.filters.http.ext_proc",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+            "grpc_service": {"envoy_grpc": {"cluster_name": cluster_name}},
+            "failure_mode_allow": failure_mode_allow,
+            "message_timeout": MESSAGE_TIMEOUT,
+            "processing_mode": {
+                "request_header_mode": "SEND",
+                "response_header_mode": "SEND",
+                "request_body_mode": "NONE",
+                "response_body_mode": "NONE",
+                "request_trailer_mode": "SKIP",
+                "response_trailer_mode": "SKIP",
+            },
+            "request_attributes": list(REQUEST_ATTRIBUTES),
+            "response_attributes": list(RESPONSE_ATTRIBUTES),
+            # The Host rewrite changes :authority, a routing header.
+            "mutation_rules": {"allow_all_routing": True},
+            "metadata_options": {"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},
+        },
+    }
+
+
+def ext_proc_cluster(name: str, host: str, port: int) -> dict[str, Any]:
+    """A cluster for the ext_proc server: gRPC needs HTTP/2 to the server."""
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {"socket_address": {"address": host, "port_value": port}}
+                            }
+                        }
+                    ]
+                }
+            ],
+        },
+    }

@@ -1,0 +1,293 @@
+"""Request header hygiene rules, as data in and decisions out."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from extproc.config import Action, Direction, policy_from_mapping
+from extproc.headers import (
+    ECHOED_ENVOY_HEADERS,
+    NO_CHANGE,
+    Applied,
+    decide,
+    resolve_direction,
+    split_authority,
+)
+
+OUTBOUND, INBOUND = 2, 1
+
+
+def policy(**keys: object):
+    return policy_from_mapping(keys, source="test")
+
+
+def tokens(decision) -> list[str]:
+    return [a.token + (";report" if a.report else "") for a in decision.applied]
+
+
+class TestCleanRequests:
+    def test_nothing_to_do(self):
+        """A request with ordinary headers gets no changes and no actions."""
+        headers = [(":authority", "reviews:9080"), (":path", "/"), ("accept", "*/*")]
+        decision = decide(policy(), headers, OUTBOUND)
+        assert decision.applied == ()
+        assert not decision.changes
+        assert decision.host == "reviews:9080"
+
+    def test_no_headers_at_all(self):
+        """An empty header list is the shared NO_CHANGE decision."""
+        assert decide(policy(), []) is NO_CHANGE
+
+    def test_control_headers_an_app_sets_on_purpose_survive(self):
+        """x-envoy-retry-on and friends are requests to Envoy, not echoes, and are kept."""
+        headers = [
+            (":authority", "a"),
+            ("x-envoy-retry-on", "5xx"),
+            ("x-envoy-upstream-rq-timeout-ms", "9"),
+        ]
+        assert decide(policy(), headers, OUTBOUND).applied == ()
+
+
+class TestEchoedEnvoyHeaders:
+    HEADERS = [
+        (":authority", "ratings:9080"),
+        ("x-envoy-attempt-count", "1"),
+        ("x-envoy-peer-metadata", "ChQKDkFQUF9DT05UQUlORVJTEgIaAA=="),
+        (
+            "x-envoy-peer-metadata-id",
+            "sidecar~10.0.0.1~productpage.default~default.svc.cluster.local",
+        ),
+        ("x-envoy-decorator-operation", "productpage.default.svc.cluster.local:9080/*"),
+    ]
+
+    def test_stripped_on_outbound(self):
+        """Echoed inbound-only x-envoy headers are removed from an app's outbound request."""
+        decision = decide(policy(), self.HEADERS, OUTBOUND)
+        assert set(decision.remove) == {n for n, _ in self.HEADERS[1:]}
+        assert tokens(decision) == ["strip-echoed-envoy-headers"]
+        assert decision.applied[0].names == tuple(n for n, _ in self.HEADERS[1:])
+
+    def test_kept_on_inbound(self):
+        """On an inbound listener these headers come from the peer sidecar and are legitimate."""
+        assert decide(policy(), self.HEADERS, INBOUND).applied == ()
+
+    def test_stripped_at_the_edge(self):
+        """A client outside the mesh has no business sending peer metadata."""
+        assert decide(policy(), self.HEADERS, None).remove
+
+    def test_switch_off(self):
+        """echoed_envoy_headers: keep turns the rule off."""
+        assert decide(policy(echoed_envoy_headers="keep"), self.HEADERS, OUTBOUND).applied == ()
+
+    def test_switch_report(self):
+        """echoed_envoy_headers: report lists the headers without removing them."""
+        decision = decide(policy(echoed_envoy_headers="report"), self.HEADERS, OUTBOUND)
+        assert not decision.changes
+        assert tokens(decision) == ["strip-echoed-envoy-headers;report"]
+
+    def test_list_covers_istio_metadata_exchange(self):
+        """Istio's peer identity headers are in the echo list."""
+        assert {"x-envoy-peer-metadata", "x-envoy-peer-metadata-id"} <= ECHOED_ENVOY_HEADERS
+
+
+class TestForwardingHeaders:
+    HEADERS = [
+        (":authority", "shop.example.com"),
+        ("x-forwarded-host", "admin.internal"),
+        ("x-real-ip", "10.0.0.1"),
+        ("forwarded", "for=10.0.0.1;host=admin.internal"),
+    ]
+
+    def test_stripped_at_the_edge(self):
+        """Client-invented forwarding headers are removed at a gateway or front Envoy."""
+        decision = decide(policy(), self.HEADERS, None)
+        assert set(decision.remove) == {"x-forwarded-host", "x-real-ip", "forwarded"}
+        assert tokens(decision) == ["strip-forwarding-headers"]
+
+    @pytest.mark.parametrize("direction", [OUTBOUND, INBOUND])
+    def test_kept_inside_the_mesh(self, direction):
+        """Inside the mesh a gateway set them, so sidecars pass them on."""
+        assert decide(policy(), self.HEADERS, direction).applied == ()
+
+    def test_policy_direction_overrides_the_attribute(self):
+        """direction: edge applies edge rules whatever the listener says."""
+        assert decide(policy(direction="edge"), self.HEADERS, OUTBOUND).remove
+
+
+class TestUnderscoreHeaders:
+    HEADERS = [(":authority", "a"), ("x_user_id", "42"), ("x-tenant", "t1"), ("x_tenant", "t2")]
+
+    def test_reported_by_default(self):
+        """The default only reports underscore names: dropping them could break an app."""
+        decision = decide(policy(), self.HEADERS, OUTBOUND)
+        assert not decision.changes
+        assert tokens(decision) == ["strip-underscore-headers;report"]
+
+    def test_dropped(self):
+        """underscore_headers: strip removes every underscore name."""
+        decision = decide(policy(underscore_headers="strip"), self.HEADERS, OUTBOUND)
+        assert decision.remove == ("x_user_id", "x_tenant")
+        assert decision.append == ()
+
+    def test_rewritten(self):
+        """underscore_headers: rewrite renames x_user_id to x-user-id, but never over an existing dashed header."""
+        decision = decide(policy(underscore_headers="rewrite"), self.HEADERS, OUTBOUND)
+        assert decision.remove == ("x_user_id", "x_tenant")
+        assert decision.append == (("x-user-id", "42"),)
+        assert tokens(decision) == ["rewrite-underscore-headers"]
+
+    def test_rewrite_in_report_mode_names_the_rewrite(self):
+        """mode: report keeps the rule's own verb and marks it ;report."""
+        decision = decide(
+            policy(mode="report", underscore_headers="rewrite"), self.HEADERS, OUTBOUND
+        )
+        assert tokens(decision) == ["rewrite-underscore-headers;report"]
+        assert not decision.changes
+
+
+class TestHostRewrite:
+    REWRITES = {"shop.example.com": "shop.default.svc.cluster.local:8080"}
+
+    @pytest.mark.parametrize(
+        "host", ["shop.example.com", "SHOP.Example.com:443", "shop.example.com."]
+    )
+    def test_rewrites_ignoring_port_and_case(self, host):
+        """The Host is matched without its port, case-insensitively, and the original is kept."""
+        decision = decide(policy(host_rewrites=self.REWRITES), [(":authority", host)], OUTBOUND)
+        assert decision.overwrite == ((":authority", "shop.default.svc.cluster.local:8080"),)
+        assert decision.append == (("x-forwarded-host", host),)
+        assert decision.clear_route_cache
+        assert decision.host == "shop.default.svc.cluster.local:8080"
+        assert tokens(decision) == ["rewrite-host"]
+
+    def test_falls_back_to_host_header(self):
+        """Without :authority, the host header is read."""
+        decision = decide(policy(host_rewrites=self.REWRITES), [("host", "shop.example.com")])
+        assert decision.clear_route_cache
+
+    def test_unlisted_host_untouched(self):
+        """A Host not in the map is left alone."""
+        decision = decide(
+            policy(host_rewrites=self.REWRITES), [(":authority", "other.example.com")]
+        )
+        assert decision.applied == ()
+
+    def test_report_mode_changes_nothing(self):
+        """mode: report annotates the rewrite and neither changes the Host nor clears the route cache."""
+        p = policy(mode="report", host_rewrites=self.REWRITES)
+        decision = decide(p, [(":authority", "shop.example.com")], OUTBOUND)
+        assert not decision.changes
+        assert not decision.clear_route_cache
+        assert decision.host == "shop.example.com"
+        assert tokens(decision) == ["rewrite-host;report"]
+
+    def test_forwarded_host_replaced_when_edge_strips_it(self):
+        """At the edge the client's x-forwarded-host goes and the real original Host takes its place."""
+        headers = [(":authority", "shop.example.com"), ("x-forwarded-host", "evil.example")]
+        decision = decide(policy(host_rewrites=self.REWRITES), headers, None)
+        assert "x-forwarded-host" not in decision.remove
+        assert ("x-forwarded-host", "shop.example.com") in decision.overwrite
+        assert decision.append == ()
+
+    def test_strip_host_port(self):
+        """strip_host_port removes a port that keeps the Host from matching a virtual host."""
+        decision = decide(policy(strip_host_port=True), [(":authority", "app.example.com:8443")])
+        assert decision.overwrite == ((":authority", "app.example.com"),)
+        assert tokens(decision) == ["strip-host-port"]
+
+    def test_strip_host_port_off_by_default(self):
+        """By default a Host with a port is left alone."""
+        assert decide(policy(), [(":authority", "app.example.com:8443")]).applied == ()
+
+    def test_rewrite_to_the_same_authority_is_no_action(self):
+        """A rewrite target equal to the Host is not a change."""
+        p = policy(host_rewrites={"a.example": "a.example"})
+        assert decide(p, [(":authority", "a.example")]).applied == ()
+
+
+class TestDefensiveRules:
+    def test_te_other_than_trailers(self):
+        """A TE other than trailers is connection-specific and goes (RFC 9113 §8.2.2)."""
+        decision = decide(policy(), [(":authority", "a"), ("te", "gzip")])
+        assert decision.remove == ("te",)
+        assert tokens(decision) == ["strip-hop-by-hop-headers"]
+
+    def test_te_trailers_kept(self):
+        """TE: trailers is what gRPC sends and stays."""
+        assert decide(policy(), [(":authority", "a"), ("te", "trailers")]).applied == ()
+
+    @pytest.mark.parametrize("name", ["keep-alive", "proxy-connection"])
+    def test_hop_by_hop(self, name):
+        """Hop-by-hop headers that Envoy would normally remove are removed if they get here."""
+        assert decide(policy(), [(":authority", "a"), (name, "x")]).remove == (name,)
+
+    def test_content_length_with_transfer_encoding(self):
+        """With both, Content-Length goes and Transfer-Encoding wins (RFC 9112 §6.3)."""
+        headers = [(":authority", "a"), ("content-length", "5"), ("transfer-encoding", "chunked")]
+        assert decide(policy(), headers).remove == ("content-length",)
+
+    def test_content_length_alone(self):
+        """Content-Length on its own is fine."""
+        assert decide(policy(), [(":authority", "a"), ("content-length", "5")]).applied == ()
+
+    def test_report_mode_reports_defensive_rules(self):
+        """mode: report turns even the always-on rules into reports."""
+        decision = decide(policy(mode="report"), [(":authority", "a"), ("te", "gzip")])
+        assert tokens(decision) == ["strip-hop-by-hop-headers;report"]
+        assert not decision.changes
+
+
+class TestDirection:
+    @pytest.mark.parametrize(
+        ("attribute", "expected"),
+        [
+            (None, Direction.EDGE),
+            (0, Direction.EDGE),
+            (1, Direction.INBOUND),
+            (2, Direction.OUTBOUND),
+        ],
+    )
+    def test_from_listener_attribute(self, attribute, expected):
+        """Envoy's TrafficDirection maps to the rules' direction; unset means edge."""
+        assert resolve_direction(policy(), attribute) is expected
+
+    def test_policy_wins(self):
+        """An explicit direction ignores the attribute."""
+        assert resolve_direction(policy(direction="inbound"), 2) is Direction.INBOUND
+
+
+class TestSplitAuthority:
+    @pytest.mark.parametrize(
+        ("authority", "expected"),
+        [
+            ("a.example", ("a.example", "")),
+            ("a.example:80", ("a.example", "80")),
+            ("[::1]:8080", ("[::1]", "8080")),
+            ("[::1]", ("[::1]", "")),
+            ("a.example:", ("a.example:", "")),
+        ],
+    )
+    def test_split(self, authority, expected):
+        """Host and port come apart, IPv6 literals keep their brackets."""
+        assert split_authority(authority) == expected
+
+
+class TestArbitraryInput:
+    @given(
+        st.lists(
+            st.tuples(st.text(min_size=1, max_size=30), st.text(max_size=60)),
+            max_size=40,
+        ),
+        st.sampled_from([None, 0, 1, 2, 99]),
+        st.sampled_from(list(Action.__members__.values())),
+    )
+    def test_never_crashes_and_removes_only_what_it_saw(self, headers, direction, underscore):
+        """Whatever the headers, decide returns, and only removes names that were present."""
+        if underscore is Action.REWRITE or underscore in (Action.STRIP, Action.REPORT, Action.KEEP):
+            p = policy(underscore_headers=str(underscore), strip_host_port=True)
+            decision = decide(p, headers, direction)
+            present = {n for n, _ in headers}
+            assert set(decision.remove) <= present
+            assert all(isinstance(a, Applied) for a in decision.applied)

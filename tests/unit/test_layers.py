@@ -1,0 +1,56 @@
+"""The architecture, enforced: the decision logic never sees grpc or protobuf."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[2] / "extproc"
+PURE_MODULES = [
+    "config.py",
+    "headers.py",
+    "diagnosis.py",
+    "flags.py",
+    "annotate.py",
+    "accesslog.py",
+    "filter_config.py",
+]
+FORBIDDEN = (
+    "grpc",
+    "grpc_health",
+    "grpc_reflection",
+    "google.protobuf",
+    "envoy",
+    "envoy_data_plane",
+)
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+class TestPureDecisionLogic:
+    @pytest.mark.parametrize("module", PURE_MODULES)
+    def test_no_grpc_or_protobuf_imports(self, module):
+        """Rules, catalogue, annotations and config import neither grpc, protobuf nor Envoy's API."""
+        imported = imported_modules(PACKAGE / module)
+        bad = sorted(m for m in imported if m.split(".")[0] in FORBIDDEN or m.startswith(FORBIDDEN))
+        assert bad == []
+
+    def test_only_the_adapter_touches_ext_proc_messages(self):
+        """Of the package's own modules, only server.py imports the ext_proc protobufs."""
+        users = sorted(
+            str(p.relative_to(PACKAGE))
+            for p in PACKAGE.rglob("*.py")
+            if any(m.startswith("envoy.service.ext_proc") for m in imported_modules(p))
+        )
+        assert users == ["server.py"]
