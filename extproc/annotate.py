@@ -29,26 +29,47 @@ _ESCAPES = {ord('"'): '\\"', ord("\\"): "\\\\"}
 _PIECES = tuple(chr(b) if b in _PLAIN else _ESCAPES.get(b) or f"%{b:02x}" for b in range(256))
 
 
+def _utf8(value: str) -> bytes:
+    """The bytes behind `value`: surrogate escapes become their raw byte again.
+
+    A lone surrogate that no decoder produced (possible in JSON input) is written as its
+    backslash escape rather than refused.
+    """
+    try:
+        return value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "backslashreplace")
+
+
 def sf_string(value: str, limit: int = MAX_VALUE) -> str:
-    """`value` as an RFC 8941 sf-string, percent-encoding non-printable bytes, at most `limit` long."""
-    out: list[str] = []
-    size = 0
-    for byte in value.encode("utf-8", "surrogateescape"):
-        piece = _PIECES[byte]
-        if size + len(piece) > limit - 3:
-            out.append("...")
-            break
-        out.append(piece)
-        size += len(piece)
-    return '"' + "".join(out) + '"'
+    """`value` as an RFC 8941 sf-string, percent-encoding non-printable bytes.
+
+    The content is at most `limit` characters; a longer one is cut, never inside an
+    escape, and ends in `...`.
+    """
+    pieces = [_PIECES[byte] for byte in _utf8(value)]
+    if sum(map(len, pieces)) > limit:
+        kept, size = [], 0
+        for piece in pieces:
+            if size + len(piece) > limit - 3:
+                break
+            kept.append(piece)
+            size += len(piece)
+        pieces = [*kept, "..."]
+    return '"' + "".join(pieces) + '"'
+
+
+_MAX_INTEGER = 999_999_999_999_999  # RFC 8941 §3.3.1
 
 
 def _bare(value: str | int | bool) -> str:
-    if value is True:
-        return ""
-    if isinstance(value, int) and not isinstance(value, bool):
+    if isinstance(value, bool):
+        return "" if value else "=?0"
+    if isinstance(value, int):
+        if abs(value) > _MAX_INTEGER:
+            raise ValueError(f"integer out of RFC 8941 range: {value}")
         return f"={value}"
-    return f"={sf_string(str(value))}"
+    return f"={sf_string(value)}"
 
 
 def sf_item(token: str, params: Iterable[tuple[str, str | int | bool]] = ()) -> str:

@@ -347,7 +347,7 @@ def classify(ev: Evidence) -> Diagnosis | None:
 # `TLS_error:|268435703:SSL routines:OPENSSL_internal:WRONG_VERSION_NUMBER:TLS_error_end`
 # → `WRONG_VERSION_NUMBER`; with a detail after the reason, that is kept too.
 _TLS_PARTS = re.compile(
-    r"TLS[ _]error:\s*\|?\s*(?:\d+:)?[^:|]*:[^:|]*:(?P<reason>.*?)(?::TLS_error_end|$)"
+    r"TLS[ _]error:[\s_]*\|?[\s_]*(?:\d+:)?[^:|]*:[^:|]*:(?P<reason>.*?)(?::TLS_error_end|\}|$)"
 )
 _DESTINATION_RULE = re.compile(r"/destination-rule/([A-Za-z0-9.\-]+)")
 _DESTINATION_RULE_NS = re.compile(r"/namespaces/([A-Za-z0-9.\-]+)/destination-rule/")

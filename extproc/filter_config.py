@@ -54,8 +54,10 @@ def ext_proc_filter(cluster_name: str, *, failure_mode_allow: bool = True) -> di
             },
             "request_attributes": list(REQUEST_ATTRIBUTES),
             "response_attributes": list(RESPONSE_ATTRIBUTES),
-            # The Host rewrite changes :authority, a routing header.
-            "mutation_rules": {"allow_all_routing": True},
+            # The Host rewrite changes :authority, a routing header, and stripping echoed
+            # x-envoy-* headers needs allow_envoy: without them Envoy ignores those
+            # mutations silently.
+            "mutation_rules": {"allow_all_routing": True, "allow_envoy": True},
             "metadata_options": {"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},
         },
     }

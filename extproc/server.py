@@ -45,7 +45,7 @@ _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _APPEND = base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD
 
 # Answers that change nothing, one per message kind, built once.
-_CONTINUE = {
+CONTINUE = {
     "request_headers": pb.ProcessingResponse(request_headers=pb.HeadersResponse()),
     "response_headers": pb.ProcessingResponse(response_headers=pb.HeadersResponse()),
     "request_body": pb.ProcessingResponse(request_body=pb.BodyResponse()),
@@ -124,7 +124,7 @@ def on_request_headers(
     decision = decide(policy, header_pairs(request.request_headers), direction)
     state.decision = decision
     if not decision.applied:
-        return _CONTINUE["request_headers"]
+        return CONTINUE["request_headers"]
     common = pb.CommonResponse(clear_route_cache=decision.clear_route_cache)
     if decision.changes:
         common.header_mutation.CopyFrom(
@@ -179,7 +179,7 @@ def on_response_headers(request: pb.ProcessingRequest, state: StreamState) -> pb
     diagnosis = classify(evidence_of(request, state.decision.host))
     applied = state.decision.applied
     if diagnosis is None and not applied:
-        return _CONTINUE["response_headers"]
+        return CONTINUE["response_headers"]
     headers: list[Header] = []
     if applied:
         headers.append((ACTIONS_HEADER, actions_header(applied)))
@@ -217,7 +217,7 @@ def handle(
             )
             return None
         case _:
-            return _CONTINUE[kind]
+            return CONTINUE[kind]
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
@@ -234,7 +234,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
             except Exception as exc:  # one bad message must not end the server
                 kind = request.WhichOneof("request")
                 log.error("processing_failed", kind=kind, error=type(exc).__name__)
-                response = _CONTINUE.get(kind or "")
+                response = CONTINUE.get(kind or "")
             if response is not None and not request.observability_mode:
                 await context.write(response)
 
@@ -242,17 +242,26 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
 class ExtProcServer:
     """The gRPC server: ext_proc, health and reflection. An async context manager."""
 
-    def __init__(self, policy: Policy, listen: str = "127.0.0.1:0", grace: float = 10.0) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        listen: str = "127.0.0.1:0",
+        grace: float = 10.0,
+        *,
+        servicer: pb_grpc.ExternalProcessorServicer | None = None,
+    ) -> None:
         self.policy = policy
         self.listen = listen
         self.grace = grace
         self.port = 0
+        # Tests may put a recording servicer behind the same server and health service.
+        self.servicer = servicer or ExternalProcessor(policy)
         self._server: grpc.aio.Server | None = None
         self._health = HealthServicer()
 
     async def start(self) -> None:
         server = grpc.aio.server()
-        pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(self.policy), server)
+        pb_grpc.add_ExternalProcessorServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (

@@ -227,9 +227,8 @@ class TestHealthAndReflection:
 
 
 class TestServeProcess:
-    async def test_sigterm_drains_in_flight_stream_and_exits_zero(self, tmp_path):
+    async def test_sigterm_drains_in_flight_stream_and_exits_zero(self):
         """`extproc serve` on SIGTERM lets an open stream finish, refuses new ones, and exits 0."""
-        port_file = tmp_path / "port"
         proc = subprocess.Popen(
             [sys.executable, "-m", "extproc", "serve", "--listen", "127.0.0.1:0", "--grace", "5"],
             stderr=subprocess.PIPE,

@@ -123,5 +123,5 @@ class TestErrors:
 
     def test_mapping_without_file(self):
         """policy_from_mapping names the source it was given."""
-        with pytest.raises(PolicyError, match="^inline: unknown key 'x'"):
+        with pytest.raises(PolicyError, match=r"^inline: unknown key 'x'"):
             policy_from_mapping({"x": 1}, source="inline")

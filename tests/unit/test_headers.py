@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -51,7 +53,7 @@ class TestCleanRequests:
 
 
 class TestEchoedEnvoyHeaders:
-    HEADERS = [
+    HEADERS = (
         (":authority", "ratings:9080"),
         ("x-envoy-attempt-count", "1"),
         ("x-envoy-peer-metadata", "ChQKDkFQUF9DT05UQUlORVJTEgIaAA=="),
@@ -60,7 +62,7 @@ class TestEchoedEnvoyHeaders:
             "sidecar~10.0.0.1~productpage.default~default.svc.cluster.local",
         ),
         ("x-envoy-decorator-operation", "productpage.default.svc.cluster.local:9080/*"),
-    ]
+    )
 
     def test_stripped_on_outbound(self):
         """Echoed inbound-only x-envoy headers are removed from an app's outbound request."""
@@ -93,12 +95,12 @@ class TestEchoedEnvoyHeaders:
 
 
 class TestForwardingHeaders:
-    HEADERS = [
+    HEADERS = (
         (":authority", "shop.example.com"),
         ("x-forwarded-host", "admin.internal"),
         ("x-real-ip", "10.0.0.1"),
         ("forwarded", "for=10.0.0.1;host=admin.internal"),
-    ]
+    )
 
     def test_stripped_at_the_edge(self):
         """Client-invented forwarding headers are removed at a gateway or front Envoy."""
@@ -117,7 +119,7 @@ class TestForwardingHeaders:
 
 
 class TestUnderscoreHeaders:
-    HEADERS = [(":authority", "a"), ("x_user_id", "42"), ("x-tenant", "t1"), ("x_tenant", "t2")]
+    HEADERS = ((":authority", "a"), ("x_user_id", "42"), ("x-tenant", "t1"), ("x_tenant", "t2"))
 
     def test_reported_by_default(self):
         """The default only reports underscore names: dropping them could break an app."""
@@ -148,14 +150,16 @@ class TestUnderscoreHeaders:
 
 
 class TestHostRewrite:
-    REWRITES = {"shop.example.com": "shop.default.svc.cluster.local:8080"}
+    REWRITES = MappingProxyType({"shop.example.com": "shop.default.svc.cluster.local:8080"})
 
     @pytest.mark.parametrize(
         "host", ["shop.example.com", "SHOP.Example.com:443", "shop.example.com."]
     )
     def test_rewrites_ignoring_port_and_case(self, host):
         """The Host is matched without its port, case-insensitively, and the original is kept."""
-        decision = decide(policy(host_rewrites=self.REWRITES), [(":authority", host)], OUTBOUND)
+        decision = decide(
+            policy(host_rewrites=dict(self.REWRITES)), [(":authority", host)], OUTBOUND
+        )
         assert decision.overwrite == ((":authority", "shop.default.svc.cluster.local:8080"),)
         assert decision.append == (("x-forwarded-host", host),)
         assert decision.clear_route_cache
@@ -164,19 +168,19 @@ class TestHostRewrite:
 
     def test_falls_back_to_host_header(self):
         """Without :authority, the host header is read."""
-        decision = decide(policy(host_rewrites=self.REWRITES), [("host", "shop.example.com")])
+        decision = decide(policy(host_rewrites=dict(self.REWRITES)), [("host", "shop.example.com")])
         assert decision.clear_route_cache
 
     def test_unlisted_host_untouched(self):
         """A Host not in the map is left alone."""
         decision = decide(
-            policy(host_rewrites=self.REWRITES), [(":authority", "other.example.com")]
+            policy(host_rewrites=dict(self.REWRITES)), [(":authority", "other.example.com")]
         )
         assert decision.applied == ()
 
     def test_report_mode_changes_nothing(self):
         """mode: report annotates the rewrite and neither changes the Host nor clears the route cache."""
-        p = policy(mode="report", host_rewrites=self.REWRITES)
+        p = policy(mode="report", host_rewrites=dict(self.REWRITES))
         decision = decide(p, [(":authority", "shop.example.com")], OUTBOUND)
         assert not decision.changes
         assert not decision.clear_route_cache
@@ -186,7 +190,7 @@ class TestHostRewrite:
     def test_forwarded_host_replaced_when_edge_strips_it(self):
         """At the edge the client's x-forwarded-host goes and the real original Host takes its place."""
         headers = [(":authority", "shop.example.com"), ("x-forwarded-host", "evil.example")]
-        decision = decide(policy(host_rewrites=self.REWRITES), headers, None)
+        decision = decide(policy(host_rewrites=dict(self.REWRITES)), headers, None)
         assert "x-forwarded-host" not in decision.remove
         assert ("x-forwarded-host", "shop.example.com") in decision.overwrite
         assert decision.append == ()
@@ -285,9 +289,7 @@ class TestArbitraryInput:
     )
     def test_never_crashes_and_removes_only_what_it_saw(self, headers, direction, underscore):
         """Whatever the headers, decide returns, and only removes names that were present."""
-        if underscore is Action.REWRITE or underscore in (Action.STRIP, Action.REPORT, Action.KEEP):
-            p = policy(underscore_headers=str(underscore), strip_host_port=True)
-            decision = decide(p, headers, direction)
-            present = {n for n, _ in headers}
-            assert set(decision.remove) <= present
-            assert all(isinstance(a, Applied) for a in decision.applied)
+        p = policy(underscore_headers=str(underscore), strip_host_port=True)
+        decision = decide(p, headers, direction)
+        assert set(decision.remove) <= {n for n, _ in headers}
+        assert all(isinstance(a, Applied) for a in decision.applied)

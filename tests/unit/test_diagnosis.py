@@ -1,0 +1,959 @@
+"""Tests for extproc.diagnosis and extproc.flags, written from the signatures in catalogue.md.
+
+Every case builds the `Evidence` the way Envoy reports it: `code_details` is
+`upstream_reset_before_response_started{<reason>|<transport failure reason>}` with spaces
+turned into `_`, the transport failure reason is passed as it is, status and flags are ints.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from extproc import flags as F
+from extproc.diagnosis import (
+    CATALOGUE,
+    HINTS,
+    Evidence,
+    classify,
+    destination_rule,
+    evidence_of,
+    is_envoy_failure,
+    transport_detail,
+)
+
+CLUSTER = "outbound|9080||reviews.default.svc.cluster.local"
+HOST = "reviews.default.svc.cluster.local:9080"
+
+ISTIO_METADATA = (
+    "filter_metadata {\n"
+    '  key: "istio"\n'
+    "  value {\n"
+    "    fields {\n"
+    '      key: "config"\n'
+    "      value {\n"
+    '        string_value: "/apis/networking.istio.io/v1alpha3/namespaces/default/destination-rule/reviews"\n'
+    "      }\n"
+    "    }\n"
+    "  }\n"
+    "}"
+)
+
+
+def reset(reason: str, tfr: str = "", sep: str = "|") -> str:
+    """Envoy's code details for a reset before the response: spaces in the tfr become `_`."""
+    inner = reason + (sep + tfr.replace(" ", "_") if tfr else "")
+    return "upstream_reset_before_response_started{" + inner + "}"
+
+
+def tls(code: int, reason: str, lib: str = "SSL routines") -> str:
+    """A BoringSSL transport failure reason in Envoy 1.40's `TLS_error:|...:TLS_error_end` form."""
+    return f"TLS_error:|{code}:{lib}:OPENSSL_internal:{reason}:TLS_error_end"
+
+
+def failed(tfr: str, *, status: int = 503, flags: int = F.UF, **kw: object) -> Evidence:
+    """A connection failure as Envoy 1.40 reports it, with the TLS reason also in the details."""
+    return Evidence(
+        status=status,
+        flags=flags,
+        code_details=reset("remote_connection_failure", tfr),
+        transport_failure_reason=tfr,
+        cluster=CLUSTER,
+        has_attributes=True,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+CONNECTION_RESET_BY_PEER = (
+    "TLS_error:|33554536:system library:OPENSSL_internal:Connection reset by peer:TLS_error_end"
+)
+SAN_MATCHER = tls(
+    268435581,
+    "CERTIFICATE_VERIFY_FAILED:verify cert failed: SAN matcher, certificate SANs are "
+    "[spiffe://cluster.local/ns/default/sa/ratings, spiffe://cluster.local/ns/default/sa/other]",
+)
+SELF_SIGNED = tls(
+    268435581,
+    "CERTIFICATE_VERIFY_FAILED:verify cert failed: X509_verify_cert: certificate verification "
+    "error at depth 1: self signed certificate in certificate chain",
+)
+EXPIRED = tls(
+    268435581,
+    "CERTIFICATE_VERIFY_FAILED:verify cert failed: X509_verify_cert: certificate verification "
+    "error at depth 0: certificate has expired",
+)
+
+# The "Observed with Envoy 1.40 in a local lab" table, one row per situation.
+LAB_ROWS = [
+    pytest.param(
+        failed("delayed connect error: Connection refused"),
+        "upstream_refused",
+        id="nothing-listens",
+    ),
+    pytest.param(
+        failed(tls(268435703, "WRONG_VERSION_NUMBER")),
+        "upstream_not_tls",
+        id="tls-to-plaintext-port",
+    ),
+    pytest.param(
+        Evidence(
+            status=503,
+            flags=64,
+            code_details=reset("connection_termination"),
+            cluster=CLUSTER,
+            has_attributes=True,
+        ),
+        "upstream_requires_mtls",
+        id="plaintext-to-mtls-only",
+    ),
+    pytest.param(
+        failed(tls(268436496, "SSLV3_ALERT_HANDSHAKE_FAILURE")),
+        "upstream_requires_mtls",
+        id="tls12-without-client-cert",
+    ),
+    pytest.param(failed(SAN_MATCHER), "upstream_san_mismatch", id="san-not-expected-spiffe-id"),
+    pytest.param(failed(SELF_SIGNED), "upstream_cert_untrusted", id="server-cert-untrusted-ca"),
+    pytest.param(failed(EXPIRED), "upstream_cert_expired", id="server-cert-expired"),
+    pytest.param(
+        failed(tls(268436501, "SSLV3_ALERT_CERTIFICATE_EXPIRED")),
+        "client_cert_rejected",
+        id="our-client-cert-expired",
+    ),
+    pytest.param(
+        failed(tls(268436504, "TLSV1_ALERT_UNKNOWN_CA")),
+        "client_cert_rejected",
+        id="our-client-cert-other-ca",
+    ),
+    pytest.param(
+        failed(CONNECTION_RESET_BY_PEER),
+        "tls_handshake_rejected",
+        id="no-sni-server-names-only",
+    ),
+    pytest.param(
+        failed(CONNECTION_RESET_BY_PEER),
+        "tls_handshake_rejected",
+        id="alpn-http11-server-h2-only",
+    ),
+    pytest.param(
+        Evidence(
+            status=503,
+            flags=2,
+            code_details="no_healthy_upstream",
+            cluster=CLUSTER,
+            has_attributes=True,
+        ),
+        "no_healthy_upstream",
+        id="cluster-without-endpoints",
+    ),
+    pytest.param(
+        Evidence(
+            status=504,
+            flags=4,
+            code_details="response_timeout",
+            cluster=CLUSTER,
+            has_attributes=True,
+        ),
+        "upstream_timeout",
+        id="route-timeout",
+    ),
+    pytest.param(
+        Evidence(status=404, flags=256, code_details="route_not_found", has_attributes=True),
+        "no_route",
+        id="no-matching-route",
+    ),
+    pytest.param(
+        Evidence(
+            status=503,
+            flags=0,
+            code_details="via_upstream",
+            cluster=CLUSTER,
+            has_attributes=True,
+        ),
+        "upstream_app_error",
+        id="app-answered-503",
+    ),
+    pytest.param(
+        Evidence(
+            status=503,
+            flags=64,
+            code_details=reset("connection_termination"),
+            cluster="PassthroughCluster",
+            route="allow_any",
+            has_attributes=True,
+        ),
+        "host_not_in_mesh",
+        id="allow-any-passthrough-plaintext-to-mtls",
+    ),
+]
+
+# Formats of older Envoy versions named in catalogue.md.
+OLDER_ROWS = [
+    pytest.param(
+        Evidence(
+            status=503,
+            flags=F.UF,
+            code_details=reset("connection_failure", "delayed connect error: 111", sep=","),
+            transport_failure_reason="delayed connect error: 111",
+            has_attributes=True,
+        ),
+        "upstream_refused",
+        id="comma-separator-numeric-errno",
+    ),
+    pytest.param(
+        Evidence(
+            status=503,
+            flags=F.UF,
+            code_details="upstream_reset_before_response_started{connection_failure,delayed_connect_error:_111}",
+            has_attributes=True,
+        ),
+        "upstream_refused",
+        id="numeric-errno-in-details-only",
+    ),
+    pytest.param(
+        Evidence(
+            status=503,
+            flags=F.UF,
+            code_details=reset(
+                "connection_failure", "delayed connect error: Connection refused", sep=","
+            ),
+            transport_failure_reason="delayed connect error: Connection refused",
+            has_attributes=True,
+        ),
+        "upstream_refused",
+        id="comma-separator-errno-words",
+    ),
+    pytest.param(
+        Evidence(
+            status=503,
+            flags=F.UF,
+            code_details=reset(
+                "connection_failure",
+                "TLS error: 268435703:SSL routines:OPENSSL_internal:WRONG_VERSION_NUMBER",
+                sep=",",
+            ),
+            transport_failure_reason=(
+                "TLS error: 268435703:SSL routines:OPENSSL_internal:WRONG_VERSION_NUMBER"
+            ),
+            has_attributes=True,
+        ),
+        "upstream_not_tls",
+        id="tls-error-prefix-form",
+    ),
+    pytest.param(
+        Evidence(
+            status=503,
+            flags=F.UF,
+            code_details=reset(
+                "connection_failure",
+                "TLS error: 268435581:SSL routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED:"
+                "verify cert failed: verify SAN list",
+                sep=",",
+            ),
+            transport_failure_reason=(
+                "TLS error: 268435581:SSL routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED:"
+                "verify cert failed: verify SAN list"
+            ),
+            has_attributes=True,
+        ),
+        "upstream_san_mismatch",
+        id="verify-san-list",
+    ),
+    pytest.param(
+        failed(
+            tls(
+                268435581,
+                "CERTIFICATE_VERIFY_FAILED:verify cert failed: X509_verify_cert: certificate "
+                "verification error at depth 0: unable to get local issuer certificate",
+            )
+        ),
+        "upstream_cert_untrusted",
+        id="unable-to-get-local-issuer",
+    ),
+]
+
+# Every other reason in HINTS, from its signature in catalogue.md / design.md.
+OTHER_ROWS = [
+    pytest.param(
+        failed(tls(268436568, "TLSV1_ALERT_UNRECOGNIZED_NAME")),
+        "sni_rejected",
+        id="unrecognized-name",
+    ),
+    pytest.param(
+        failed(tls(268436576, "TLSV1_ALERT_NO_APPLICATION_PROTOCOL")),
+        "alpn_mismatch",
+        id="alert-no-application-protocol",
+    ),
+    pytest.param(
+        failed(tls(268435763, "NO_APPLICATION_PROTOCOL")),
+        "alpn_mismatch",
+        id="no-application-protocol",
+    ),
+    pytest.param(
+        failed(tls(268436526, "TLSV1_ALERT_PROTOCOL_VERSION")),
+        "tls_version_mismatch",
+        id="protocol-version",
+    ),
+    pytest.param(
+        failed(tls(268435640, "NO_SHARED_CIPHER")),
+        "tls_version_mismatch",
+        id="no-shared-cipher",
+    ),
+    pytest.param(
+        failed("TLS error: Secret is not supplied by SDS"),
+        "sds_secret_missing",
+        id="sds-secret-missing",
+    ),
+    pytest.param(
+        failed(tls(268435612, "HTTP_REQUEST")),
+        "upstream_not_tls",
+        id="http-request",
+    ),
+    pytest.param(
+        failed(tls(268436572, "TLSV1_ALERT_CERTIFICATE_REQUIRED")),
+        "upstream_requires_mtls",
+        id="certificate-required",
+    ),
+    pytest.param(
+        failed(tls(268436498, "SSLV3_ALERT_BAD_CERTIFICATE")),
+        "client_cert_rejected",
+        id="bad-certificate",
+    ),
+    pytest.param(
+        failed(tls(268436502, "SSLV3_ALERT_CERTIFICATE_UNKNOWN")),
+        "client_cert_rejected",
+        id="certificate-unknown",
+    ),
+    pytest.param(
+        Evidence(
+            status=502,
+            flags=F.UPE,
+            code_details=reset("protocol_error"),
+            cluster=CLUSTER,
+            has_attributes=True,
+        ),
+        "protocol_mismatch",
+        id="upe-protocol-error",
+    ),
+    pytest.param(
+        Evidence(
+            status=503,
+            flags=F.UF,
+            code_details=reset("connection_timeout"),
+            cluster=CLUSTER,
+            has_attributes=True,
+        ),
+        "upstream_connect_timeout",
+        id="connection-timeout",
+    ),
+    pytest.param(
+        Evidence(
+            status=503,
+            flags=F.UR,
+            code_details=reset("remote_reset"),
+            cluster=CLUSTER,
+            has_attributes=True,
+        ),
+        "upstream_reset",
+        id="ur-remote-reset",
+    ),
+    pytest.param(
+        Evidence(
+            status=503,
+            flags=F.LR,
+            code_details=reset("local_reset"),
+            cluster=CLUSTER,
+            has_attributes=True,
+        ),
+        "upstream_reset",
+        id="lr-local-reset",
+    ),
+    pytest.param(
+        Evidence(
+            status=503,
+            flags=F.UO,
+            code_details=reset("overflow"),
+            cluster=CLUSTER,
+            has_attributes=True,
+        ),
+        "circuit_open",
+        id="uo-overflow",
+    ),
+    pytest.param(
+        Evidence(
+            status=503,
+            flags=F.NC,
+            code_details="cluster_not_found",
+            route="default",
+            has_attributes=True,
+        ),
+        "cluster_not_found",
+        id="nc-cluster-not-found",
+    ),
+    pytest.param(
+        Evidence(
+            status=503,
+            flags=F.DF,
+            code_details="dns_resolution_failure",
+            cluster=CLUSTER,
+            has_attributes=True,
+        ),
+        "dns_failure",
+        id="df-dns-failure",
+    ),
+    pytest.param(
+        Evidence(
+            status=504,
+            flags=F.UT,
+            code_details="upstream_per_try_timeout",
+            cluster=CLUSTER,
+            has_attributes=True,
+        ),
+        "upstream_timeout",
+        id="per-try-timeout",
+    ),
+]
+
+GRPC_ROWS = [
+    pytest.param(
+        Evidence(
+            status=200,
+            grpc_status=14,
+            flags=F.UF,
+            code_details=reset(
+                "remote_connection_failure", "delayed connect error: Connection refused"
+            ),
+            transport_failure_reason="delayed connect error: Connection refused",
+            cluster=CLUSTER,
+            has_attributes=True,
+        ),
+        "upstream_refused",
+        id="grpc-14-uf-refused",
+    ),
+    pytest.param(
+        Evidence(
+            status=200,
+            grpc_status=4,
+            flags=F.UT,
+            code_details="response_timeout",
+            cluster=CLUSTER,
+            has_attributes=True,
+        ),
+        "upstream_timeout",
+        id="grpc-4-ut-timeout",
+    ),
+    pytest.param(
+        Evidence(status=200, grpc_status=14, upstream_answered=False),
+        "upstream_failure",
+        id="grpc-14-no-attributes",
+    ),
+    pytest.param(
+        Evidence(status=200, grpc_status=4, upstream_answered=False),
+        "upstream_timeout",
+        id="grpc-4-no-attributes",
+    ),
+]
+
+
+class TestLabTable:
+    """The rows observed with Envoy 1.40 in a local lab."""
+
+    @pytest.mark.parametrize(("evidence", "reason"), LAB_ROWS)
+    def test_lab_row_gets_its_reason(self, evidence: Evidence, reason: str) -> None:
+        """Each observed situation is classified with the reason the catalogue gives it."""
+        diagnosis = classify(evidence)
+        assert diagnosis is not None
+        assert diagnosis.reason == reason
+
+    @pytest.mark.parametrize(("evidence", "reason"), LAB_ROWS)
+    def test_lab_row_carries_a_hint_and_the_status(self, evidence: Evidence, reason: str) -> None:
+        """Every lab diagnosis has a non-empty hint and its evidence starts with the status."""
+        diagnosis = classify(evidence)
+        assert diagnosis is not None
+        assert diagnosis.hint
+        assert diagnosis.evidence[0] == ("status", evidence.status)
+
+    @pytest.mark.parametrize(
+        ("tfr", "detail"),
+        [
+            pytest.param(
+                tls(268435703, "WRONG_VERSION_NUMBER"), "WRONG_VERSION_NUMBER", id="wrong-version"
+            ),
+            pytest.param(
+                tls(268436496, "SSLV3_ALERT_HANDSHAKE_FAILURE"),
+                "SSLV3_ALERT_HANDSHAKE_FAILURE",
+                id="handshake-failure",
+            ),
+            pytest.param(
+                tls(268436504, "TLSV1_ALERT_UNKNOWN_CA"), "TLSV1_ALERT_UNKNOWN_CA", id="unknown-ca"
+            ),
+            pytest.param(
+                CONNECTION_RESET_BY_PEER, "Connection reset by peer", id="connection-reset-by-peer"
+            ),
+            pytest.param(
+                EXPIRED,
+                "CERTIFICATE_VERIFY_FAILED:verify cert failed: X509_verify_cert: certificate "
+                "verification error at depth 0: certificate has expired",
+                id="verify-failed-keeps-its-detail",
+            ),
+            pytest.param(
+                "delayed connect error: Connection refused",
+                "delayed connect error: Connection refused",
+                id="not-tls",
+            ),
+        ],
+    )
+    def test_detail_is_the_tls_reason(self, tfr: str, detail: str) -> None:
+        """The `detail` evidence is the TLS reason (with what follows it), not the whole wrapper."""
+        diagnosis = classify(failed(tfr))
+        assert diagnosis is not None
+        assert dict(diagnosis.evidence)["detail"] == detail
+
+
+class TestOlderFormats:
+    """Envoy versions before 1.40 used `,`, numeric errno and the `TLS error: ` prefix."""
+
+    @pytest.mark.parametrize(("evidence", "reason"), OLDER_ROWS)
+    def test_older_format_gets_the_same_reason(self, evidence: Evidence, reason: str) -> None:
+        """An older spelling of a known failure is classified like its Envoy 1.40 spelling."""
+        diagnosis = classify(evidence)
+        assert diagnosis is not None
+        assert diagnosis.reason == reason
+
+    def test_tls_error_prefix_form_detail(self) -> None:
+        """The `TLS error: <code>:<lib>:<func>:<REASON>` form yields the bare reason as detail."""
+        ev = Evidence(
+            status=503,
+            flags=F.UF,
+            transport_failure_reason=(
+                "TLS error: 268435703:SSL routines:OPENSSL_internal:WRONG_VERSION_NUMBER"
+            ),
+            has_attributes=True,
+        )
+        assert transport_detail(ev) == "WRONG_VERSION_NUMBER"
+
+    @pytest.mark.parametrize(
+        "code_details",
+        [
+            pytest.param(
+                reset("remote_connection_failure", tls(268435703, "WRONG_VERSION_NUMBER")),
+                id="envoy-1.40",
+            ),
+            pytest.param(
+                reset(
+                    "connection_failure",
+                    "TLS error: 268435703:SSL routines:OPENSSL_internal:WRONG_VERSION_NUMBER",
+                    sep=",",
+                ),
+                id="older",
+            ),
+        ],
+    )
+    def test_detail_from_code_details_alone(self, code_details: str) -> None:
+        """Without a transport failure reason, the TLS reason is still picked out of the details."""
+        ev = Evidence(status=503, flags=F.UF, code_details=code_details, has_attributes=True)
+        assert transport_detail(ev) == "WRONG_VERSION_NUMBER"
+
+    def test_single_connection_failure_is_upstream_failure_with_its_own_hint(self) -> None:
+        """Older Envoy's bare `connection failure` (UF, no tfr) is upstream_failure with a UF-specific hint."""
+        ev = Evidence(
+            status=503,
+            flags=F.UF,
+            code_details=reset("connection_failure"),
+            cluster=CLUSTER,
+            has_attributes=True,
+        )
+        diagnosis = classify(ev)
+        assert diagnosis is not None
+        assert diagnosis.reason == "upstream_failure"
+        assert diagnosis.hint != HINTS["upstream_failure"]
+        assert "connect" in diagnosis.hint.lower()
+
+
+class TestOtherReasons:
+    """The reasons outside the lab table, each reached from its documented signature."""
+
+    @pytest.mark.parametrize(("evidence", "reason"), OTHER_ROWS)
+    def test_signature_gets_its_reason(self, evidence: Evidence, reason: str) -> None:
+        """A documented signature is classified with its reason."""
+        diagnosis = classify(evidence)
+        assert diagnosis is not None
+        assert diagnosis.reason == reason
+
+    def test_overload_manager_flag_is_circuit_open(self) -> None:
+        """The OM flag (overload manager reset) is reported as an open circuit."""
+        ev = Evidence(
+            status=503,
+            flags=F.OM,
+            code_details=reset("overload_manager_reset"),
+            has_attributes=True,
+        )
+        diagnosis = classify(ev)
+        assert diagnosis is not None
+        assert diagnosis.reason == "circuit_open"
+
+    def test_unexplained_envoy_failure_is_upstream_failure(self) -> None:
+        """An Envoy-generated failure that matches no signature falls to upstream_failure."""
+        ev = Evidence(
+            status=503,
+            code_details="maintenance_mode",
+            cluster=CLUSTER,
+            has_attributes=True,
+        )
+        diagnosis = classify(ev)
+        assert diagnosis is not None
+        assert diagnosis.reason == "upstream_failure"
+        assert dict(diagnosis.evidence)["detail"] == "maintenance_mode"
+
+    def test_every_hints_reason_is_reached(self) -> None:
+        """The tables above reach every reason that has a hint."""
+        reached = set()
+        for table in (LAB_ROWS, OLDER_ROWS, OTHER_ROWS, GRPC_ROWS):
+            for case in table:
+                evidence, _reason = case.values
+                diagnosis = classify(evidence)  # type: ignore[arg-type]
+                assert diagnosis is not None
+                reached.add(diagnosis.reason)
+        assert reached == set(HINTS)
+
+
+class TestGrpc:
+    """A gRPC local reply is HTTP 200 with grpc-status: flags and details decide."""
+
+    @pytest.mark.parametrize(("evidence", "reason"), GRPC_ROWS)
+    def test_grpc_local_reply_is_diagnosed(self, evidence: Evidence, reason: str) -> None:
+        """A gRPC local reply (200, grpc-status 14 or 4) gets a diagnosis despite its 200 status."""
+        assert is_envoy_failure(evidence)
+        diagnosis = classify(evidence)
+        assert diagnosis is not None
+        assert diagnosis.reason == reason
+
+    def test_grpc_status_is_in_the_evidence(self) -> None:
+        """The grpc-status goes into the evidence right after the HTTP status."""
+        ev = Evidence(status=200, grpc_status=14, flags=F.UF, has_attributes=True)
+        diagnosis = classify(ev)
+        assert diagnosis is not None
+        assert diagnosis.evidence[:3] == (("status", 200), ("grpc", 14), ("flags", "UF"))
+
+
+class TestNotDiagnosed:
+    """Responses Envoy did not fail are left alone."""
+
+    @pytest.mark.parametrize(
+        "evidence",
+        [
+            pytest.param(
+                Evidence(status=200, code_details="via_upstream", has_attributes=True),
+                id="clean-200",
+            ),
+            pytest.param(
+                Evidence(status=404, code_details="via_upstream", has_attributes=True),
+                id="app-404",
+            ),
+            pytest.param(
+                Evidence(status=200, code_details="direct_response", has_attributes=True),
+                id="direct-response",
+            ),
+            pytest.param(
+                Evidence(status=200, flags=F.DI, code_details="via_upstream", has_attributes=True),
+                id="delay-injected",
+            ),
+            pytest.param(
+                Evidence(
+                    status=200, grpc_status=0, code_details="via_upstream", has_attributes=True
+                ),
+                id="grpc-ok",
+            ),
+            pytest.param(Evidence(status=404, upstream_answered=True), id="app-404-no-attributes"),
+            pytest.param(Evidence(status=200, upstream_answered=True), id="clean-no-attributes"),
+        ],
+    )
+    def test_not_an_envoy_failure(self, evidence: Evidence) -> None:
+        """A response the upstream produced without error gets no diagnosis."""
+        assert not is_envoy_failure(evidence)
+        assert classify(evidence) is None
+
+    @pytest.mark.parametrize("status", [500, 502, 503, 504])
+    @pytest.mark.parametrize(
+        ("cluster", "route"),
+        [
+            pytest.param(CLUSTER, "default", id="mesh-cluster"),
+            pytest.param("PassthroughCluster", "allow_any", id="passthrough"),
+            pytest.param("BlackHoleCluster", "block_all", id="blackhole"),
+        ],
+    )
+    def test_app_5xx_is_never_a_mesh_reason(self, status: int, cluster: str, route: str) -> None:
+        """A 5xx the upstream answered via_upstream is upstream_app_error, whatever the route."""
+        ev = Evidence(
+            status=status,
+            code_details="via_upstream",
+            cluster=cluster,
+            route=route,
+            has_attributes=True,
+        )
+        diagnosis = classify(ev)
+        assert diagnosis is not None
+        assert diagnosis.reason == "upstream_app_error"
+
+
+class TestWithoutAttributes:
+    """With no failure attributes, the status and headers are all there is."""
+
+    @pytest.mark.parametrize(
+        ("evidence", "reason"),
+        [
+            pytest.param(
+                Evidence(status=503, upstream_answered=True),
+                "upstream_app_error",
+                id="503-answered",
+            ),
+            pytest.param(
+                Evidence(status=503, upstream_answered=False),
+                "upstream_failure",
+                id="503-not-answered",
+            ),
+            pytest.param(
+                Evidence(status=504, upstream_answered=False),
+                "upstream_timeout",
+                id="504-not-answered",
+            ),
+            pytest.param(
+                Evidence(status=404, upstream_answered=False), "no_route", id="404-not-answered"
+            ),
+            pytest.param(
+                Evidence(status=503, upstream_answered=False, overloaded=True),
+                "circuit_open",
+                id="x-envoy-overloaded",
+            ),
+        ],
+    )
+    def test_reason_from_status_and_headers(self, evidence: Evidence, reason: str) -> None:
+        """The status, x-envoy-upstream-service-time and x-envoy-overloaded decide the reason."""
+        assert not evidence.has_attributes
+        diagnosis = classify(evidence)
+        assert diagnosis is not None
+        assert diagnosis.reason == reason
+
+    def test_404_answered_is_not_diagnosed(self) -> None:
+        """A 404 that the upstream answered is the application's business."""
+        assert classify(Evidence(status=404, upstream_answered=True)) is None
+
+    def test_unanswered_503_hint_asks_for_attributes(self) -> None:
+        """The hint for an unexplained 503 without attributes says to configure response_attributes."""
+        diagnosis = classify(Evidence(status=503, upstream_answered=False))
+        assert diagnosis is not None
+        assert "response_attributes" in diagnosis.hint
+
+
+class TestEvidence:
+    """The evidence parameters: fixed order, typed values, unknowns left out."""
+
+    def test_full_evidence_in_order(self) -> None:
+        """Status (int), flags (short names), cluster, host, dr and detail appear in that order."""
+        ev = failed(
+            tls(268435703, "WRONG_VERSION_NUMBER"),
+            flags=F.UF | F.URX,
+            host=HOST,
+            cluster_metadata=ISTIO_METADATA,
+        )
+        assert evidence_of(ev) == (
+            ("status", 503),
+            ("flags", "UF,URX"),
+            ("cluster", CLUSTER),
+            ("host", HOST),
+            ("dr", "default/reviews"),
+            ("detail", "WRONG_VERSION_NUMBER"),
+        )
+
+    def test_classify_returns_evidence_of(self) -> None:
+        """A diagnosis carries exactly the evidence computed from its Evidence."""
+        ev = failed(tls(268435703, "WRONG_VERSION_NUMBER"), host=HOST)
+        diagnosis = classify(ev)
+        assert diagnosis is not None
+        assert diagnosis.evidence == evidence_of(ev)
+
+    def test_status_is_an_int(self) -> None:
+        """The status parameter is an integer, not text."""
+        (key, value), *_ = evidence_of(Evidence(status=503))
+        assert key == "status"
+        assert value == 503
+        assert isinstance(value, int)
+
+    def test_unknowns_are_left_out(self) -> None:
+        """Empty fields and a missing status produce no parameters."""
+        assert evidence_of(Evidence()) == ()
+        assert evidence_of(Evidence(status=503)) == (("status", 503),)
+
+    def test_route_and_upstream_address_are_kept(self) -> None:
+        """The route and the upstream address are evidence too, between cluster and host."""
+        ev = Evidence(
+            status=503,
+            cluster=CLUSTER,
+            route="default",
+            upstream_address="10.1.2.3:9080",
+            host=HOST,
+        )
+        keys = [key for key, _ in evidence_of(ev)]
+        assert keys == ["status", "cluster", "route", "upstream", "host"]
+
+    def test_no_route_names_the_host(self) -> None:
+        """A no_route diagnosis says which Host was asked for."""
+        ev = Evidence(
+            status=404,
+            flags=F.NR,
+            code_details="route_not_found",
+            host="shop.example.com:8443",
+            has_attributes=True,
+        )
+        diagnosis = classify(ev)
+        assert diagnosis is not None
+        assert ("host", "shop.example.com:8443") in diagnosis.evidence
+
+
+class TestDestinationRule:
+    """The DestinationRule Istio recorded in the cluster metadata."""
+
+    @pytest.mark.parametrize(
+        ("metadata", "expected"),
+        [
+            pytest.param(ISTIO_METADATA, "default/reviews", id="istio-config"),
+            pytest.param(
+                ISTIO_METADATA.replace("default", "bookinfo-prod").replace("reviews", "reviews.v2"),
+                "bookinfo-prod/reviews.v2",
+                id="dotted-name",
+            ),
+            pytest.param('string_value: "/destination-rule/reviews"', "reviews", id="no-namespace"),
+            pytest.param("", "", id="empty"),
+            pytest.param('filter_metadata {\n  key: "envoy.lb"\n}', "", id="no-istio-config"),
+        ],
+    )
+    def test_destination_rule(self, metadata: str, expected: str) -> None:
+        """`namespace/name` is read from the Istio config path, '' when there is none."""
+        assert destination_rule(metadata) == expected
+
+
+class TestCatalogueData:
+    """The catalogue and the hints agree with each other and are header-safe."""
+
+    def test_every_row_reason_has_a_hint(self) -> None:
+        """Each Signature's reason has a hint in HINTS."""
+        missing = {sig.reason for sig in CATALOGUE} - set(HINTS)
+        assert not missing
+
+    def test_every_hint_is_used(self) -> None:
+        """Each HINTS key is the reason of some catalogue row."""
+        unused = set(HINTS) - {sig.reason for sig in CATALOGUE}
+        assert not unused
+
+    def test_catalogue_ends_with_catch_all(self) -> None:
+        """The last row has no condition at all, so classify always finds a row."""
+        last = CATALOGUE[-1]
+        assert last.reason == "upstream_failure"
+        assert (last.flags, last.text, last.status) == (0, (), None)
+
+    @pytest.mark.parametrize(
+        "hint",
+        [pytest.param(h, id=f"hints-{r}") for r, h in HINTS.items()]
+        + [
+            pytest.param(s.hint, id=f"row-{i}-{s.reason}")
+            for i, s in enumerate(CATALOGUE)
+            if s.hint
+        ],
+    )
+    def test_hint_is_header_safe(self, hint: str) -> None:
+        """Every hint is printable ASCII, without CR or LF, and under 300 characters."""
+        assert hint.isascii()
+        assert hint.isprintable()
+        assert "\r" not in hint
+        assert "\n" not in hint
+        assert 0 < len(hint) < 300
+
+    def test_text_conditions_are_normalised(self) -> None:
+        """Text conditions are lower case without `_`, as the normalised failure text is."""
+        for sig in CATALOGUE:
+            for text in sig.text:
+                assert text == text.lower().replace("_", " ")
+
+
+# The flags table of catalogue.md.
+CATALOGUE_FLAGS = [
+    (0x1, "LH", "FailedLocalHealthCheck"),
+    (0x2, "UH", "NoHealthyUpstream"),
+    (0x4, "UT", "UpstreamRequestTimeout"),
+    (0x8, "LR", "LocalReset"),
+    (0x10, "UR", "UpstreamRemoteReset"),
+    (0x20, "UF", "UpstreamConnectionFailure"),
+    (0x40, "UC", "UpstreamConnectionTermination"),
+    (0x80, "UO", "UpstreamOverflow"),
+    (0x100, "NR", "NoRouteFound"),
+    (0x200, "DI", "DelayInjected"),
+    (0x400, "FI", "FaultInjected"),
+    (0x800, "RL", "RateLimited"),
+    (0x1000, "UAEX", "UnauthorizedExternalService"),
+    (0x2000, "RLSE", "RateLimitServiceError"),
+    (0x4000, "DC", "DownstreamConnectionTermination"),
+    (0x8000, "URX", "UpstreamRetryLimitExceeded"),
+    (0x10000, "SI", "StreamIdleTimeout"),
+    (0x20000, "IH", "InvalidEnvoyRequestHeaders"),
+    (0x40000, "DPE", "DownstreamProtocolError"),
+    (0x80000, "UMSDR", "UpstreamMaxStreamDurationReached"),
+    (0x100000, "RFCF", "ResponseFromCacheFilter"),
+    (0x200000, "NFCF", "NoFilterConfigFound"),
+    (0x400000, "DT", "DurationTimeout"),
+    (0x800000, "UPE", "UpstreamProtocolError"),
+    (0x1000000, "NC", "NoClusterFound"),
+    (0x2000000, "OM", "OverloadManagerTerminated"),
+    (0x4000000, "DF", "DnsResolutionFailed"),
+    (0x8000000, "DO", "DropOverload"),
+    (0x10000000, "DR", "DownstreamRemoteReset"),
+    (0x20000000, "UDO", "UnconditionalDropOverload"),
+]
+
+
+class TestFlags:
+    """Response flags: the bitmask, the short names and the long names."""
+
+    @pytest.mark.parametrize(
+        ("bit", "short", "long"), [pytest.param(*row, id=row[1]) for row in CATALOGUE_FLAGS]
+    )
+    def test_flag_names_match_catalogue(self, bit: int, short: str, long: str) -> None:
+        """Each flag's short and long name parse to the bit catalogue.md gives it."""
+        assert F.parse_flags(short) == bit
+        assert F.parse_flags(long) == bit
+        assert F.format_flags(bit) == short
+
+    @pytest.mark.parametrize(
+        ("text", "mask"),
+        [
+            pytest.param("UF,URX", F.UF | F.URX, id="comma"),
+            pytest.param("URX,UF", F.UF | F.URX, id="any-order"),
+            pytest.param("UF|URX", F.UF | F.URX, id="pipe"),
+            pytest.param(" UF , URX ", F.UF | F.URX, id="spaces"),
+            pytest.param(
+                "UpstreamConnectionFailure,UpstreamRetryLimitExceeded", F.UF | F.URX, id="long"
+            ),
+            pytest.param("upstreamconnectionfailure", F.UF, id="long-lower-case"),
+            pytest.param("-", 0, id="dash"),
+            pytest.param("", 0, id="empty"),
+        ],
+    )
+    def test_parse_flags(self, text: str, mask: int) -> None:
+        """Access-log flag fields parse to the bitmask, in any order and spelling."""
+        assert F.parse_flags(text) == mask
+
+    def test_format_flags(self) -> None:
+        """Formatting gives the short names comma-separated in bit order."""
+        assert F.format_flags(F.URX | F.UF) == "UF,URX"
+        assert F.format_flags(0) == ""
+
+    @pytest.mark.parametrize("text", ["XX", "UF,XX", "UpstreamConnection"])
+    def test_unknown_flag_raises(self, text: str) -> None:
+        """A name Envoy does not define raises UnknownFlagError, a ValueError."""
+        with pytest.raises(F.UnknownFlagError):
+            F.parse_flags(text)
+        assert issubclass(F.UnknownFlagError, ValueError)
+
+    @given(st.integers(min_value=0, max_value=F.ALL_FLAGS))
+    def test_round_trip(self, mask: int) -> None:
+        """parse_flags(format_flags(mask)) gives back every defined bit of mask."""
+        assert F.parse_flags(F.format_flags(mask)) == mask
