@@ -124,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Envoy ext_proc server: cleans request headers, explains upstream failures.",
     )
     parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="default: info; for demo, error (the table says it all)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -180,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(args.log_level)
+    configure_logging(args.log_level or ("error" if args.command == "demo" else "info"))
     try:
         return int(args.func(args))
     except PolicyError as exc:
