@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint unit clean
+.PHONY: run test lint unit deploy clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,12 @@ lint: $(STAMP)
 
 ## unit: the fast tiers only
 unit: $(STAMP)
-	$(BIN)/pytest -m "not envoy"
+	$(BIN)/pytest -m "not envoy and not install"
+
+## deploy: re-render deploy/ (Istio, Cilium, Envoy, Kubernetes) from extproc/render
+deploy: $(STAMP)
+	rm -rf deploy
+	$(BIN)/extproc render all --output-dir deploy
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -8,13 +8,19 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import structlog
 
 from extproc.annotate import diagnosis_headers
-from extproc.config import Policy, PolicyError, load_policy
+from extproc.config import Policy, PolicyError, ServeConfig, TlsFiles, load_policy
 from extproc.diagnosis import Diagnosis, Evidence, classify
 from extproc.flags import UnknownFlagError, parse_flags
+
+
+class ConfigError(ValueError):
+    """Command-line arguments that do not fit together."""
 
 
 def configure_logging(level: str = "info") -> None:
@@ -35,13 +41,49 @@ def _policy(path: str | None) -> Policy:
     return load_policy(path) if path else Policy()
 
 
+def _tls_files(args: argparse.Namespace) -> TlsFiles | None:
+    if not (args.tls_cert or args.tls_key or args.client_ca):
+        return None
+    if not (args.tls_cert and args.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together (and --client-ca needs both)")
+    ca = Path(args.client_ca) if args.client_ca else None
+    return TlsFiles(Path(args.tls_cert), Path(args.tls_key), ca)
+
+
+def serve_config(args: argparse.Namespace) -> ServeConfig:
+    """The serve command's arguments as a ServeConfig; the policy file is checked here too."""
+    if args.config:
+        load_policy(args.config)  # fail before binding anything
+    if args.max_streams < 1:
+        raise ConfigError(f"--max-streams must be at least 1, got {args.max_streams}")
+    return ServeConfig(
+        listen=args.listen,
+        policy_path=Path(args.config) if args.config else None,
+        grace=args.grace,
+        tls=_tls_files(args),
+        metrics_listen=args.metrics_listen,
+        max_streams=args.max_streams,
+        envoy_admin=_envoy_admin(args.envoy_admin),
+    )
+
+
+def _envoy_admin(url: str | None) -> str | None:
+    from extproc.envoy_admin import AdminUrlError, admin_base_url
+
+    try:
+        return admin_base_url(url) if url else None
+    except AdminUrlError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def _serve(args: argparse.Namespace) -> int:
     from extproc.server import serve
+    from extproc.tls import TlsError
 
-    policy = _policy(args.config)
+    config = serve_config(args)
     try:
-        asyncio.run(serve(policy, args.listen, args.grace))
-    except OSError as exc:
+        asyncio.run(serve(config))
+    except (OSError, TlsError) as exc:
         print(f"extproc serve: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -115,7 +157,127 @@ def _demo(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    return int(run_demo(_policy(args.config) if args.config else None, stay=not args.once))
+    from extproc.lab.demo import list_scenarios
+    from extproc.lab.scenarios import find_scenarios
+
+    if args.list:
+        print(list_scenarios())
+        return 0
+    try:
+        chosen = find_scenarios(args.scenario) if args.scenario else None
+    except KeyError as exc:
+        raise ConfigError(exc.args[0]) from None
+    policy = _policy(args.config) if args.config else None
+    return int(run_demo(policy, stay=not args.once, scenarios=chosen))
+
+
+def _render(args: argparse.Namespace) -> int:
+    try:
+        from extproc.render import RenderError, RenderMode, RenderOptions, notes, render, render_all
+    except ImportError as exc:
+        print(
+            f"extproc render needs the render extra (pip install 'extproc-doctor[render]'): {exc}",
+            file=sys.stderr,
+        )
+        return 2
+    text = Path(args.config).read_text(encoding="utf-8") if args.config else ""
+    try:
+        options = RenderOptions(
+            mode=RenderMode(args.mode),
+            namespace=args.namespace,
+            **({"image": args.image} if args.image else {}),
+            extproc_address=args.extproc_address,
+            extproc_tls_ca=args.extproc_tls_ca,
+            policy=_policy(args.config),
+            policy_text=text,
+            cilium_service=args.cilium_service,
+            envoy_listen=args.envoy_listen,
+            upstream=args.upstream,
+        )
+        targets = [args.target] if args.target != "all" else ["istio", "cilium", "envoy", "k8s"]
+        for target in targets:
+            for note in notes(target, options):
+                print(f"extproc render {target}: gated mode: {note}", file=sys.stderr)
+        if args.output_dir:
+            files = render_all(options)
+            for path, content in files.items():
+                if path.split("/")[0] in targets:
+                    out = Path(args.output_dir) / path
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    out.write_text(content, encoding="utf-8")
+            return 0
+        for target in targets:
+            for path, content in render(target, options).items():
+                if args.clusterwide == path.endswith("-clusterwide.yaml"):
+                    sys.stdout.write(f"---\n{content}")
+    except RenderError as exc:
+        print(f"extproc render: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _add_render_parser(sub: Any) -> None:
+    render = sub.add_parser(
+        "render",
+        help="print deployment manifests: Istio EnvoyFilter, Cilium, plain Envoy, Kubernetes",
+    )
+    render.add_argument("target", choices=["istio", "cilium", "envoy", "k8s", "all"])
+    render.add_argument(
+        "--mode",
+        choices=["gated", "always"],
+        default="gated",
+        help="gated: Envoy matchers send only failing responses and requests the policy "
+        "acts on; always: every request (default: %(default)s)",
+    )
+    render.add_argument(
+        "--config", metavar="POLICY.yaml", help="the policy: gated matchers and the ConfigMap"
+    )
+    render.add_argument(
+        "--namespace",
+        default="extproc-doctor",
+        help="the server's namespace (default: %(default)s)",
+    )
+    render.add_argument("--image", help="the server's image (default: extproc-doctor:VERSION)")
+    render.add_argument(
+        "--extproc-address",
+        metavar="HOST:PORT",
+        help="where Envoy reaches the server (default: the Service's DNS name, "
+        "or 127.0.0.1:50051 for the envoy target)",
+    )
+    render.add_argument(
+        "--extproc-tls-ca",
+        metavar="PEM",
+        help="speak TLS to the server, verified with this CA file (a path inside the proxy)",
+    )
+    render.add_argument(
+        "--cilium-service",
+        default="default/my-service:8080",
+        metavar="NAMESPACE/NAME:PORT",
+        help="cilium: the Service whose traffic passes the doctor (default: %(default)s)",
+    )
+    render.add_argument(
+        "--clusterwide",
+        action="store_true",
+        help="cilium: print the CiliumClusterwideEnvoyConfig instead",
+    )
+    render.add_argument(
+        "--envoy-listen",
+        default="0.0.0.0:10000",
+        metavar="HOST:PORT",
+        help="envoy: the listener (default: %(default)s)",
+    )
+    render.add_argument(
+        "--upstream",
+        default="127.0.0.1:8080",
+        metavar="HOST:PORT",
+        help="envoy: the upstream (default: %(default)s)",
+    )
+    render.add_argument(
+        "--output-dir",
+        metavar="DIR",
+        help="write every mode's files in the deploy/ layout under DIR instead of printing",
+    )
+    render.set_defaults(func=_render)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,6 +309,33 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="on SIGTERM, how long in-flight streams may take to finish (default: %(default)s)",
     )
+    serve.add_argument(
+        "--tls-cert", metavar="PEM", help="serve gRPC over TLS with this certificate chain"
+    )
+    serve.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    serve.add_argument(
+        "--client-ca",
+        metavar="PEM",
+        help="require client certificates that chain to this CA (mTLS)",
+    )
+    serve.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics",
+    )
+    serve.add_argument(
+        "--max-streams",
+        type=int,
+        default=ServeConfig().max_streams,
+        metavar="N",
+        help="concurrent streams; beyond it new ones are refused at once (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--envoy-admin",
+        metavar="URL",
+        help="Envoy's admin address (http://127.0.0.1:15000): the clusters' TLS settings "
+        "tell an SNI from an ALPN mismatch",
+    )
     serve.set_defaults(func=_serve)
 
     diag = sub.add_parser(
@@ -176,7 +365,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--once", action="store_true", help="exit after the table instead of staying up"
     )
+    demo.add_argument(
+        "--scenario",
+        metavar="N|NAME",
+        help="run only incident N (1-10) or the named edge case; see --list",
+    )
+    demo.add_argument("--list", action="store_true", help="list the scenarios and exit")
     demo.set_defaults(func=_demo)
+    _add_render_parser(sub)
     return parser
 
 
@@ -185,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_level or ("error" if args.command == "demo" else "info"))
     try:
         return int(args.func(args))
-    except PolicyError as exc:
+    except (PolicyError, ConfigError) as exc:
         print(f"extproc {args.command}: {exc}", file=sys.stderr)
         return 2
 

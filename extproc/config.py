@@ -173,6 +173,33 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> _LinedDic
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """The gRPC listener's certificate, key, and the CA that client certificates must chain to."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ServeConfig:
+    """How `extproc serve` runs, from the command line."""
+
+    listen: str = "0.0.0.0:50051"  # a server in a pod listens on all interfaces
+    policy_path: Path | None = None
+    grace: float = 10.0
+    tls: TlsFiles | None = None
+    metrics_listen: str | None = None
+    # Streams beyond this get RESOURCE_EXHAUSTED at once; with failure_mode_allow Envoy
+    # then passes the request through unannotated instead of waiting.
+    max_streams: int = 1000
+    # How often the policy file is checked for changes (SIGHUP reloads at once).
+    reload_interval: float = 2.0
+    # Envoy's admin base URL: the clusters' TLS settings sharpen handshake diagnoses.
+    envoy_admin: str | None = None
+
+
 def load_policy(path: str | Path) -> Policy:
     """Read and validate a policy file."""
     path = Path(path)

@@ -26,6 +26,10 @@ PASSTHROUGH_CLUSTERS = frozenset(
     {"PassthroughCluster", "BlackHoleCluster", "InboundPassthroughCluster"}
 )
 PASSTHROUGH_ROUTES = frozenset({"allow_any", "block_all"})
+# `Evidence.cluster_sni` of a cluster with auto_sni (the SNI comes from the Host).
+AUTO_SNI = "auto"
+# ALPN tokens that ask for HTTP/2: plain, and Istio's mesh token.
+H2_ALPN = frozenset({"h2", "istio-h2"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +55,14 @@ class Evidence:
     # False when Envoy sent none of the failure attributes: reasons then come from the
     # status and headers only, and are less precise.
     has_attributes: bool = False
+    # The failing cluster's TLS settings, from Envoy's admin /config_dump when the server
+    # knows the admin address (`extproc.envoy_admin`); None when unknown. Attributes
+    # cannot say this (`upstream.sni` does not exist), yet it tells the causes of a reset
+    # during the handshake apart.
+    # The SNI the cluster sends: a name, AUTO_SNI, or "" for none.
+    cluster_sni: str | None = None
+    # The ALPN protocols it offers, in order; empty when it offers none.
+    cluster_alpn: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +92,9 @@ class Signature:
     passthrough: bool | None = None
     overloaded: bool | None = None
     grpc_status: frozenset[int] | None = None
+    # Context from the cluster's TLS settings; a row that asks needs the context known.
+    sends_sni: bool | None = None
+    offers_h2: bool | None = None
     # Overrides the reason's hint where this row knows more than the reason does.
     hint: str | None = None
 
@@ -179,6 +194,20 @@ HINTS: dict[str, str] = {
 }
 
 _TLS_ERROR = ("tls error", "tls_error")
+# BoringSSL's errno text when the peer reset the connection in the middle of the handshake.
+_HANDSHAKE_RESET = ("openssl internal:connection reset by peer",)
+
+# Row hints for a handshake reset once the cluster's TLS settings are known.
+SNI_MISSING_HINT = (
+    "The upstream reset the TLS handshake and this cluster sends no SNI: the upstream "
+    "likely chooses its filter chain or certificate by server name. Set sni or auto_sni "
+    "on the cluster's TLS context (DestinationRule tls.sni)."
+)
+NO_H2_HINT = (
+    "The upstream reset the TLS handshake and this cluster offers no HTTP/2 in its ALPN "
+    "(see alpn): the server's chain likely accepts only h2 (istio-h2). Send HTTP/2 to it "
+    "(port name or appProtocol http2/grpc) or let the server accept HTTP/1.1."
+)
 
 # The catalogue, most specific first. Text is matched after normalisation (see module doc).
 CATALOGUE: tuple[Signature, ...] = (
@@ -222,7 +251,13 @@ CATALOGUE: tuple[Signature, ...] = (
     ),
     Signature("upstream_not_tls", text=("wrong version number", "http request")),
     Signature("sds_secret_missing", text=("secret is not supplied by sds",)),
-    Signature("tls_handshake_rejected", text=("openssl internal:connection reset by peer",)),
+    # A reset during the handshake: no chain matched the SNI or the ALPN. The cluster's
+    # TLS settings, when known, say which; without them the hint names both.
+    Signature("sni_rejected", text=_HANDSHAKE_RESET, sends_sni=False, hint=SNI_MISSING_HINT),
+    Signature(
+        "alpn_mismatch", text=_HANDSHAKE_RESET, sends_sni=True, offers_h2=False, hint=NO_H2_HINT
+    ),
+    Signature("tls_handshake_rejected", text=_HANDSHAKE_RESET),
     # Transport.
     Signature(
         "upstream_refused", text=("connection refused", "connect error: 111", "connect error:111")
@@ -320,7 +355,17 @@ def _fits(sig: Signature, ev: Evidence, text: str, passthrough: bool) -> bool:
         and (sig.passthrough is None or sig.passthrough == passthrough)
         and (sig.overloaded is None or sig.overloaded == ev.overloaded)
         and (sig.grpc_status is None or ev.grpc_status in sig.grpc_status)
+        and (sig.sends_sni is None or sig.sends_sni == _sends_sni(ev))
+        and (sig.offers_h2 is None or sig.offers_h2 == _offers_h2(ev))
     )
+
+
+def _sends_sni(ev: Evidence) -> bool | None:
+    return None if ev.cluster_sni is None else bool(ev.cluster_sni)
+
+
+def _offers_h2(ev: Evidence) -> bool | None:
+    return None if ev.cluster_alpn is None else not H2_ALPN.isdisjoint(ev.cluster_alpn)
 
 
 def _answered(ev: Evidence) -> bool:
@@ -340,7 +385,11 @@ def classify(ev: Evidence) -> Diagnosis | None:
     passthrough = passthrough and not _answered(ev)
     for sig in CATALOGUE:
         if _fits(sig, ev, text, passthrough):
-            return Diagnosis(sig.reason, sig.hint or HINTS[sig.reason], evidence_of(ev))
+            # The cluster's TLS settings are evidence only where they decide the reason.
+            tls_context = sig.text == _HANDSHAKE_RESET
+            return Diagnosis(
+                sig.reason, sig.hint or HINTS[sig.reason], evidence_of(ev, tls_context)
+            )
     raise AssertionError("the catalogue ends with a catch-all row")  # pragma: no cover
 
 
@@ -373,8 +422,13 @@ def destination_rule(cluster_metadata: str) -> str:
     return f"{ns.group(1)}/{m.group(1)}" if ns else m.group(1)
 
 
-def evidence_of(ev: Evidence) -> tuple[tuple[str, str | int], ...]:
-    """The evidence parameters, in a fixed order, leaving out what is unknown."""
+def evidence_of(ev: Evidence, tls_context: bool = False) -> tuple[tuple[str, str | int], ...]:
+    """The evidence parameters, in a fixed order, leaving out what is unknown.
+
+    `tls_context` adds the cluster's SNI and ALPN (`sni`, `alpn`), when known.
+    """
+    sni = ev.cluster_sni if tls_context else None
+    alpn = ev.cluster_alpn if tls_context else None
     items: list[tuple[str, str | int]] = []
     if ev.status is not None:
         items.append(("status", ev.status))
@@ -388,8 +442,17 @@ def evidence_of(ev: Evidence) -> tuple[tuple[str, str | int], ...]:
         ("upstream", ev.upstream_address),
         ("host", ev.host),
         ("dr", destination_rule(ev.cluster_metadata)),
+        ("sni", _known(sni)),
+        ("alpn", _known(None if alpn is None else " ".join(alpn))),
         ("detail", transport_detail(ev)),
     ):
         if value:
             items.append((key, value))
     return tuple(items)
+
+
+def _known(setting: str | None) -> str:
+    """A TLS setting for the evidence: '' when unknown (left out), `none` when not set."""
+    if setting is None:
+        return ""
+    return setting or "none"

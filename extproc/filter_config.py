@@ -1,12 +1,14 @@
 """The Envoy side of the contract: the ext_proc filter settings the server relies on.
 
-One source for the README, the demo, the tests and (later) the rendered manifests: a
-setting changed here changes everywhere. Plain dicts in Envoy's JSON/YAML shape, so this
-module needs neither protobuf nor envoy-data-plane.
+One source for the README, the demo, the tests and the rendered manifests
+(`extproc.render` parses these dicts into typed envoy-data-plane objects): a setting
+changed here changes everywhere. Plain dicts in Envoy's JSON/YAML shape, so this module
+needs neither protobuf nor envoy-data-plane, and the server can import it cheaply.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 # The dynamic metadata namespace the server writes the diagnosis into. Access logs read
@@ -35,24 +37,34 @@ RESPONSE_ATTRIBUTES: tuple[str, ...] = (
 MESSAGE_TIMEOUT = "0.5s"
 
 
-def ext_proc_filter(cluster_name: str, *, failure_mode_allow: bool = True) -> dict[str, Any]:
-    """The `envoy.filters.http.ext_proc` HTTP filter, always-on mode."""
+# The HTTP filter's name; the server finds the attributes under it in a ProcessingRequest.
+EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
+
+
+def ext_proc_filter(
+    cluster_name: str, *, failure_mode_allow: bool = True, request_headers: bool = True
+) -> dict[str, Any]:
+    """The `envoy.filters.http.ext_proc` HTTP filter.
+
+    With `request_headers=False` it sees only the response: the shape a filter takes
+    when a response matcher creates it, after the request has gone upstream.
+    """
     return {
-        "name": "envoy.filters.http.ext_proc",
+        "name": EXT_PROC_FILTER,
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
             "grpc_service": {"envoy_grpc": {"cluster_name": cluster_name}},
             "failure_mode_allow": failure_mode_allow,
             "message_timeout": MESSAGE_TIMEOUT,
             "processing_mode": {
-                "request_header_mode": "SEND",
+                "request_header_mode": "SEND" if request_headers else "SKIP",
                 "response_header_mode": "SEND",
                 "request_body_mode": "NONE",
                 "response_body_mode": "NONE",
                 "request_trailer_mode": "SKIP",
                 "response_trailer_mode": "SKIP",
             },
-            "request_attributes": list(REQUEST_ATTRIBUTES),
+            "request_attributes": list(REQUEST_ATTRIBUTES) if request_headers else [],
             "response_attributes": list(RESPONSE_ATTRIBUTES),
             # The Host rewrite changes :authority, a routing header, and stripping echoed
             # x-envoy-* headers needs allow_envoy: without them Envoy ignores those
@@ -63,11 +75,19 @@ def ext_proc_filter(cluster_name: str, *, failure_mode_allow: bool = True) -> di
     }
 
 
-def ext_proc_cluster(name: str, host: str, port: int) -> dict[str, Any]:
-    """A cluster for the ext_proc server: gRPC needs HTTP/2 to the server."""
-    return {
+def ext_proc_cluster(
+    name: str, host: str, port: int, *, tls_ca: str | None = None
+) -> dict[str, Any]:
+    """A cluster for the ext_proc server: gRPC needs HTTP/2 to the server.
+
+    An IP address is STATIC; a name is STRICT_DNS, so a headless Service's name resolves
+    to every ready pod and Envoy spreads streams over them (one ClusterIP would pin a
+    long-lived HTTP/2 connection to whichever pod kube-proxy picked). With `tls_ca`, the
+    connection is TLS to `host` as SNI, verified against that CA file.
+    """
+    cluster: dict[str, Any] = {
         "name": name,
-        "type": "STATIC",
+        "type": discovery_type(host),
         "connect_timeout": "1s",
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
@@ -90,3 +110,36 @@ def ext_proc_cluster(name: str, host: str, port: int) -> dict[str, Any]:
             ],
         },
     }
+    if tls_ca is not None:
+        cluster["transport_socket"] = _upstream_tls(host, tls_ca)
+    return cluster
+
+
+def _upstream_tls(sni: str, ca_file: str) -> dict[str, Any]:
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": sni,
+            "common_tls_context": {
+                # gRPC over TLS negotiates h2 by ALPN; a server that insists on it
+                # would otherwise reset the handshake.
+                "alpn_protocols": ["h2"],
+                "validation_context": {
+                    "trusted_ca": {"filename": ca_file},
+                    "match_typed_subject_alt_names": [
+                        {"san_type": "DNS", "matcher": {"exact": sni}}
+                    ],
+                },
+            },
+        },
+    }
+
+
+def discovery_type(host: str) -> str:
+    """STATIC for an IP address, STRICT_DNS (every address the name resolves to) otherwise."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return "STRICT_DNS"
+    return "STATIC"

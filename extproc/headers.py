@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import cache
+from functools import lru_cache
 
 from extproc.config import Action, Direction, Policy
 
@@ -141,7 +141,7 @@ def resolve_direction(policy: Policy, listener_direction: int | None) -> Directi
     )
 
 
-@cache
+@lru_cache(maxsize=64)  # a few policies (reloads) times three directions
 def _active_rules(
     policy: Policy, direction: Direction
 ) -> tuple[tuple[HeaderRule, Action, bool], ...]:
@@ -158,7 +158,8 @@ def _active_rules(
 
 @dataclass(slots=True)
 class _Builder:
-    remove: list[str] = field(default_factory=list)
+    # An ordered set: a request can carry many thousands of headers.
+    remove: dict[str, None] = field(default_factory=dict)
     overwrite: list[Header] = field(default_factory=list)
     append: list[Header] = field(default_factory=list)
     applied: list[Applied] = field(default_factory=list)
@@ -168,7 +169,7 @@ class _Builder:
         # Envoy applies removals before additions; a header removed and re-added is
         # an overwrite, so say so instead of relying on the order.
         if name in self.remove:
-            self.remove.remove(name)
+            del self.remove[name]
             self.overwrite.append((name, value))
         else:
             self.append.append((name, value))
@@ -190,7 +191,7 @@ def decide(
     if not out.applied:
         return RequestDecision(host=host) if host else NO_CHANGE
     return RequestDecision(
-        remove=tuple(dict.fromkeys(out.remove)),
+        remove=tuple(out.remove),
         overwrite=tuple(out.overwrite),
         append=tuple(out.append),
         clear_route_cache=out.clear_route_cache,
@@ -213,7 +214,7 @@ def _apply_rule(
     out.applied.append(Applied(f"{verb}-{rule.subject}", hit_names, report=report))
     if report:
         return
-    out.remove.extend(hit_names)
+    out.remove.update(dict.fromkeys(hit_names))
     if action is Action.REWRITE:
         for name, value in hits:
             dashed = name.replace("_", "-")

@@ -9,8 +9,11 @@ The common case, nothing to change, answers with a response built once at import
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
 import signal
-from collections.abc import Sequence
+import time
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from extproc import flags as F
 from extproc.annotate import (
     ACTIONS_HEADER,
     MAX_VALUE,
@@ -31,10 +35,14 @@ from extproc.annotate import (
     diagnosis_headers,
     printable,
 )
-from extproc.config import Policy
-from extproc.diagnosis import Diagnosis, Evidence, classify
+from extproc.config import Policy, ServeConfig, TlsFiles, load_policy
+from extproc.diagnosis import Diagnosis, Evidence, classify, is_envoy_failure
+from extproc.envoy_admin import ClusterTlsCache
 from extproc.filter_config import METADATA_NAMESPACE
 from extproc.headers import NO_CHANGE, Header, RequestDecision, decide
+from extproc.metrics import Metrics
+from extproc.reload import PolicyReloader
+from extproc.tls import ReloadingCredentials
 
 log = structlog.get_logger("extproc")
 
@@ -60,6 +68,9 @@ class StreamState:
     """What one HTTP request's stream remembers between its messages."""
 
     decision: RequestDecision = NO_CHANGE
+    diagnosis: Diagnosis | None = None
+    # The clusters' TLS settings from Envoy's admin endpoint (`--envoy-admin`), if known.
+    cluster_tls: ClusterTlsCache | None = None
 
 
 def header_pairs(headers: pb.HttpHeaders) -> list[Header]:
@@ -106,21 +117,29 @@ def _text(fields: Any, key: str) -> str:
     if value is None:
         return ""
     if value.WhichOneof("kind") == "number_value":
-        return str(int(value.number_value))
+        number = value.number_value
+        return str(int(number)) if math.isfinite(number) else ""
     return str(value.string_value)
 
 
-def _number(fields: Any, key: str) -> int | None:
+def _number(fields: Any, key: str, limit: int) -> int | None:
+    """A whole number attribute in [0, limit], or None: Envoy sends doubles, a peer could send anything."""
     value = fields.get(key) if fields is not None else None
     if value is None or value.WhichOneof("kind") != "number_value":
         return None
-    return int(value.number_value)
+    number = value.number_value
+    return int(number) if 0 <= number <= limit else None
+
+
+def _code(text: str) -> int | None:
+    """A status or grpc-status header value, if it is one."""
+    return int(text) if len(text) <= 3 and text.isascii() and text.isdigit() else None
 
 
 def on_request_headers(
     policy: Policy, request: pb.ProcessingRequest, state: StreamState
 ) -> pb.ProcessingResponse:
-    direction = _number(_attributes(request), "xds.listener_direction")
+    direction = _number(_attributes(request), "xds.listener_direction", 2)
     decision = decide(policy, header_pairs(request.request_headers), direction)
     state.decision = decision
     if not decision.applied:
@@ -142,9 +161,9 @@ def evidence_of(request: pb.ProcessingRequest, host: str) -> Evidence:
     answered = overloaded = False
     for name, value in header_pairs(request.response_headers):
         if name == ":status":
-            status = int(value) if value.isdigit() else None
+            status = _code(value)
         elif name == "grpc-status":
-            grpc_status = int(value) if value.isdigit() else None
+            grpc_status = _code(value)
         elif name == "x-envoy-upstream-service-time":
             answered = True
         elif name == "x-envoy-overloaded":
@@ -159,8 +178,8 @@ def evidence_of(request: pb.ProcessingRequest, host: str) -> Evidence:
             host=host,
         )
     return Evidence(
-        status=status if status is not None else _number(fields, "response.code"),
-        flags=_number(fields, "response.flags") or 0,
+        status=status if status is not None else _number(fields, "response.code", 999),
+        flags=_number(fields, "response.flags", F.ALL_FLAGS) or 0,
         code_details=_text(fields, "response.code_details"),
         transport_failure_reason=_text(fields, "upstream.transport_failure_reason"),
         cluster=_text(fields, "xds.cluster_name"),
@@ -176,7 +195,10 @@ def evidence_of(request: pb.ProcessingRequest, host: str) -> Evidence:
 
 
 def on_response_headers(request: pb.ProcessingRequest, state: StreamState) -> pb.ProcessingResponse:
-    diagnosis = classify(evidence_of(request, state.decision.host))
+    evidence = evidence_of(request, state.decision.host)
+    if state.cluster_tls is not None and is_envoy_failure(evidence):
+        evidence = state.cluster_tls.enrich(evidence)
+    diagnosis = state.diagnosis = classify(evidence)
     applied = state.decision.applied
     if diagnosis is None and not applied:
         return CONTINUE["response_headers"]
@@ -221,22 +243,64 @@ def handle(
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
-    """The Process stream: one per HTTP request, answered message by message."""
+    """The Process stream: one per HTTP request, answered message by message.
 
-    def __init__(self, policy: Policy) -> None:
+    `policy` may be replaced at any time (a reload); each stream keeps the policy it
+    started with, so a request and its response are judged by the same rules.
+    """
+
+    def __init__(self, policy: Policy, metrics: Metrics | None = None) -> None:
         self.policy = policy
+        self.metrics = metrics or Metrics()
+        self.cluster_tls: ClusterTlsCache | None = None
 
     async def Process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
-        state = StreamState()
-        while (request := await context.read()) is not grpc.aio.EOF:
-            try:
-                response = handle(self.policy, request, state)
-            except Exception as exc:  # one bad message must not end the server
-                kind = request.WhichOneof("request")
-                log.error("processing_failed", kind=kind, error=type(exc).__name__)
-                response = CONTINUE.get(kind or "")
-            if response is not None and not request.observability_mode:
-                await context.write(response)
+        policy, state, metrics = (
+            self.policy,
+            StreamState(cluster_tls=self.cluster_tls),
+            self.metrics,
+        )
+        metrics.streams.inc()
+        metrics.active_streams.inc()
+        try:
+            while (request := await context.read()) is not grpc.aio.EOF:
+                response = self._answer(policy, request, state)
+                if response is not None and not request.observability_mode:
+                    await context.write(response)
+                if request.HasField("response_headers"):
+                    # Nothing later in the exchange needs us (bodies and trailers would be
+                    # continued unchanged), so end the stream here with OK: Envoy then
+                    # stops sending instead of resetting the stream, and a reset stream
+                    # costs grpc.aio ~100 bytes that are never freed (tests/reliability).
+                    return
+        finally:
+            metrics.active_streams.dec()
+
+    def _answer(
+        self, policy: Policy, request: pb.ProcessingRequest, state: StreamState
+    ) -> pb.ProcessingResponse | None:
+        started = time.perf_counter()
+        kind = request.WhichOneof("request")
+        try:
+            response = handle(policy, request, state)
+        except Exception as exc:  # one bad message must not end the stream or the server
+            self.metrics.errors["processing_failed"].inc()
+            log.error("processing_failed", kind=kind, error=type(exc).__name__)
+            response = CONTINUE.get(kind or "")
+        if kind is None:
+            self.metrics.errors["bad_message"].inc()
+            return response
+        self.metrics.messages[kind].inc()
+        self._count_outcome(kind, state)
+        self.metrics.seconds[kind].observe(time.perf_counter() - started)
+        return response
+
+    def _count_outcome(self, kind: str, state: StreamState) -> None:
+        if kind == "request_headers":
+            for applied in state.decision.applied:
+                self.metrics.count_action(applied.token, applied.report)
+        elif kind == "response_headers" and state.diagnosis is not None:
+            self.metrics.diagnoses[state.diagnosis.reason].inc()
 
 
 class ExtProcServer:
@@ -249,30 +313,35 @@ class ExtProcServer:
         grace: float = 10.0,
         *,
         servicer: pb_grpc.ExternalProcessorServicer | None = None,
+        tls: TlsFiles | None = None,
+        max_streams: int | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
-        self.policy = policy
         self.listen = listen
         self.grace = grace
-        self.port = 0
+        self.metrics = metrics or Metrics()
         # Tests may put a recording servicer behind the same server and health service.
-        self.servicer = servicer or ExternalProcessor(policy)
+        self.servicer = servicer or ExternalProcessor(policy, self.metrics)
+        # Built now, so unusable certificate files fail start-up with their names.
+        self.credentials = ReloadingCredentials(tls) if tls else None
+        self.max_streams = max_streams
+        self.port = 0
         self._server: grpc.aio.Server | None = None
         self._health = HealthServicer()
 
     async def start(self) -> None:
-        server = grpc.aio.server()
+        server = grpc.aio.server(maximum_concurrent_rpcs=self.max_streams)
         pb_grpc.add_ExternalProcessorServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
         reflection.enable_server_reflection(
-            (
-                SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            server,
+            (SERVICE_NAME, health_name, reflection.SERVICE_NAME), server
         )
         try:
-            self.port = server.add_insecure_port(self.listen)
+            if self.credentials is None:
+                self.port = server.add_insecure_port(self.listen)
+            else:
+                self.port = server.add_secure_port(self.listen, self.credentials.credentials())
         except RuntimeError as exc:
             raise OSError(f"cannot listen on {self.listen}: {exc}") from None
         await server.start()
@@ -296,16 +365,58 @@ class ExtProcServer:
         await self.stop()
 
 
-async def serve(policy: Policy, listen: str, grace: float = 10.0) -> None:
-    """Serve until SIGTERM or SIGINT, then drain and return."""
+async def serve(config: ServeConfig) -> None:
+    """Serve until SIGTERM or SIGINT, reloading the policy on SIGHUP or change; then drain."""
+    policy = load_policy(config.policy_path) if config.policy_path else Policy()
+    metrics = Metrics()
+    servicer = ExternalProcessor(policy, metrics)
+    server = ExtProcServer(
+        policy, config.listen, config.grace, servicer=servicer, tls=config.tls,
+        max_streams=config.max_streams, metrics=metrics,
+    )  # fmt: skip
+    if config.metrics_listen:
+        metrics.serve(config.metrics_listen)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    async with ExtProcServer(policy, listen, grace) as server:
-        log.info(
-            "serving", listen=listen, port=server.port, policy=policy.source, mode=str(policy.mode)
-        )
+    async with server, _reloading(config, servicer, metrics), _cluster_tls(config, servicer):
+        log.info("serving", listen=config.listen, port=server.port, policy=policy.source,
+                 mode=str(policy.mode), tls=config.tls is not None, metrics=config.metrics_listen)  # fmt: skip
         await stopping.wait()
-        log.info("draining", grace_seconds=grace)
+        log.info("draining", grace_seconds=config.grace)
     log.info("stopped")
+
+
+@contextlib.asynccontextmanager
+async def _cluster_tls(config: ServeConfig, servicer: ExternalProcessor) -> AsyncIterator[None]:
+    """Read the clusters' TLS settings from Envoy's admin endpoint while the server runs."""
+    if config.envoy_admin is None:
+        yield
+        return
+    async with ClusterTlsCache(config.envoy_admin) as cache:
+        servicer.cluster_tls = cache
+        yield
+
+
+@contextlib.asynccontextmanager
+async def _reloading(
+    config: ServeConfig, servicer: ExternalProcessor, metrics: Metrics
+) -> AsyncIterator[None]:
+    """Reload the policy file on SIGHUP and on change, while the server runs."""
+    if config.policy_path is None:
+        yield
+        return
+
+    def apply(policy: Policy) -> None:
+        servicer.policy = policy
+
+    reloader = PolicyReloader(config.policy_path, apply, metrics)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reloader.trigger)
+    task = asyncio.create_task(reloader.run(config.reload_interval))
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -1,8 +1,9 @@
-"""A local lab with a real Envoy that fails the way a service mesh fails.
+"""A local mesh lab with real Envoys that fails the way a service mesh fails.
 
-Shared by `extproc demo` and the real-Envoy integration tests: `Lab` runs one Envoy that
-plays a client sidecar (with the ext_proc filter) and the mesh servers it calls, and
-`SCENARIOS` lists the Hosts that make it fail, each with the reason the doctor should give.
+Shared by `extproc demo` and the real-Envoy integration tests: a `Topology` describes a
+client sidecar, server sidecars (STRICT, PERMISSIVE) and apps; `Lab` runs it (two Envoy
+processes, a mesh CA's certificates, the apps); `SCENARIOS` lists the requests that make
+it fail, each with the reason the doctor should give.
 """
 
 from extproc.lab.background import BackgroundServer
@@ -15,25 +16,56 @@ from extproc.lab.envoy import (
     validate,
     wait_for_port,
 )
-from extproc.lab.scenarios import DEMO_POLICY, HYGIENE_SCENARIOS, SCENARIOS, Scenario
-from extproc.lab.topology import Lab, Response, spiffe_id
+from extproc.lab.scenarios import (
+    DEMO_POLICY,
+    EDGE_SCENARIOS,
+    MESH,
+    MESH_INCIDENTS,
+    SCENARIOS,
+    Scenario,
+    find_scenarios,
+)
+from extproc.lab.topology import (
+    App,
+    Cert,
+    Destination,
+    Lab,
+    Mode,
+    Response,
+    Route,
+    Tls,
+    Topology,
+    Workload,
+    spiffe_id,
+)
 from extproc.lab.upstreams import HttpUpstream, echo_upstream, status_upstream
 
 __all__ = [
     "DEMO_POLICY",
-    "HYGIENE_SCENARIOS",
+    "EDGE_SCENARIOS",
+    "MESH",
+    "MESH_INCIDENTS",
     "SCENARIOS",
+    "App",
     "BackgroundServer",
+    "Cert",
     "CertFiles",
     "CertificateAuthority",
+    "Destination",
     "EnvoyError",
     "EnvoyProcess",
     "HttpUpstream",
     "IssuedCert",
     "Lab",
+    "Mode",
     "Response",
+    "Route",
     "Scenario",
+    "Tls",
+    "Topology",
+    "Workload",
     "echo_upstream",
+    "find_scenarios",
     "free_port",
     "free_ports",
     "spiffe_id",

@@ -8,22 +8,33 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
+from contextlib import AsyncExitStack, contextmanager
 from typing import Any, Self, TypeVar
 
-from extproc.server import ExtProcServer
+from extproc.config import Policy
+from extproc.envoy_admin import ClusterTlsCache
+from extproc.server import ExternalProcessor, ExtProcServer
 
 T = TypeVar("T")
 
 
 class BackgroundServer:
-    """Runs an `ExtProcServer` from a daemon thread; `port` is valid inside the `with`."""
+    """Runs an `ExtProcServer` from a daemon thread; `port` is valid inside the `with`.
 
-    def __init__(self, server: ExtProcServer, *, timeout: float = 10.0) -> None:
+    With `envoy_admin` (an Envoy admin base URL), the server reads the clusters' TLS
+    settings from it, as `extproc serve --envoy-admin` does.
+    """
+
+    def __init__(
+        self, server: ExtProcServer, *, envoy_admin: str | None = None, timeout: float = 10.0
+    ) -> None:
         self.server = server
+        self._envoy_admin = envoy_admin
         self._timeout = timeout
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="extproc", daemon=True)
+        self._stack = AsyncExitStack()
 
     @property
     def port(self) -> int:
@@ -32,7 +43,7 @@ class BackgroundServer:
     def __enter__(self) -> Self:
         self._thread.start()
         try:
-            self._call(self.server.start())
+            self._call(self._start())
         except BaseException:
             self.__exit__()
             raise
@@ -40,11 +51,34 @@ class BackgroundServer:
 
     def __exit__(self, *exc: object) -> None:
         try:
-            self._call(self.server.stop())
+            self._call(self._stack.aclose())
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=self._timeout)
             self._loop.close()
+
+    @contextmanager
+    def policy(self, policy: Policy) -> Iterator[None]:
+        """Serve `policy` inside the block, as a reload would; the previous one after it."""
+        servicer = self._processor()
+        previous = servicer.policy
+        servicer.policy = policy
+        try:
+            yield
+        finally:
+            servicer.policy = previous
+
+    async def _start(self) -> None:
+        if self._envoy_admin is not None:
+            cache = await self._stack.enter_async_context(ClusterTlsCache(self._envoy_admin))
+            self._processor().cluster_tls = cache
+        await self._stack.enter_async_context(self.server)
+
+    def _processor(self) -> ExternalProcessor:
+        servicer = self.server.servicer
+        if not isinstance(servicer, ExternalProcessor):
+            raise TypeError(f"a {type(servicer).__name__} has no policy or cluster context")
+        return servicer
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run `coro` on the server's loop and wait for it."""

@@ -1,4 +1,4 @@
-"""`extproc demo`: the lab's scenarios through a real Envoy and the real server, as a table.
+"""`extproc demo`: the lab's scenarios through real Envoys and the real server, as a table.
 
 It exits non-zero when any scenario gets another reason, status or action list than
 expected, so `make run` doubles as a smoke test on a fresh machine.
@@ -10,17 +10,22 @@ import signal
 import sys
 import tempfile
 import threading
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
 from extproc.config import Policy
 from extproc.lab.background import BackgroundServer
-from extproc.lab.scenarios import DEMO_POLICY, HYGIENE_SCENARIOS, SCENARIOS, Scenario
-from extproc.lab.topology import Lab, Response
+from extproc.lab.envoy import free_port
+from extproc.lab.scenarios import DEMO_POLICY, MESH, SCENARIOS, Scenario
+from extproc.lab.topology import LOOPBACK, Lab, Response
 from extproc.server import ExtProcServer
 
 HINT_WIDTH = 60
+# The scenario printed in full under the table.
+EXAMPLE = "subset_plaintext"
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,8 +52,32 @@ def split_list(value: str | None) -> tuple[str, ...]:
     return tuple(m.strip() for m in value.split(",")) if value else ()
 
 
-def run_scenario(lab: Lab, scenario: Scenario) -> Outcome:
-    response = lab.request(scenario.host, scenario.path, scenario.headers)
+@contextmanager
+def running_doctor(
+    workdir: Path, policy: Policy = DEMO_POLICY, *, envoy_admin: bool = True
+) -> Iterator[tuple[Lab, BackgroundServer]]:
+    """The mesh lab with the real server in its path, reading the client sidecar's admin.
+
+    The Envoys start first, pointed at a free port, so the server can be given their
+    admin address; the ext_proc filter fails open until the server is up.
+    """
+    port = free_port()
+    with (
+        Lab((LOOPBACK, port), workdir, MESH) as lab,
+        BackgroundServer(
+            ExtProcServer(policy, f"{LOOPBACK}:{port}"),
+            envoy_admin=lab.admin_url if envoy_admin else None,
+        ) as server,
+    ):
+        yield lab, server
+
+
+def run_scenario(lab: Lab, scenario: Scenario, server: BackgroundServer | None = None) -> Outcome:
+    """Send the scenario's request; under its own policy when it has one (needs `server`)."""
+    if scenario.policy is not None and server is None:
+        raise ValueError(f"scenario {scenario.name} needs the server, to serve its own policy")
+    with server.policy(scenario.policy) if server and scenario.policy else nullcontext():
+        response = lab.request(scenario.host, scenario.path, scenario.headers)
     diagnosis = response.header("x-extproc-diagnosis")
     reason = diagnosis.split(";", 1)[0] if diagnosis else None
     actions = tuple(
@@ -62,13 +91,20 @@ def _cut(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def render_table(outcomes: list[Outcome]) -> str:
-    rows = [("", "request", "status", "reason", "hint", "actions")]
+def request_line(s: Scenario) -> str:
+    """The request, as the table shows it: Host, path and the headers that select a route."""
+    routing = [f"{name}: {value}" for name, value in s.headers if name == "x-subset"]
+    return f"{s.host}{s.path}" + (f" [{', '.join(routing)}]" if routing else "")
+
+
+def render_table(outcomes: Iterable[Outcome]) -> str:
+    rows = [("", "#", "request", "status", "reason", "hint", "actions")]
     for o in outcomes:
         rows.append(
             (
                 "ok" if o.ok else "FAIL",
-                f"{o.scenario.host}{o.scenario.path}",
+                o.scenario.label,
+                request_line(o.scenario),
                 str(o.response.status),
                 o.reason or "-",
                 _cut(o.response.header("x-extproc-hint") or "-", HINT_WIDTH),
@@ -85,10 +121,11 @@ def render_table(outcomes: list[Outcome]) -> str:
 
 
 def render_example(outcome: Outcome) -> str:
-    """One annotated failure as curl -i would show its extproc headers."""
+    """One annotated response as curl -i would show its extproc headers."""
     s = outcome.scenario
+    extra = "".join(f" -H '{name}: {value}'" for name, value in s.headers)
     shown = [
-        f"$ curl -si -H 'Host: {s.host}' http://127.0.0.1:PORT{s.path}",
+        f"$ curl -si -H 'Host: {s.host}'{extra} http://127.0.0.1:PORT{s.path}",
         f"HTTP/1.1 {outcome.response.status}",
     ]
     shown += [
@@ -99,18 +136,32 @@ def render_example(outcome: Outcome) -> str:
     return "\n".join(shown)
 
 
-def run_demo(policy: Policy | None = None, *, stay: bool = True, out: TextIO = sys.stdout) -> int:
-    """Start the server, Envoy and the upstreams; print the table; wait for Ctrl-C if `stay`."""
+def list_scenarios(scenarios: Iterable[Scenario] = SCENARIOS) -> str:
+    """`--list`: each scenario's label, name, expected reason and story."""
+    return "\n".join(
+        f"{s.label:<16}{s.name:<22}{s.expected_reason or '-':<25}{s.description}" for s in scenarios
+    )
+
+
+def run_demo(
+    policy: Policy | None = None,
+    *,
+    stay: bool = True,
+    out: TextIO = sys.stdout,
+    scenarios: Iterable[Scenario] | None = None,
+) -> int:
+    """Start the lab and the server; print the table; wait for Ctrl-C if `stay`."""
     policy = policy or DEMO_POLICY
-    with (
-        tempfile.TemporaryDirectory(prefix="extproc-demo-") as workdir,
-        BackgroundServer(ExtProcServer(policy)) as server,
-        Lab(("127.0.0.1", server.port), Path(workdir)) as lab,
-    ):
-        outcomes = [run_scenario(lab, s) for s in (*SCENARIOS, *HYGIENE_SCENARIOS)]
+    chosen = tuple(scenarios or SCENARIOS)
+    with ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="extproc-demo-")))
+        lab, server = stack.enter_context(running_doctor(workdir, policy))
+        outcomes = [run_scenario(lab, s, server) for s in chosen]
         print(render_table(outcomes), file=out)
-        failing = next(o for o in outcomes if o.scenario.name == "requires_mtls")
-        print("\nOne of them in full:\n\n" + render_example(failing), file=out)
+        example = next((o for o in outcomes if o.scenario.name == EXAMPLE), None)
+        if len(outcomes) == 1 or example is None:
+            example = outcomes[0]
+        print("\nIn full:\n\n" + render_example(example), file=out)
         bad = [o.scenario.name for o in outcomes if not o.ok]
         if bad:
             print(f"\nUNEXPECTED: {', '.join(bad)} (policy: {policy.source})", file=out)
@@ -121,9 +172,9 @@ def run_demo(policy: Policy | None = None, *, stay: bool = True, out: TextIO = s
 
 def _stay_up(lab: Lab, out: TextIO) -> None:
     print(
-        f"\nEnvoy is listening on {lab.url}. Try:\n"
-        f"  curl -si -H 'Host: mtls.demo' {lab.url}/\n"
-        f"  curl -si -H 'Host: store.example.com' {lab.url}/\n"
+        f"\nThe client sidecar is listening on {lab.url}. Try:\n"
+        f"  curl -si -H 'Host: app.example.com' {lab.url}/\n"
+        f"  curl -si -H 'Host: reviews.default.svc.cluster.local' -H 'x-subset: v2' {lab.url}/\n"
         "Ctrl-C to stop.",
         file=out,
         flush=True,

@@ -1,8 +1,10 @@
-"""The lab's failure scenarios as data: which Host to ask for, and what the doctor should say.
+"""The lab's mesh and its scenarios, as data: which request to send, and what the doctor says.
 
-Each Host selects one virtual host of the lab's client sidecar (see `topology.py`), set
-up to fail in one way a mesh fails. The demo walks this table; the integration tests
-parametrize over it.
+`MESH` describes the services a client sidecar calls, each set up the way one real
+incident was (see `topology.py` for the terms). `SCENARIOS` is the table the demo prints
+and the real-Envoy tests walk: first the mesh incidents, numbered as in the issue that
+collected them (`extproc demo --scenario 4`), then edge and hygiene cases, addressed by
+name (`extproc demo --scenario not_tls`).
 """
 
 from __future__ import annotations
@@ -10,16 +12,132 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from extproc.config import Policy, policy_from_mapping
-
-# The demo's policy: the defaults, plus one Host rewrite for the reverse-proxy case.
-DEMO_POLICY: Policy = policy_from_mapping(
-    {"host_rewrites": {"store.example.com": "echo.demo"}}, source="<demo policy>"
+from extproc.diagnosis import HINTS, NO_H2_HINT, SNI_MISSING_HINT
+from extproc.lab.topology import (
+    NOWHERE,
+    App,
+    Cert,
+    Destination,
+    Mode,
+    Route,
+    Tls,
+    Topology,
+    Workload,
+    outbound,
+    spiffe_id,
 )
+
+# The demo's policy: the defaults, stated as a policy so the table can name its source.
+DEMO_POLICY: Policy = policy_from_mapping({}, source="<demo policy>")
+# Incident 1 fixed: the external Host mapped to the mesh service.
+REWRITE_POLICY: Policy = policy_from_mapping(
+    {"host_rewrites": {"app.example.com": "app.default.svc.cluster.local"}},
+    source="<demo policy + host_rewrites>",
+)
+SUBSET_HEADER = "x-subset"
+
+
+def mesh_host(service: str) -> str:
+    return f"{service}.default.svc.cluster.local"
+
+
+def istio_mutual(service: str, *, subset: str = "", cert: Cert = Cert.MESH) -> Tls:
+    """What ISTIO_MUTUAL sets: the sidecar's certificate, Istio's SNI, the service's SPIFFE ID."""
+    return Tls(
+        cert=cert,
+        sni=f"outbound_.8080_.{subset}_.{mesh_host(service)}",
+        expect_san=spiffe_id(service),
+    )
+
+
+def service(
+    name: str,
+    target: str | None = None,
+    *,
+    tls: Tls | None = None,
+    plaintext: bool = False,
+    destination_rule: str = "",
+) -> tuple[Destination, Route]:
+    """A mesh service on port 8080: its outbound cluster (ISTIO_MUTUAL unless plaintext) and route."""
+    cluster = outbound(name)
+    origination = None if plaintext else (tls or istio_mutual(name))
+    destination = Destination(cluster, target or name, origination, destination_rule)
+    return destination, Route(mesh_host(name), cluster)
+
+
+_PAY = "pay.example.net"
+_SERVICES = [
+    service("app"),
+    service("orders", NOWHERE),
+    service("ratings", plaintext=True, destination_rule="ratings"),
+    service("search"),
+    service("details"),
+    service("cart", tls=istio_mutual("cart", cert=Cert.EXPIRED)),
+    service("checkout", tls=istio_mutual("checkout", cert=Cert.OTHER_CA)),
+    service("inventory"),
+    service("shipping"),
+    service("legacy", plaintext=True),
+    service("billing"),
+]
+
+MESH = Topology(
+    workloads=(
+        Workload("app"),
+        Workload("ratings"),
+        Workload("reviews-v1", service_account="reviews"),
+        Workload("reviews-v2", service_account="reviews"),
+        # Its mTLS chain matches only h2: an HTTP/1.1 client finds no chain.
+        Workload("search", alpn=("istio-h2", "h2")),
+        # A TLS front door that picks its chain by SNI and has no default chain.
+        Workload("pay", mode=Mode.TLS, server_names=(_PAY,)),
+        # Runs under the namespace's default service account, not `details`.
+        Workload("details", service_account="default"),
+        Workload("cart"),
+        Workload("checkout"),
+        Workload("inventory", cert=Cert.EXPIRED),
+        Workload("shipping", app=App.FAILING),
+        Workload("legacy", mode=Mode.PERMISSIVE),
+        Workload("billing", cert=Cert.OTHER_CA),
+    ),
+    destinations=(
+        *(d for d, _ in _SERVICES),
+        # A DestinationRule `reviews` with subsets; v2 has no trafficPolicy, so the
+        # mesh-wide ISTIO_MUTUAL does not apply to it and it goes plaintext.
+        Destination(
+            outbound("reviews", subset="v1"),
+            "reviews-v1",
+            tls=istio_mutual("reviews", subset="v1"),
+            destination_rule="reviews",
+        ),
+        Destination(outbound("reviews", subset="v2"), "reviews-v2", destination_rule="reviews"),
+        # A ServiceEntry with TLS origination (DestinationRule `pay`, mode SIMPLE): no SNI,
+        # except in the subset `sni`, whose trafficPolicy sets tls.sni.
+        Destination(f"outbound|443||{_PAY}", "pay", tls=Tls(cert=None, alpn=()), destination_rule="pay"),
+        Destination(
+            f"outbound|443|sni|{_PAY}", "pay", tls=Tls(cert=None, alpn=(), sni=_PAY), destination_rule="pay"
+        ),
+        # Reached without a sidecar: the app itself, plaintext.
+        Destination("echo", App.ECHO),
+        Destination("not_tls", App.ECHO, tls=istio_mutual("echo")),
+    ),
+    routes=(
+        *(r for _, r in _SERVICES),
+        Route(mesh_host("reviews"), outbound("reviews", subset="v2"), "reviews-v2", header=(SUBSET_HEADER, "v2")),
+        Route(mesh_host("reviews"), outbound("reviews", subset="v1"), "reviews-v1"),
+        Route(_PAY, f"outbound|443|sni|{_PAY}", "pay-sni", header=(SUBSET_HEADER, "sni")),
+        Route(_PAY, f"outbound|443||{_PAY}", "pay"),
+        Route("echo.demo", "echo", "echo"),
+        Route("not-tls.demo", "not_tls", "not_tls"),
+        Route("api.demo", "echo", "api", prefix="/api/"),
+    ),
+    # Istio's passthrough: plaintext to wherever the client meant to go, here `app`.
+    passthrough_target="app",
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
 class Scenario:
-    """One request through the lab and the reason code it should be diagnosed with."""
+    """One request through the lab and what the doctor should answer."""
 
     name: str
     host: str
@@ -27,59 +145,139 @@ class Scenario:
     # None: the request succeeds and needs no diagnosis.
     expected_reason: str | None
     description: str
+    # The issue's incident number; None for the edge and hygiene cases.
+    incident: int | None = None
     headers: tuple[tuple[str, str], ...] = ()
-    # Under DEMO_POLICY: the x-extproc-actions members (tokens with their ;report flag).
+    # Under the scenario's policy: the x-extproc-actions members (with ;report flags).
     expected_actions: tuple[str, ...] = ()
     expected_status: int | None = None
+    # Run under this policy instead of the lab's.
+    policy: Policy | None = None
+    # A catalogue row's own hint, where it has one.
+    hint: str | None = None
+    # Parameters the x-extproc-diagnosis header must carry, as written there.
+    evidence: tuple[str, ...] = ()
+    # The reason without the cluster's TLS settings (the access log, no --envoy-admin).
+    offline_reason: str | None = None
+
+    @property
+    def expected_hint(self) -> str | None:
+        if self.expected_reason is None:
+            return None
+        return self.hint or HINTS[self.expected_reason]
+
+    @property
+    def reason_without_context(self) -> str | None:
+        return self.offline_reason or self.expected_reason
+
+    @property
+    def label(self) -> str:
+        """How `--list` and the table name it: the incident number, or the name."""
+        return str(self.incident) if self.incident is not None else self.name
 
 
-SCENARIOS: tuple[Scenario, ...] = (
-    Scenario("clean", "echo.demo", "/", None, "a healthy plaintext service answers"),
+_STRICT = "a STRICT server sidecar"
+
+MESH_INCIDENTS: tuple[Scenario, ...] = (
     Scenario(
-        "refused", "refused.demo", "/", "upstream_refused",
-        "the service is called on a port where nothing listens",
+        "host_not_in_mesh", "app.example.com", "/", "host_not_in_mesh",
+        "a reverse proxy forwards the external Host; no virtual host matches, so the "
+        f"request leaves by the passthrough route, plaintext, to {_STRICT}",
+        incident=1,
+        evidence=('route="allow_any"', 'cluster="PassthroughCluster"', 'host="app.example.com"'),
     ),
     Scenario(
-        "not_tls", "not-tls.demo", "/", "upstream_not_tls",
-        "the sidecar originates mesh TLS to a plaintext port",
+        "host_rewrite", "app.example.com", "/", None,
+        "the same request with host_rewrites app.example.com -> app.default.svc.cluster.local",
+        incident=1, policy=REWRITE_POLICY, expected_status=200, expected_actions=("rewrite-host",),
     ),
     Scenario(
-        "requires_mtls", "mtls.demo", "/", "upstream_requires_mtls",
-        "plaintext to a STRICT-mTLS server (a DestinationRule with tls.mode DISABLE)",
+        "refused", mesh_host("orders"), "/", "upstream_refused",
+        "the service is called on a port where nothing listens (the cluster is mTLS)",
+        incident=2,
     ),
     Scenario(
-        "san_mismatch", "san.demo", "/", "upstream_san_mismatch",
-        "the server presents .../sa/web where the client expects .../sa/api",
+        "requires_mtls", mesh_host("ratings"), "/", "upstream_requires_mtls",
+        f"DestinationRule ratings says tls.mode DISABLE; {_STRICT} closes the plaintext",
+        incident=3, evidence=('dr="default/ratings"',),
     ),
     Scenario(
-        "untrusted", "untrusted.demo", "/", "upstream_cert_untrusted",
-        "the server's certificate comes from another mesh's root CA",
+        "subset_plaintext", mesh_host("reviews"), "/", "upstream_requires_mtls",
+        "subset v2 has no trafficPolicy, overriding mesh-wide mTLS: plaintext to "
+        f"{_STRICT}",
+        incident=4, headers=((SUBSET_HEADER, "v2"),),
+        evidence=(
+            'cluster="outbound|8080|v2|reviews.default.svc.cluster.local"',
+            'dr="default/reviews"',
+        ),
     ),
     Scenario(
-        "expired", "expired.demo", "/", "upstream_cert_expired",
-        "the server's certificate expired yesterday",
+        "subset_mtls", mesh_host("reviews"), "/", None,
+        "subset v1 of the same DestinationRule keeps mTLS and works",
+        incident=4, expected_status=200,
     ),
     Scenario(
-        "no_route", "api.demo", "/other", "no_route",
-        "the virtual host routes only /api/",
+        "alpn_h2_only", mesh_host("search"), "/", "alpn_mismatch",
+        "an HTTP/1.1 cluster (ALPN istio-http/1.1) meets an mTLS chain that accepts only h2",
+        incident=5, hint=NO_H2_HINT, evidence=('alpn="istio-http/1.1"',),
+        offline_reason="tls_handshake_rejected",
     ),
     Scenario(
-        "host_not_in_mesh", "shop.example.com", "/", "host_not_in_mesh",
-        "an external Host matches no mesh service and falls to the passthrough route",
+        "sni_missing", _PAY, "/", "sni_rejected",
+        "TLS origination without SNI to a front door that picks its chain by SNI",
+        incident=6, hint=SNI_MISSING_HINT, evidence=('sni="none"',),
+        offline_reason="tls_handshake_rejected",
     ),
     Scenario(
-        "app_error", "app-error.demo", "/", "upstream_app_error",
-        "the application itself answers 503",
+        "sni_set", _PAY, "/", None,
+        "the same upstream through the subset whose trafficPolicy sets tls.sni",
+        incident=6, headers=((SUBSET_HEADER, "sni"),), expected_status=200,
+    ),
+    Scenario(
+        "san_mismatch", mesh_host("details"), "/", "upstream_san_mismatch",
+        "the server presents .../sa/default where the client expects .../sa/details",
+        incident=7,
+    ),
+    Scenario(
+        "client_cert_expired", mesh_host("cart"), "/", "client_cert_rejected",
+        "the client sidecar's certificate expired yesterday",
+        incident=8,
+    ),
+    Scenario(
+        "client_cert_other_ca", mesh_host("checkout"), "/", "client_cert_rejected",
+        "the client sidecar's certificate comes from another mesh's root CA",
+        incident=8,
+    ),
+    Scenario(
+        "expired", mesh_host("inventory"), "/", "upstream_cert_expired",
+        "the server sidecar's certificate expired yesterday",
+        incident=9,
+    ),
+    Scenario(
+        "app_error", mesh_host("shipping"), "/", "upstream_app_error",
+        "the app behind an mTLS server sidecar answers 503 itself",
+        incident=10,
     ),
 )  # fmt: skip
 
-# Request hygiene under DEMO_POLICY: what the server changes on the way in.
-HYGIENE_SCENARIOS: tuple[Scenario, ...] = (
+EDGE_SCENARIOS: tuple[Scenario, ...] = (
+    Scenario("clean", "echo.demo", "/", None, "a healthy plaintext service answers"),
     Scenario(
-        "host_rewrite", "store.example.com", "/", None,
-        "a reverse proxy forwarded the external Host; host_rewrites maps it to echo.demo",
-        expected_actions=("rewrite-host",), expected_status=200,
+        "mtls", mesh_host("app"), "/", None, f"mTLS to {_STRICT}", expected_status=200,
     ),
+    Scenario(
+        "permissive", mesh_host("legacy"), "/", None,
+        "plaintext to a PERMISSIVE server sidecar", expected_status=200,
+    ),
+    Scenario(
+        "not_tls", "not-tls.demo", "/", "upstream_not_tls",
+        "the sidecar originates mesh TLS to an app without a sidecar (plaintext port)",
+    ),
+    Scenario(
+        "untrusted", mesh_host("billing"), "/", "upstream_cert_untrusted",
+        "the server sidecar's certificate comes from another mesh's root CA",
+    ),
+    Scenario("no_route", "api.demo", "/other", "no_route", "the virtual host routes only /api/"),
     Scenario(
         "echoed_headers", "echo.demo", "/", None,
         "an app echoed inbound-only x-envoy headers and sent an underscore header",
@@ -92,3 +290,14 @@ HYGIENE_SCENARIOS: tuple[Scenario, ...] = (
         expected_status=200,
     ),
 )  # fmt: skip
+
+SCENARIOS: tuple[Scenario, ...] = MESH_INCIDENTS + EDGE_SCENARIOS
+
+
+def find_scenarios(label: str) -> tuple[Scenario, ...]:
+    """The scenarios of an incident number, or the one with that name; raises KeyError."""
+    found = tuple(s for s in SCENARIOS if label in (s.label, s.name))
+    if not found:
+        known = ", ".join(dict.fromkeys(s.label for s in SCENARIOS))
+        raise KeyError(f"no scenario {label!r}; choose one of: {known}")
+    return found

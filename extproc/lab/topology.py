@@ -1,24 +1,29 @@
-"""The lab: one Envoy that plays a client sidecar and the mesh servers it calls.
+"""The lab as a description: a client sidecar, server sidecars and apps, in Envoy configs out.
+
+A `Topology` says what the mesh looks like, in the terms an operator uses: workloads
+behind server sidecars in STRICT or PERMISSIVE mode, the client sidecar's clusters (with
+Istio's names, DestinationRule metadata and TLS settings: client certificate, SNI, ALPN,
+expected SAN) and the routes that pick them. `Lab` turns it into certificates from a
+generated mesh CA and two Envoy bootstraps, and runs everything for a `with` block:
 
 ```
-client --HTTP--> [client_sidecar listener, ext_proc filter] --Host picks a cluster-->
-    echo.demo         plaintext         -> echo upstream (Python)
-    refused.demo      plaintext         -> a port where nothing listens
-    not-tls.demo      mesh TLS          -> echo upstream (plaintext)
-    mtls.demo         plaintext         -> mtls_server listener (requires client certs)
-    san.demo          mesh TLS          -> mtls_server, expecting SAN .../sa/api (it is .../sa/web)
-    untrusted.demo    mesh TLS          -> untrusted_server (certificate from another CA)
-    expired.demo      mesh TLS          -> expired_server (certificate expired)
-    app-error.demo    plaintext         -> status upstream answering 503
-    api.demo          only /api/        -> echo upstream; other paths: no route
-    * (allow_any)     plaintext         -> PassthroughCluster -> mtls_server, like Istio's
-                                           passthrough for a Host that is no mesh service
+client --HTTP--> client sidecar Envoy (ext_proc filter, JSON access log)
+                   | clusters: plaintext, or TLS with a client certificate, SNI, ALPN
+                   v
+                 server-side Envoy: one inbound listener per workload's sidecar
+                   STRICT      tls_inspector; one chain: transport_protocol "tls" +
+                               Istio's ALPN tokens, require_client_certificate
+                   PERMISSIVE  the same chain, plus a plaintext ("raw_buffer") chain
+                   TLS         a TLS front door choosing its chain by SNI (server_names)
+                   | plaintext
+                   v
+                 apps: an echo app, a failing app (Python, in threads)
 ```
 
-One process starts fast and is cheap on a small machine. The server-side listeners answer
-with a direct response, so the only Python upstreams are the echo and status servers.
-The bootstrap is built from small functions in Envoy's JSON shape (`cluster()`,
-`route()`, `upstream_tls()` ...), so `bootstrap()` reads as the table above.
+All server sidecars share one Envoy process: a listener per workload behaves like a pod's
+inbound listener, and one process starts in a tenth of a second. The builder functions
+(`cluster()`, `route()`, `upstream_tls()` ...) return Envoy's JSON shape, so each
+bootstrap reads like the description it came from.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ import json
 import time
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -36,12 +42,28 @@ from typing import Any, Self, TypeVar
 from extproc.filter_config import ext_proc_cluster, ext_proc_filter
 from extproc.lab.certs import CertFiles, CertificateAuthority
 from extproc.lab.envoy import EnvoyProcess, free_ports, wait_for_port
-from extproc.lab.upstreams import echo_upstream, status_upstream
+from extproc.lab.upstreams import HttpUpstream, echo_upstream, status_upstream
 
 LOOPBACK = "127.0.0.1"
 CLIENT_LISTENER = "client_sidecar"
 EXTPROC_CLUSTER = "extproc"
-SERVER_SNI = "web.default.svc.cluster.local"
+TRUST_DOMAIN = "cluster.local"
+# Istio's passthrough cluster: an original-destination cluster. Without iptables in the
+# lab, the "original destination" comes from a header the catch-all route adds.
+PASSTHROUGH_CLUSTER = "PassthroughCluster"
+ORIGINAL_DST_HEADER = "x-lab-original-dst"
+# What Istio's inbound mTLS chain matches (`filter_chain_match.application_protocols`),
+# and what its client sidecar offers on an HTTP/1.1 cluster (the istio.alpn filter).
+ISTIO_ALPN: tuple[str, ...] = (
+    "istio",
+    "istio-peer-exchange",
+    "istio-http/1.0",
+    "istio-http/1.1",
+    "istio-h2",
+)
+ISTIO_HTTP11_ALPN: tuple[str, ...] = ("istio-http/1.1",)
+# A name where nothing listens: clusters aimed at it are refused.
+NOWHERE = "nowhere"
 
 # The client sidecar's JSON access log, keyed like Istio's JSON encoding so that
 # `extproc.accesslog` reads it, plus what the doctor emitted: its response header and
@@ -66,7 +88,116 @@ ACCESS_LOG_FORMAT: dict[str, str] = {
 
 def spiffe_id(service_account: str, namespace: str = "default") -> str:
     """The SPIFFE ID Istio gives a workload in the `cluster.local` trust domain."""
-    return f"spiffe://cluster.local/ns/{namespace}/sa/{service_account}"
+    return f"spiffe://{TRUST_DOMAIN}/ns/{namespace}/sa/{service_account}"
+
+
+def outbound(service: str, port: int = 8080, subset: str = "", namespace: str = "default") -> str:
+    """Istio's name for an outbound cluster: `outbound|8080|v2|app.default.svc.cluster.local`."""
+    return f"outbound|{port}|{subset}|{service}.{namespace}.svc.cluster.local"
+
+
+# --- The description -------------------------------------------------------------------
+
+
+class Mode(StrEnum):
+    """How a server sidecar's inbound listener takes connections."""
+
+    STRICT = "STRICT"  # mTLS only (PeerAuthentication STRICT)
+    PERMISSIVE = "PERMISSIVE"  # mTLS or plaintext
+    TLS = "TLS"  # server-side TLS without client certificates: a front door
+
+
+class Cert(StrEnum):
+    """Which certificate a sidecar holds."""
+
+    MESH = "mesh"  # valid, from the mesh CA
+    EXPIRED = "expired"  # from the mesh CA, expired yesterday
+    OTHER_CA = "other-ca"  # valid, from an unrelated root
+
+
+class App(StrEnum):
+    """The application behind a server sidecar (or reached directly)."""
+
+    ECHO = "echo"  # answers 200 with the request it got
+    FAILING = "failing"  # answers 503 on its own
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """A server-side pod: its sidecar's inbound listener and the app behind it."""
+
+    name: str
+    mode: Mode = Mode.STRICT
+    app: App = App.ECHO
+    # The service account in the SPIFFE ID of its certificate; default: `name`.
+    service_account: str = ""
+    cert: Cert = Cert.MESH
+    # The ALPN protocols its TLS chain matches.
+    alpn: tuple[str, ...] = ISTIO_ALPN
+    # With names, the TLS chain matches only these SNI names, and there is no default chain.
+    server_names: tuple[str, ...] = ()
+
+    @property
+    def identity(self) -> str:
+        return spiffe_id(self.service_account or self.name)
+
+
+@dataclass(frozen=True, slots=True)
+class Tls:
+    """TLS origination on a client-side cluster (Istio: `ISTIO_MUTUAL` or `SIMPLE`)."""
+
+    cert: Cert | None = Cert.MESH  # the client certificate; None presents none
+    sni: str = ""  # "" sends no SNI
+    alpn: tuple[str, ...] = ISTIO_HTTP11_ALPN
+    # The URI SAN the peer must present; "" checks only the chain.
+    expect_san: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """A cluster of the client sidecar: one endpoint, a workload, an app, or NOWHERE."""
+
+    cluster: str
+    target: str
+    tls: Tls | None = None
+    # The DestinationRule Istio names in the cluster's metadata (`istio.config`).
+    destination_rule: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A route of the client sidecar: Host (and path prefix, header) to a cluster."""
+
+    host: str
+    cluster: str
+    name: str = ""  # default: the Host
+    prefix: str = "/"
+    # Only requests with this header value take the route (a VirtualService match).
+    header: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """A whole lab: routes first match first, per Host; unmatched Hosts go to passthrough."""
+
+    workloads: tuple[Workload, ...]
+    destinations: tuple[Destination, ...]
+    routes: tuple[Route, ...]
+    # The workload that a request out the passthrough route reaches, if any.
+    passthrough_target: str | None = None
+    apps: tuple[App, ...] = field(default=(App.ECHO, App.FAILING))
+
+    def __post_init__(self) -> None:
+        names = {w.name for w in self.workloads} | set(self.apps) | {NOWHERE}
+        clusters = {d.cluster for d in self.destinations}
+        for d in self.destinations:
+            if d.target not in names:
+                raise ValueError(f"destination {d.cluster!r}: unknown target {d.target!r}")
+        for r in self.routes:
+            if r.cluster not in clusters:
+                raise ValueError(f"route for {r.host!r}: unknown cluster {r.cluster!r}")
+        if self.passthrough_target is not None and self.passthrough_target not in names:
+            raise ValueError(f"unknown passthrough target {self.passthrough_target!r}")
 
 
 # --- Envoy config builders -------------------------------------------------------------
@@ -101,32 +232,58 @@ def cluster(
     return config
 
 
+def original_dst_cluster(name: str) -> dict[str, Any]:
+    """An original-destination cluster that reads the destination from ORIGINAL_DST_HEADER."""
+    return {
+        "name": name,
+        "type": "ORIGINAL_DST",
+        "lb_policy": "CLUSTER_PROVIDED",
+        "connect_timeout": "1s",
+        "original_dst_lb_config": {
+            "use_http_header": True,
+            "http_header_name": ORIGINAL_DST_HEADER,
+        },
+    }
+
+
 def destination_rule(name: str, namespace: str = "default") -> dict[str, Any]:
     """Cluster metadata as Istio stamps it on a cluster shaped by a DestinationRule."""
     config = f"/apis/networking.istio.io/v1alpha3/namespaces/{namespace}/destination-rule/{name}"
     return {"filter_metadata": {"istio": {"config": config}}}
 
 
-def upstream_tls(client: CertFiles, *, expect_san: str | None = None) -> dict[str, Any]:
-    """Mesh TLS origination: present `client`, trust its CA, optionally require a URI SAN."""
-    validation: dict[str, Any] = {"trusted_ca": {"filename": str(client.trusted_ca)}}
-    if expect_san is not None:
+def upstream_tls(
+    client: CertFiles | None,
+    trusted_ca: Path,
+    *,
+    sni: str = "",
+    alpn: Iterable[str] = (),
+    expect_san: str = "",
+) -> dict[str, Any]:
+    """TLS origination: present `client` (if any), trust `trusted_ca`, optionally check a URI SAN."""
+    validation: dict[str, Any] = {"trusted_ca": {"filename": str(trusted_ca)}}
+    if expect_san:
         validation["match_typed_subject_alt_names"] = [
             {"san_type": "URI", "matcher": {"exact": expect_san}}
         ]
-    context = {
-        "sni": SERVER_SNI,
-        "common_tls_context": {
-            "tls_certificates": [_tls_certificate(client)],
-            "validation_context": validation,
-        },
-    }
+    common: dict[str, Any] = {"validation_context": validation}
+    if client is not None:
+        common["tls_certificates"] = [_tls_certificate(client)]
+    if alpn:
+        common["alpn_protocols"] = list(alpn)
+    context: dict[str, Any] = {"common_tls_context": common}
+    if sni:
+        context["sni"] = sni
     return _tls_socket("UpstreamTlsContext", context)
 
 
 def downstream_tls(server: CertFiles, *, require_client_certificate: bool) -> dict[str, Any]:
     """Server-side TLS: present `server`; with mTLS, demand a client cert from its CA."""
-    common: dict[str, Any] = {"tls_certificates": [_tls_certificate(server)]}
+    common: dict[str, Any] = {
+        "tls_certificates": [_tls_certificate(server)],
+        # What Istio's inbound chain negotiates once the chain was chosen.
+        "alpn_protocols": ["h2", "http/1.1"],
+    }
     if require_client_certificate:
         common["validation_context"] = {"trusted_ca": {"filename": str(server.trusted_ca)}}
     context = {
@@ -136,9 +293,24 @@ def downstream_tls(server: CertFiles, *, require_client_certificate: bool) -> di
     return _tls_socket("DownstreamTlsContext", context)
 
 
-def route(name: str, cluster_name: str, *, prefix: str = "/") -> dict[str, Any]:
-    """A named route sending a path prefix to a cluster."""
-    return {"name": name, "match": {"prefix": prefix}, "route": {"cluster": cluster_name}}
+def route(
+    name: str,
+    cluster_name: str,
+    *,
+    prefix: str = "/",
+    header: tuple[str, str] | None = None,
+    add_headers: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """A named route sending a path prefix (and, optionally, a header value) to a cluster."""
+    match: dict[str, Any] = {"prefix": prefix}
+    if header is not None:
+        match["headers"] = [{"name": header[0], "string_match": {"exact": header[1]}}]
+    config: dict[str, Any] = {"name": name, "match": match, "route": {"cluster": cluster_name}}
+    if add_headers:
+        config["request_headers_to_add"] = [
+            {"header": {"key": key, "value": value}} for key, value in add_headers.items()
+        ]
+    return config
 
 
 def virtual_host(domain: str, *routes: dict[str, Any], name: str | None = None) -> dict[str, Any]:
@@ -146,17 +318,14 @@ def virtual_host(domain: str, *routes: dict[str, Any], name: str | None = None) 
     return {"name": name or domain, "domains": [domain], "routes": list(routes)}
 
 
-def http_listener(
+def http_connection_manager(
     name: str,
-    port: int,
     virtual_hosts: Iterable[dict[str, Any]],
     *,
     http_filters: Iterable[dict[str, Any]] = (),
     access_log: Path | None = None,
-    tls: dict[str, Any] | None = None,
-    direction: str | None = None,
 ) -> dict[str, Any]:
-    """A loopback listener with one HTTP connection manager; the router filter goes last."""
+    """The HTTP connection manager network filter; the router filter goes last."""
     manager: dict[str, Any] = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network."
         "http_connection_manager.v3.HttpConnectionManager",
@@ -168,33 +337,66 @@ def http_listener(
     }
     if access_log is not None:
         manager["access_log"] = [json_access_log(access_log)]
-    chain: dict[str, Any] = {
-        "filters": [
-            {"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}
-        ]
-    }
-    if tls is not None:
-        chain["transport_socket"] = tls
+    return {"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}
+
+
+def http_listener(
+    name: str,
+    port: int,
+    virtual_hosts: Iterable[dict[str, Any]],
+    *,
+    http_filters: Iterable[dict[str, Any]] = (),
+    access_log: Path | None = None,
+    direction: str | None = None,
+) -> dict[str, Any]:
+    """A plaintext loopback listener with one HTTP connection manager."""
+    manager = http_connection_manager(
+        name, virtual_hosts, http_filters=http_filters, access_log=access_log
+    )
     listener: dict[str, Any] = {
         "name": name,
         "address": socket_address(port),
-        "filter_chains": [chain],
+        "filter_chains": [{"filters": [manager]}],
     }
     if direction is not None:
         listener["traffic_direction"] = direction
     return listener
 
 
-def server_listener(name: str, port: int, cert: CertFiles, *, mtls: bool = False) -> dict[str, Any]:
-    """A mesh workload's inbound side: TLS with `cert` (mTLS if asked), 200 to every request."""
-    answer = {
-        "name": name,
-        "match": {"prefix": "/"},
-        "direct_response": {"status": 200, "body": {"inline_string": f"hello from {name}\n"}},
+def inbound_listener(workload: Workload, port: int, cert: CertFiles) -> dict[str, Any]:
+    """A server sidecar's inbound listener, with chains chosen like Istio's (see module doc)."""
+    app_cluster = inbound_cluster_name(workload.app)
+    vhosts = [virtual_host("*", route("inbound", app_cluster), name=f"inbound|{workload.name}")]
+    manager = http_connection_manager(f"inbound_{workload.name}", vhosts)
+    tls_match: dict[str, Any] = {"transport_protocol": "tls"}
+    if workload.server_names:
+        tls_match["server_names"] = list(workload.server_names)
+    else:
+        tls_match["application_protocols"] = list(workload.alpn)
+    tls_chain = {
+        "filter_chain_match": tls_match,
+        "filters": [manager],
+        "transport_socket": downstream_tls(
+            cert, require_client_certificate=workload.mode is not Mode.TLS
+        ),
     }
-    tls = downstream_tls(cert, require_client_certificate=mtls)
-    vhosts = [virtual_host("*", answer, name=name)]
-    return http_listener(name, port, vhosts, tls=tls, direction="INBOUND")
+    chains = [tls_chain]
+    if workload.mode is Mode.PERMISSIVE:
+        chains.append(
+            {"filter_chain_match": {"transport_protocol": "raw_buffer"}, "filters": [manager]}
+        )
+    return {
+        "name": f"inbound_{workload.name}",
+        "address": socket_address(port),
+        "traffic_direction": "INBOUND",
+        "listener_filters": [_TLS_INSPECTOR],
+        "filter_chains": chains,
+    }
+
+
+def inbound_cluster_name(app: App) -> str:
+    """Istio's name for the inbound cluster that reaches the app."""
+    return f"inbound|8080||{app.value}"
 
 
 def json_access_log(path: Path) -> dict[str, Any]:
@@ -212,6 +414,12 @@ def json_access_log(path: Path) -> dict[str, Any]:
 _ROUTER = {
     "name": "envoy.filters.http.router",
     "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+}
+_TLS_INSPECTOR = {
+    "name": "envoy.filters.listener.tls_inspector",
+    "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"
+    },
 }
 
 
@@ -235,94 +443,109 @@ def _tls_socket(context_type: str, context: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-# --- The lab topology ------------------------------------------------------------------
+# --- From a description to bootstraps --------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class LabPorts:
-    """The loopback ports the bootstrap names (the client listener binds port 0)."""
+class MeshCerts:
+    """Certificates from a mesh CA (and one unrelated CA), issued on demand into a directory."""
 
-    echo: int
-    app_error: int
-    refused: int
-    mtls_server: int
-    untrusted_server: int
-    expired_server: int
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._mesh = CertificateAuthority.create("mesh")
+        self._other: CertificateAuthority | None = None
+        self._issued: dict[tuple[str, Cert], CertFiles] = {}
+        root = directory / "mesh-root-cert.pem"
+        root.write_bytes(self._mesh.cert_pem)
+        self.mesh_root = root
 
+    def get(self, identity: str, kind: Cert, dns_names: Iterable[str] = ()) -> CertFiles:
+        """The bundle for `identity` (a SPIFFE ID) of the given kind, issued once."""
+        key = (identity, kind)
+        if key not in self._issued:
+            ca = self._mesh if kind is not Cert.OTHER_CA else self._other_ca()
+            issued = ca.issue(
+                spiffe_id=identity, dns_names=list(dns_names), expired=kind is Cert.EXPIRED
+            )
+            name = f"{identity.rsplit('/', 1)[-1]}-{kind.value}"
+            self._issued[key] = issued.write(self.directory, name)
+        return self._issued[key]
 
-@dataclass(frozen=True, slots=True)
-class LabCerts:
-    """Certificate bundles: the client sidecar's, and one per server-side listener."""
-
-    client: CertFiles
-    web: CertFiles
-    untrusted_web: CertFiles
-    expired_web: CertFiles
-
-    @classmethod
-    def create(cls, directory: Path) -> LabCerts:
-        """Issue the lab's certificates from a mesh CA and an unrelated CA, into `directory`."""
-        mesh = CertificateAuthority.create("mesh")
-        other = CertificateAuthority.create("other-mesh")
-        web = spiffe_id("web")
-        return cls(
-            client=mesh.issue(spiffe_id=spiffe_id("client")).write(directory, "client"),
-            web=mesh.issue(spiffe_id=web, dns_names=[SERVER_SNI]).write(directory, "web"),
-            untrusted_web=other.issue(spiffe_id=web).write(directory, "untrusted-web"),
-            expired_web=mesh.issue(spiffe_id=web, expired=True).write(directory, "expired-web"),
-        )
+    def _other_ca(self) -> CertificateAuthority:
+        if self._other is None:
+            self._other = CertificateAuthority.create("other-mesh")
+        return self._other
 
 
-def bootstrap(
+# Where each target of a description (workload, app, NOWHERE) listens on 127.0.0.1.
+Addresses = Mapping[str, int]
+
+
+def server_bootstrap(topology: Topology, addresses: Addresses, certs: MeshCerts) -> dict[str, Any]:
+    """The server-side Envoy: one inbound listener per workload, one cluster per app."""
+    listeners = [
+        inbound_listener(w, addresses[w.name], certs.get(w.identity, w.cert, w.server_names))
+        for w in topology.workloads
+    ]
+    clusters = [cluster(inbound_cluster_name(app), addresses[app]) for app in topology.apps]
+    return {"static_resources": {"listeners": listeners, "clusters": clusters}}
+
+
+def client_bootstrap(
+    topology: Topology,
+    addresses: Addresses,
+    certs: MeshCerts,
     extproc_address: tuple[str, int],
-    ports: LabPorts,
-    certs: LabCerts,
     access_log: Path,
 ) -> dict[str, Any]:
-    """The lab's Envoy bootstrap: the client sidecar, its clusters, the server listeners."""
-    mesh_tls = upstream_tls(certs.client, expect_san=spiffe_id("web"))
-    clusters = [
-        cluster("echo", ports.echo),
-        cluster("refused", ports.refused),
-        cluster("not_tls", ports.echo, tls=mesh_tls),
-        cluster("mtls_plaintext", ports.mtls_server, metadata=destination_rule("mtls-disable")),
-        cluster(
-            "san_mismatch",
-            ports.mtls_server,
-            tls=upstream_tls(certs.client, expect_san=spiffe_id("api")),
-        ),
-        cluster("untrusted", ports.untrusted_server, tls=mesh_tls),
-        cluster("expired", ports.expired_server, tls=mesh_tls),
-        cluster("app_error", ports.app_error),
-        cluster("PassthroughCluster", ports.mtls_server),
-        ext_proc_cluster(EXTPROC_CLUSTER, *extproc_address),
-    ]
-    virtual_hosts = [
-        virtual_host("echo.demo", route("echo", "echo")),
-        virtual_host("refused.demo", route("refused", "refused")),
-        virtual_host("not-tls.demo", route("not_tls", "not_tls")),
-        virtual_host("mtls.demo", route("mtls_plaintext", "mtls_plaintext")),
-        virtual_host("san.demo", route("san_mismatch", "san_mismatch")),
-        virtual_host("untrusted.demo", route("untrusted", "untrusted")),
-        virtual_host("expired.demo", route("expired", "expired")),
-        virtual_host("app-error.demo", route("app_error", "app_error")),
-        virtual_host("api.demo", route("api", "echo", prefix="/api/")),
-        virtual_host("*", route("allow_any", "PassthroughCluster"), name="allow_any"),
-    ]
-    client = http_listener(
+    """The client sidecar: its clusters and routes, the ext_proc filter, the access log."""
+    clusters = [_client_cluster(d, addresses, certs) for d in topology.destinations]
+    clusters.append(ext_proc_cluster(EXTPROC_CLUSTER, *extproc_address))
+    vhosts = _virtual_hosts(topology.routes)
+    if topology.passthrough_target is not None:
+        clusters.append(original_dst_cluster(PASSTHROUGH_CLUSTER))
+        destination = f"{LOOPBACK}:{addresses[topology.passthrough_target]}"
+        allow_any = route(
+            "allow_any", PASSTHROUGH_CLUSTER, add_headers={ORIGINAL_DST_HEADER: destination}
+        )
+        vhosts.append(virtual_host("*", allow_any, name="allow_any"))
+    listener = http_listener(
         CLIENT_LISTENER,
         0,
-        virtual_hosts,
+        vhosts,
         http_filters=[ext_proc_filter(EXTPROC_CLUSTER)],
         access_log=access_log,
         direction="OUTBOUND",
     )
-    servers = [
-        server_listener("mtls_server", ports.mtls_server, certs.web, mtls=True),
-        server_listener("untrusted_server", ports.untrusted_server, certs.untrusted_web),
-        server_listener("expired_server", ports.expired_server, certs.expired_web),
-    ]
-    return {"static_resources": {"listeners": [client, *servers], "clusters": clusters}}
+    return {"static_resources": {"listeners": [listener], "clusters": clusters}}
+
+
+def _client_cluster(d: Destination, addresses: Addresses, certs: MeshCerts) -> dict[str, Any]:
+    tls = None
+    if d.tls is not None:
+        client = None
+        if d.tls.cert is not None:
+            client = certs.get(spiffe_id("client"), d.tls.cert)
+        tls = upstream_tls(
+            client,
+            certs.mesh_root,
+            sni=d.tls.sni,
+            alpn=d.tls.alpn,
+            expect_san=d.tls.expect_san,
+        )
+    metadata = destination_rule(d.destination_rule) if d.destination_rule else None
+    return cluster(d.cluster, addresses[d.target], tls=tls, metadata=metadata)
+
+
+def _virtual_hosts(routes: Iterable[Route]) -> list[dict[str, Any]]:
+    """One virtual host per Host, its routes in the order given."""
+    by_host: dict[str, list[dict[str, Any]]] = {}
+    for r in routes:
+        built = route(r.name or r.host, r.cluster, prefix=r.prefix, header=r.header)
+        by_host.setdefault(r.host, []).append(built)
+    return [virtual_host(host, *built) for host, built in by_host.items()]
+
+
+# --- The running lab -------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,31 +566,58 @@ Headers = Mapping[str, str] | Iterable[tuple[str, str]]
 LogEntry = dict[str, Any]
 T = TypeVar("T")
 
+_APP_SERVERS: dict[App, Callable[[], HttpUpstream]] = {
+    App.ECHO: echo_upstream,
+    App.FAILING: lambda: status_upstream(503),
+}
+
 
 class Lab:
-    """The running lab for the duration of a `with` block: upstreams, certificates, Envoy.
+    """A running `Topology` for the duration of a `with` block: apps, certificates, Envoys.
+
+    The server-side Envoy starts first, so the client sidecar's clusters never point at
+    a listener that is not there yet.
 
     `extproc_address` is where the ext_proc server listens; it need not be up yet, since
-    the filter fails open. Certificates, the bootstrap and the logs go to `workdir`.
+    the filter fails open. Certificates, bootstraps and logs go to `workdir`.
     """
 
     def __init__(
-        self, extproc_address: tuple[str, int], workdir: Path, *, ready_timeout: float = 20.0
+        self,
+        extproc_address: tuple[str, int],
+        workdir: Path,
+        topology: Topology,
+        *,
+        ready_timeout: float = 20.0,
     ) -> None:
         self.extproc_address = extproc_address
         self.workdir = workdir
+        self.topology = topology
         self.access_log_path = workdir / "access.log"
         self._ready_timeout = ready_timeout
         self._stack: ExitStack | None = None
-        self._envoy: EnvoyProcess | None = None
+        self._client: EnvoyProcess | None = None
+        self._server: EnvoyProcess | None = None
         self._port: int | None = None
 
     @property
     def envoy(self) -> EnvoyProcess:
-        """The lab's Envoy process (admin port, log)."""
-        if self._envoy is None:
+        """The client sidecar's Envoy process (admin port, log)."""
+        if self._client is None:
             raise RuntimeError("the lab is not running")
-        return self._envoy
+        return self._client
+
+    @property
+    def server_envoy(self) -> EnvoyProcess:
+        """The Envoy process of the server sidecars."""
+        if self._server is None:
+            raise RuntimeError("the lab is not running")
+        return self._server
+
+    @property
+    def admin_url(self) -> str:
+        """The client sidecar's admin base URL (for `--envoy-admin`)."""
+        return f"http://{LOOPBACK}:{self.envoy.admin_port}"
 
     @property
     def port(self) -> int:
@@ -383,27 +633,37 @@ class Lab:
 
     def __enter__(self) -> Self:
         with ExitStack() as stack:
-            echo = stack.enter_context(echo_upstream())
-            app_error = stack.enter_context(status_upstream(503))
-            refused, mtls, untrusted, expired = free_ports(4)
-            ports = LabPorts(
-                echo=echo.port,
-                app_error=app_error.port,
-                refused=refused,
-                mtls_server=mtls,
-                untrusted_server=untrusted,
-                expired_server=expired,
+            ports = {
+                app.value: stack.enter_context(_APP_SERVERS[app]()).port
+                for app in self.topology.apps
+            }
+            names = [w.name for w in self.topology.workloads] + [NOWHERE]
+            ports.update(zip(names, free_ports(len(names)), strict=True))
+            addresses: Addresses = ports
+            certs = MeshCerts(self.workdir)
+            server = stack.enter_context(
+                self._envoy("server", server_bootstrap(self.topology, addresses, certs))
             )
-            config = bootstrap(
-                self.extproc_address, ports, LabCerts.create(self.workdir), self.access_log_path
+            client_config = client_bootstrap(
+                self.topology, addresses, certs, self.extproc_address, self.access_log_path
             )
-            envoy = stack.enter_context(
-                EnvoyProcess(config, workdir=self.workdir, ready_timeout=self._ready_timeout)
-            )
-            port = envoy.listener_ports()[CLIENT_LISTENER]
+            client = stack.enter_context(self._envoy("client", client_config))
+            for workload in self.topology.workloads:
+                wait_for_port(LOOPBACK, addresses[workload.name], timeout=self._ready_timeout)
+            port = client.listener_ports()[CLIENT_LISTENER]
             wait_for_port(LOOPBACK, port, timeout=self._ready_timeout)
-            self._stack, self._envoy, self._port = stack.pop_all(), envoy, port
+            self._stack, self._client, self._server, self._port = (
+                stack.pop_all(),
+                client,
+                server,
+                port,
+            )
         return self
+
+    def _envoy(self, name: str, bootstrap: dict[str, Any]) -> EnvoyProcess:
+        workdir = self.workdir / f"envoy-{name}"
+        workdir.mkdir(exist_ok=True)
+        return EnvoyProcess(bootstrap, workdir=workdir, ready_timeout=self._ready_timeout)
 
     def __exit__(
         self,
@@ -415,7 +675,7 @@ class Lab:
             if self._stack is not None:
                 self._stack.close()
         finally:
-            self._stack = self._envoy = self._port = None
+            self._stack = self._client = self._server = self._port = None
 
     def request(
         self,

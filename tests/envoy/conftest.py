@@ -1,4 +1,4 @@
-"""Real-Envoy fixtures: a recording ext_proc server, and the lab with it in its path."""
+"""Real-Envoy fixtures: a recording ext_proc server, and the mesh lab with it in its path."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from contextlib import ExitStack
 import pytest
 
 from extproc.config import Policy
-from extproc.lab import DEMO_POLICY, BackgroundServer, Lab
-from extproc.server import ExtProcServer
+from extproc.lab import DEMO_POLICY, MESH, BackgroundServer, Lab
+from extproc.lab.demo import running_doctor
 
 from .recording_server import RecordingServer
 
@@ -25,8 +25,8 @@ def recorder() -> Iterator[RecordingServer]:
 def recording_lab(
     recorder: RecordingServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Lab]:
-    """The lab with the recording server as its ext_proc server, shared by the session."""
-    with Lab(("127.0.0.1", recorder.port), tmp_path_factory.mktemp("lab")) as lab:
+    """The mesh lab with the recording server as its ext_proc server, shared by the session."""
+    with Lab(("127.0.0.1", recorder.port), tmp_path_factory.mktemp("lab"), MESH) as lab:
         yield lab
 
 
@@ -36,18 +36,25 @@ def doctor_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[P
     with ExitStack() as stack:
 
         def start(policy: Policy) -> Lab:
-            server = stack.enter_context(BackgroundServer(ExtProcServer(policy)))
             workdir = tmp_path_factory.mktemp("doctor-lab")
-            return stack.enter_context(Lab(("127.0.0.1", server.port), workdir))
+            lab, _ = stack.enter_context(running_doctor(workdir, policy))
+            return lab
 
         yield start
 
 
 @pytest.fixture(scope="module")
-def demo_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    """The lab with the real server under the demo policy, shared by a module."""
-    with (
-        BackgroundServer(ExtProcServer(DEMO_POLICY)) as server,
-        Lab(("127.0.0.1", server.port), tmp_path_factory.mktemp("demo-lab")) as lab,
-    ):
-        yield lab
+def doctor(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, BackgroundServer]]:
+    """The lab and the real server under the demo policy, reading the client sidecar's admin."""
+    with running_doctor(tmp_path_factory.mktemp("doctor"), DEMO_POLICY) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def blind_doctor(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[Lab, BackgroundServer]]:
+    """The same, but the server is not told Envoy's admin address."""
+    workdir = tmp_path_factory.mktemp("blind-doctor")
+    with running_doctor(workdir, DEMO_POLICY, envoy_admin=False) as running:
+        yield running

@@ -43,55 +43,90 @@ class Observed:
 
 
 _TLS_REASON = "upstream_reset_before_response_started{remote_connection_failure|TLS_error:|"
+_TERMINATION = "upstream_reset_before_response_started{connection_termination}"
+_RESET_BY_PEER = (
+    "TLS_error:|33554536:system library:OPENSSL_internal:Connection reset by peer:TLS_error_end"
+)
+_VERIFY = "CERTIFICATE_VERIFY_FAILED:verify cert failed: X509_verify_cert: certificate verification error at depth "
+
+
+def _mesh(service: str, subset: str = "") -> str:
+    return f"outbound|8080|{subset}|{service}.default.svc.cluster.local"
+
+
+def _vh(service: str) -> str:
+    return f"{service}.default.svc.cluster.local"
+
 
 OBSERVED: dict[str, Observed] = {
-    "clean": Observed(200, 0, "via_upstream", "", "echo", "echo"),
+    "host_not_in_mesh": Observed(503, F.UC, _TERMINATION, "", "PassthroughCluster", "allow_any"),
+    # The recording server changes nothing, so the rewrite does not happen here.
+    "host_rewrite": Observed(503, F.UC, _TERMINATION, "", "PassthroughCluster", "allow_any"),
     "refused": Observed(
         503, F.UF,
         "upstream_reset_before_response_started{remote_connection_failure|"
         "delayed_connect_error:_Connection_refused}",
-        "delayed connect error: Connection refused", "refused", "refused",
+        "delayed connect error: Connection refused", _mesh("orders"), _vh("orders"),
     ),
+    "requires_mtls": Observed(503, F.UC, _TERMINATION, "", _mesh("ratings"), _vh("ratings")),
+    "subset_plaintext": Observed(503, F.UC, _TERMINATION, "", _mesh("reviews", "v2"), "reviews-v2"),
+    "subset_mtls": Observed(200, 0, "via_upstream", "", _mesh("reviews", "v1"), "reviews-v1"),
+    "alpn_h2_only": Observed(
+        503, F.UF, _TLS_REASON + "33554536:system_library:OPENSSL_internal:Connection_reset_by_peer",
+        _RESET_BY_PEER, _mesh("search"), _vh("search"),
+    ),
+    "sni_missing": Observed(
+        503, F.UF, _TLS_REASON + "33554536:system_library:OPENSSL_internal:Connection_reset_by_peer",
+        _RESET_BY_PEER, "outbound|443||pay.example.net", "pay",
+    ),
+    "sni_set": Observed(200, 0, "via_upstream", "", "outbound|443|sni|pay.example.net", "pay-sni"),
+    "san_mismatch": Observed(
+        503, F.UF, _TLS_REASON,
+        "CERTIFICATE_VERIFY_FAILED:verify cert failed: SAN matcher, certificate SANs are "
+        "[spiffe://cluster.local/ns/default/sa/default]:TLS_error_end",
+        _mesh("details"), _vh("details"),
+    ),
+    "client_cert_expired": Observed(
+        503, F.UF, _TLS_REASON,
+        "TLS_error:|268436501:SSL routines:OPENSSL_internal:SSLV3_ALERT_CERTIFICATE_EXPIRED:TLS_error_end",
+        _mesh("cart"), _vh("cart"),
+    ),
+    "client_cert_other_ca": Observed(
+        503, F.UF, _TLS_REASON,
+        "TLS_error:|268436504:SSL routines:OPENSSL_internal:TLSV1_ALERT_UNKNOWN_CA:TLS_error_end",
+        _mesh("checkout"), _vh("checkout"),
+    ),
+    "expired": Observed(
+        503, F.UF, _TLS_REASON, _VERIFY + "0: certificate has expired:TLS_error_end",
+        _mesh("inventory"), _vh("inventory"),
+    ),
+    "app_error": Observed(503, 0, "via_upstream", "", _mesh("shipping"), _vh("shipping")),
+    "clean": Observed(200, 0, "via_upstream", "", "echo", "echo"),
+    "mtls": Observed(200, 0, "via_upstream", "", _mesh("app"), _vh("app")),
+    "permissive": Observed(200, 0, "via_upstream", "", _mesh("legacy"), _vh("legacy")),
     "not_tls": Observed(
         503, F.UF, _TLS_REASON,
         "TLS_error:|268435703:SSL routines:OPENSSL_internal:WRONG_VERSION_NUMBER:TLS_error_end",
         "not_tls", "not_tls",
     ),
-    "requires_mtls": Observed(
-        503, F.UC, "upstream_reset_before_response_started{connection_termination}", "",
-        "mtls_plaintext", "mtls_plaintext",
-    ),
-    "san_mismatch": Observed(
-        503, F.UF, _TLS_REASON,
-        "CERTIFICATE_VERIFY_FAILED:verify cert failed: SAN matcher, certificate SANs are "
-        "[spiffe://cluster.local/ns/default/sa/web, web.default.svc.cluster.local]:TLS_error_end",
-        "san_mismatch", "san_mismatch",
-    ),
     "untrusted": Observed(
         503, F.UF, _TLS_REASON,
-        "CERTIFICATE_VERIFY_FAILED:verify cert failed: X509_verify_cert: certificate "
-        "verification error at depth 1: self signed certificate in certificate chain",
-        "untrusted", "untrusted",
-    ),
-    "expired": Observed(
-        503, F.UF, _TLS_REASON,
-        "CERTIFICATE_VERIFY_FAILED:verify cert failed: X509_verify_cert: certificate "
-        "verification error at depth 0: certificate has expired",
-        "expired", "expired",
+        _VERIFY + "1: self signed certificate in certificate chain:TLS_error_end",
+        _mesh("billing"), _vh("billing"),
     ),
     "no_route": Observed(404, F.NR, "route_not_found", ABSENT, ABSENT, ABSENT),
-    "host_not_in_mesh": Observed(
-        503, F.UC, "upstream_reset_before_response_started{connection_termination}", "",
-        "PassthroughCluster", "allow_any",
-    ),
-    "app_error": Observed(503, 0, "via_upstream", "", "app_error", "app_error"),
+    "echoed_headers": Observed(200, 0, "via_upstream", "", "echo", "echo"),
 }  # fmt: skip
+
+
+# What a scenario run under its own policy gets from a server that applies none.
+OBSERVED_REASON_WITHOUT_POLICY = {"host_rewrite": "host_not_in_mesh"}
 
 
 def send(lab: Lab, recorder: RecordingServer, scenario: Scenario) -> tuple[Response, Exchange]:
     """Send the scenario's request, tagged, and return the response and its ext_proc exchange."""
     tag = f"{scenario.name}-{uuid.uuid4().hex[:8]}"
-    response = lab.request(scenario.host, scenario.path, {TAG_HEADER: tag})
+    response = lab.request(scenario.host, scenario.path, (*scenario.headers, (TAG_HEADER, tag)))
     return response, recorder.processor.exchange(tag)
 
 
@@ -137,11 +172,11 @@ def test_cluster_metadata_arrives_as_text_format(
     recording_lab: Lab, recorder: RecordingServer
 ) -> None:
     """`xds.cluster_metadata` is the protobuf text format of the cluster's Metadata."""
-    scenario = next(s for s in SCENARIOS if s.name == "requires_mtls")
+    scenario = next(s for s in SCENARIOS if s.name == "subset_plaintext")
     _, exchange = send(recording_lab, recorder, scenario)
     assert exchange.response_attributes["xds.cluster_metadata"] == (
         'filter_metadata { key: "istio" value { fields { key: "config" value { string_value: '
-        '"/apis/networking.istio.io/v1alpha3/namespaces/default/destination-rule/mtls-disable"'
+        '"/apis/networking.istio.io/v1alpha3/namespaces/default/destination-rule/reviews"'
         " } } } } "
     )
 
@@ -159,10 +194,17 @@ def test_cluster_metadata_is_empty_text_without_metadata(
 def test_catalogue_classifies_the_access_log_line(
     recording_lab: Lab, recorder: RecordingServer, scenario: Scenario
 ) -> None:
-    """The lab's access log line, read by `extproc.accesslog`, gets the scenario's reason."""
+    """`extproc diagnose`'s parser and classifier give the lab's access-log line the scenario's reason.
+
+    An access log holds no cluster TLS settings, so an SNI or ALPN reset gets the reason
+    whose hint names both causes.
+    """
     response, _ = send(recording_lab, recorder, scenario)
     request_id = response.header("x-request-id")
     assert request_id is not None
-    entry = recording_lab.access_log_entry(request_id)
-    diagnosis = classify(parse_access_log_line(json.dumps(entry)))
-    assert (diagnosis.reason if diagnosis else None) == scenario.expected_reason
+    line = json.dumps(recording_lab.access_log_entry(request_id))
+    expected = scenario.reason_without_context
+    if scenario.policy is not None:  # the recording server applies no policy
+        expected = OBSERVED_REASON_WITHOUT_POLICY[scenario.name]
+    diagnosis = classify(parse_access_log_line(line))
+    assert (diagnosis.reason if diagnosis else None) == expected

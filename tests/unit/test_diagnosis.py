@@ -13,8 +13,11 @@ from hypothesis import strategies as st
 
 from extproc import flags as F
 from extproc.diagnosis import (
+    AUTO_SNI,
     CATALOGUE,
     HINTS,
+    NO_H2_HINT,
+    SNI_MISSING_HINT,
     Evidence,
     classify,
     destination_rule,
@@ -957,3 +960,55 @@ class TestFlags:
     def test_round_trip(self, mask: int) -> None:
         """parse_flags(format_flags(mask)) gives back every defined bit of mask."""
         assert F.parse_flags(F.format_flags(mask)) == mask
+
+
+class TestClusterTlsContext:
+    """A reset during the handshake, told apart by the cluster's TLS settings (Envoy admin)."""
+
+    def reset_with(self, sni: str | None, alpn: tuple[str, ...] | None) -> Evidence:
+        return failed(CONNECTION_RESET_BY_PEER, cluster_sni=sni, cluster_alpn=alpn)
+
+    def test_no_sni_is_sni_rejected(self):
+        """A cluster that sends no SNI gets sni_rejected, with the hint to set sni."""
+        d = classify(self.reset_with("", ("istio-h2",)))
+        assert d is not None
+        assert (d.reason, d.hint) == ("sni_rejected", SNI_MISSING_HINT)
+        assert ("sni", "none") in d.evidence
+
+    def test_no_sni_wins_over_no_h2(self):
+        """Without SNI and without h2, the missing SNI is named: it is the cheaper fix to check."""
+        d = classify(self.reset_with("", ()))
+        assert d is not None
+        assert d.reason == "sni_rejected"
+
+    @pytest.mark.parametrize("alpn", [("istio-http/1.1",), ("http/1.1",), ()])
+    def test_sni_without_h2_is_alpn_mismatch(self, alpn):
+        """With SNI sent and no h2 offered, the ALPN is the suspect, and the hint says HTTP/2."""
+        d = classify(self.reset_with("outbound_.8080_._.search.default.svc.cluster.local", alpn))
+        assert d is not None
+        assert (d.reason, d.hint) == ("alpn_mismatch", NO_H2_HINT)
+        assert "HTTP/2" in d.hint
+        assert "ALPN" in d.hint
+        assert ("alpn", " ".join(alpn) or "none") in d.evidence
+
+    @pytest.mark.parametrize("alpn", [("istio-h2",), ("h2", "http/1.1")])
+    def test_sni_and_h2_names_both(self, alpn):
+        """When both look right, the reason stays the one whose hint names both causes."""
+        d = classify(self.reset_with(AUTO_SNI, alpn))
+        assert d is not None
+        assert d.reason == "tls_handshake_rejected"
+        assert ("sni", AUTO_SNI) in d.evidence
+
+    def test_unknown_context_names_both(self):
+        """Without context the evidence carries no sni or alpn, and the hint names both."""
+        d = classify(self.reset_with(None, None))
+        assert d is not None
+        assert d.reason == "tls_handshake_rejected"
+        assert not {"sni", "alpn"} & {key for key, _ in d.evidence}
+
+    def test_context_does_not_change_other_reasons(self):
+        """A TLS verdict with a known reason keeps it, whatever the cluster sends."""
+        ev = failed(tls(268436504, "TLSV1_ALERT_UNKNOWN_CA"), cluster_sni="", cluster_alpn=())
+        d = classify(ev)
+        assert d is not None
+        assert d.reason == "client_cert_rejected"

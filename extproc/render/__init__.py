@@ -1,0 +1,93 @@
+"""`extproc render`: the deployment manifests, from the same settings the server relies on.
+
+One module per target (`istio`, `cilium`, `envoy_bootstrap`, `k8s`); `envoy_config`
+builds and type-checks the Envoy parts they share, and `gate` says what gated mode sends
+to the server. `render` returns each target's files by their path in `deploy/`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import yaml
+
+from extproc.config import Direction
+from extproc.render import cilium, envoy_bootstrap, istio, k8s
+from extproc.render.gate import request_gate
+from extproc.render.options import RenderError, RenderMode, RenderOptions
+
+__all__ = ["TARGETS", "RenderError", "RenderMode", "RenderOptions", "notes", "render", "render_all"]
+
+TARGETS = ("istio", "cilium", "envoy", "k8s")
+
+
+def render(target: str, options: RenderOptions) -> dict[str, str]:
+    """The files of `target` in `options.mode`, by path relative to `deploy/`.
+
+    The k8s manifests do not depend on the mode; the others carry it in the file name.
+    """
+    mode = options.mode
+    match target:
+        case "istio":
+            docs = {f"istio/{mode}.yaml": [istio.render_envoy_filter(options)]}
+        case "cilium":
+            docs = {
+                f"cilium/{mode}.yaml": [cilium.render_envoy_config(options, clusterwide=False)],
+                f"cilium/{mode}-clusterwide.yaml": [
+                    cilium.render_envoy_config(options, clusterwide=True)
+                ],
+            }
+        case "envoy":
+            docs = {f"envoy/{mode}.yaml": [envoy_bootstrap.render_bootstrap(options)]}
+        case "k8s":
+            docs = {f"k8s/{name}": [doc] for name, doc in k8s.render_manifests(options).items()}
+        case _:
+            raise RenderError(f"unknown target {target!r} (known: {', '.join(TARGETS)})")
+    return {path: _yaml(path, target, mode, content) for path, content in docs.items()}
+
+
+def render_all(options: RenderOptions) -> dict[str, str]:
+    """Every target in every mode: the whole `deploy/` directory."""
+    files: dict[str, str] = {}
+    for mode in RenderMode:
+        for target in TARGETS:
+            files.update(render(target, replace(options, mode=mode)))
+    return files
+
+
+def notes(target: str, options: RenderOptions) -> list[str]:
+    """What gated mode cannot gate under this policy, for the operator (empty: nothing)."""
+    if options.mode is not RenderMode.GATED or target == "k8s":
+        return []
+    contexts = istio.CONTEXTS if target == "istio" else (("listener", Direction.EDGE),)
+    gates = ((context, request_gate(options.policy, direction)) for context, direction in contexts)
+    return [f"{context}: {gate.note}" for context, gate in gates if gate.note]
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block style, no anchors (a repeated dict is written out again), multi-line text as `|`."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def _text(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _text)
+
+
+def _yaml(path: str, target: str, mode: RenderMode, documents: list[dict[str, Any]]) -> str:
+    mode_flag = "" if target == "k8s" else f" --mode {mode}"
+    header = (
+        f"# deploy/{path}: rendered by `extproc render {target}{mode_flag}`.\n"
+        "# Do not edit: change the options or extproc/render, then run `make deploy`.\n"
+    )
+    body = "---\n".join(
+        yaml.dump(doc, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100)
+        for doc in documents
+    )
+    return header + body

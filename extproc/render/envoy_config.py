@@ -1,0 +1,181 @@
+"""The Envoy parts of every manifest, checked as typed envoy-data-plane messages.
+
+Strategy: the filter and cluster settings live once, as dicts in Envoy's JSON shape, in
+`extproc.filter_config` (the server, the lab and the README read them there). Each
+builder here adds what a deployment needs around them and passes the result through
+`typed`, which parses it into the envoy-data-plane message it must be and writes it back
+with Envoy's field names. A misspelt field, a wrong type or an `@type` Envoy does not know
+fails at render time, not when a mesh pushes the config to every proxy. This module
+imports envoy-data-plane (slow, pydantic); the server's start-up path never imports it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import betterproto2
+
+# Imported for their `@type` registrations: a typed_config resolves only through them.
+import envoy_data_plane.envoy.extensions.access_loggers.stream.v3
+import envoy_data_plane.envoy.extensions.common.matching.v3
+import envoy_data_plane.envoy.extensions.filters.http.composite.v3
+import envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3
+import envoy_data_plane.envoy.extensions.filters.http.router.v3
+import envoy_data_plane.envoy.extensions.transport_sockets.tls.v3
+import envoy_data_plane.envoy.extensions.upstreams.http.v3
+import envoy_data_plane.envoy.type.matcher.v3  # noqa: F401
+from envoy_data_plane.envoy.config.bootstrap.v3 import Bootstrap
+from envoy_data_plane.envoy.config.cluster.v3 import Cluster
+from envoy_data_plane.envoy.config.listener.v3 import Listener
+from envoy_data_plane.envoy.config.route.v3 import RouteConfiguration
+from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
+    HttpConnectionManager,
+    HttpFilter,
+)
+
+from extproc.filter_config import ext_proc_cluster, ext_proc_filter
+from extproc.render.gate import (
+    RESPONSE_CONDITIONS,
+    Condition,
+    HeaderTest,
+    Phase,
+    RequestGate,
+)
+from extproc.render.options import RenderError, RenderMode
+
+__all__ = [
+    "Bootstrap",
+    "Cluster",
+    "HttpConnectionManager",
+    "Listener",
+    "RouteConfiguration",
+    "doctor_filters",
+    "extproc_cluster",
+    "http_connection_manager",
+    "router_filter",
+    "typed",
+]
+
+M = TypeVar("M", bound=betterproto2.Message)
+
+HYGIENE_FILTER = "extproc-doctor.hygiene"
+DIAGNOSE_FILTER = "extproc-doctor.diagnose"
+_TYPE = "type.googleapis.com/"
+_INPUTS = {
+    Phase.REQUEST: f"{_TYPE}envoy.type.matcher.v3.HttpRequestHeaderMatchInput",
+    Phase.RESPONSE: f"{_TYPE}envoy.type.matcher.v3.HttpResponseHeaderMatchInput",
+}
+
+
+def typed(kind: type[M], value: dict[str, Any]) -> dict[str, Any]:
+    """`value` checked as a `kind` message and written back with Envoy's field names."""
+    try:
+        message = kind.from_dict(value)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RenderError(f"not a valid Envoy {kind.__name__}: {exc}") from None
+    return message.to_dict(casing=betterproto2.Casing.SNAKE)
+
+
+def extproc_cluster(name: str, host: str, port: int, tls_ca: str | None) -> dict[str, Any]:
+    """The ext_proc server's cluster (HTTP/2, optionally TLS), typed."""
+    return typed(Cluster, ext_proc_cluster(name, host, port, tls_ca=tls_ca))
+
+
+def router_filter() -> dict[str, Any]:
+    return typed(
+        HttpFilter,
+        {
+            "name": "envoy.filters.http.router",
+            "typed_config": {"@type": f"{_TYPE}envoy.extensions.filters.http.router.v3.Router"},
+        },
+    )
+
+
+def doctor_filters(mode: RenderMode, cluster: str, gate: RequestGate) -> list[dict[str, Any]]:
+    """The HTTP filters to put before the router: ext_proc itself, or ext_proc behind matchers."""
+    if mode is RenderMode.ALWAYS or gate.every_request:
+        return [typed(HttpFilter, ext_proc_filter(cluster))]
+    filters = []
+    if gate.conditions:
+        # At request time, a request that needs hygiene gets the full filter, so its
+        # response is diagnosed and carries x-extproc-actions too.
+        filters.append(_gated_filter(HYGIENE_FILTER, gate.conditions, ext_proc_filter(cluster)))
+    # A separate filter, because a matcher tree is evaluated again at response time, when
+    # the request headers include what later filters added (the router's
+    # x-envoy-expected-rq-timeout-ms): request tests would then match every request.
+    responses = tuple(condition for _, condition in RESPONSE_CONDITIONS)
+    diagnose = ext_proc_filter(cluster, request_headers=False)
+    filters.append(_gated_filter(DIAGNOSE_FILTER, responses, diagnose))
+    return [typed(HttpFilter, f) for f in filters]
+
+
+def _gated_filter(
+    name: str, conditions: tuple[Condition, ...], ext_proc: dict[str, Any]
+) -> dict[str, Any]:
+    """A composite filter that creates `ext_proc` only when one of `conditions` holds."""
+    return {
+        "name": name,
+        "typed_config": {
+            "@type": f"{_TYPE}envoy.extensions.common.matching.v3.ExtensionWithMatcher",
+            "extension_config": {
+                "name": "composite",
+                "typed_config": {
+                    "@type": f"{_TYPE}envoy.extensions.filters.http.composite.v3.Composite"
+                },
+            },
+            "xds_matcher": {"matcher_list": {"matchers": [_field_matcher(conditions, ext_proc)]}},
+        },
+    }
+
+
+def _field_matcher(
+    conditions: tuple[Condition, ...], filter_config: dict[str, Any]
+) -> dict[str, Any]:
+    execute = f"{_TYPE}envoy.extensions.filters.http.composite.v3.ExecuteFilterAction"
+    return {
+        "predicate": _any_of(conditions),
+        "on_match": {
+            "action": {
+                "name": "ext-proc",
+                "typed_config": {"@type": execute, "typed_config": filter_config},
+            }
+        },
+    }
+
+
+def _any_of(conditions: tuple[Condition, ...]) -> dict[str, Any]:
+    if len(conditions) == 1:
+        return _all_of(conditions[0])
+    return {"or_matcher": {"predicate": [_all_of(c) for c in conditions]}}
+
+
+def _all_of(condition: Condition) -> dict[str, Any]:
+    if len(condition) == 1:
+        return _predicate(condition[0])
+    return {"and_matcher": {"predicate": [_predicate(test) for test in condition]}}
+
+
+def _predicate(test: HeaderTest) -> dict[str, Any]:
+    single = {
+        "single_predicate": {
+            "input": {
+                "name": f"{test.phase}-{test.header.lstrip(':')}",
+                "typed_config": {"@type": _INPUTS[test.phase], "header_name": test.header},
+            },
+            "value_match": {"safe_regex": {"google_re2": {}, "regex": test.regex}},
+        }
+    }
+    return {"not_matcher": single} if test.absent else single
+
+
+def http_connection_manager(
+    stat_prefix: str, filters: list[dict[str, Any]], **settings: Any
+) -> dict[str, Any]:
+    """An HTTP connection manager (as a network filter) with `filters` and the router last."""
+    manager = {
+        "@type": f"{_TYPE}envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": stat_prefix,
+        "http_filters": [*filters, router_filter()],
+        **settings,
+    }
+    return {"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}

@@ -1,0 +1,132 @@
+"""Gated mode's conditions: which requests and responses Envoy sends to the server.
+
+Strategy: clean traffic should never leave Envoy. A response is worth a call when it can
+carry a failure the catalogue explains; a request when one of the policy's header rules
+could act on it. Both are written here as plain data (`HeaderTest` rows, ANDed into a
+`Condition`, ORed into a gate) and turned into Envoy matchers by `envoy_config`. A rule
+whose condition no Envoy matcher can state (a header *name* containing `_`) either sends
+every request, when it changes requests, or is left to requests that reach the server
+anyway, when it only reports: `RequestGate.note` says which, for the operator.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+
+from extproc.config import Action, Direction, Policy
+from extproc.headers import ECHOED_ENVOY_HEADERS, FORWARDING_HEADERS, RULES
+
+
+class Phase(enum.StrEnum):
+    REQUEST = "request"
+    RESPONSE = "response"
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderTest:
+    """A header's whole value matches an RE2 `regex` (`.*`: the header is present), or, with `absent`, the header is missing."""
+
+    phase: Phase
+    header: str
+    regex: str = ".*"
+    absent: bool = False
+
+
+Condition = tuple[HeaderTest, ...]  # all of them
+
+
+def _response(header: str, regex: str = ".*", *, absent: bool = False) -> HeaderTest:
+    return HeaderTest(Phase.RESPONSE, header, regex, absent)
+
+
+# The responses that reach the server in gated mode, and why. What they miss is listed in
+# the README ("Deploy", gated vs always).
+RESPONSE_CONDITIONS: tuple[tuple[str, Condition], ...] = (
+    ("any 5xx: an Envoy failure, or the upstream's own", (_response(":status", "5[0-9][0-9]"),)),
+    (
+        "a 404 no upstream answered (no route): the upstream's own 404 carries x-envoy-upstream-service-time",
+        (_response(":status", "404"), _response("x-envoy-upstream-service-time", absent=True)),
+    ),
+    (
+        "a gRPC error in the headers: Envoy's gRPC local replies are HTTP 200 with grpc-status",
+        (_response("grpc-status", "[1-9][0-9]*"),),
+    ),
+)
+
+# Rules whose whole condition is the presence of known headers, by their policy setting.
+PRESENCE_RULES: dict[str, frozenset[str]] = {
+    "echoed_envoy_headers": ECHOED_ENVOY_HEADERS,
+    "forwarding_headers": FORWARDING_HEADERS,
+}
+# Rules that look at every header name: no Envoy matcher can enumerate names.
+NAME_RULES = frozenset({"underscore_headers"})
+# RULES rows without a setting (hop-by-hop, Content-Length with Transfer-Encoding) guard
+# against what Envoy's HTTP connection manager already removes or rejects: nothing to send.
+
+
+@dataclass(frozen=True, slots=True)
+class RequestGate:
+    """The requests the server must see: any of `conditions`, or every request."""
+
+    conditions: tuple[Condition, ...] = ()
+    every_request: bool = False
+    note: str = ""
+
+
+def request_gate(policy: Policy, listener: Direction) -> RequestGate:
+    """The request-side gate for a listener of direction `listener` (EDGE, OUTBOUND, INBOUND) under `policy`."""
+    direction = listener if policy.direction is Direction.AUTO else policy.direction
+    conditions: list[Condition] = []
+    unstated: list[tuple[str, Action]] = []
+    for rule in RULES:
+        if rule.setting is None or direction not in rule.directions:
+            continue
+        action: Action = getattr(policy, rule.setting)
+        if action is Action.KEEP:
+            continue
+        if rule.setting in PRESENCE_RULES:
+            conditions += [
+                (HeaderTest(Phase.REQUEST, name),) for name in sorted(PRESENCE_RULES[rule.setting])
+            ]
+        elif rule.setting in NAME_RULES:
+            unstated.append((rule.setting, action))
+        else:
+            raise ValueError(f"gated mode does not know how to gate the {rule.setting} rule")
+    conditions += _host_conditions(policy)
+    return _with_unstated(tuple(conditions), unstated, policy)
+
+
+def _host_conditions(policy: Policy) -> list[Condition]:
+    """`:authority` tests for host_rewrites (any case, any port) and strip_host_port."""
+    found: list[Condition] = []
+    if policy.host_rewrites:
+        hosts = "|".join(re.escape(host) for host in sorted(policy.host_rewrites))
+        found.append((HeaderTest(Phase.REQUEST, ":authority", f"(?i)(?:{hosts})\\.?(?::[0-9]+)?"),))
+    if policy.strip_host_port:
+        found.append((HeaderTest(Phase.REQUEST, ":authority", ".*:[0-9]+"),))
+    return found
+
+
+def _with_unstated(
+    conditions: tuple[Condition, ...], unstated: list[tuple[str, Action]], policy: Policy
+) -> RequestGate:
+    changing = [key for key, action in unstated if action is not Action.REPORT and policy.enforcing]
+    if changing:
+        return RequestGate(
+            every_request=True,
+            note=(
+                f"{', '.join(changing)} changes requests and no Envoy matcher can find the "
+                "headers it acts on, so every request goes to the server: set it to report "
+                "or keep to gate the request side"
+            ),
+        )
+    reported = [key for key, _ in unstated]
+    note = (
+        f"{', '.join(reported)} only reports, so it is reported on requests that reach the "
+        "server for another reason: use --mode always to report it on every request"
+        if reported
+        else ""
+    )
+    return RequestGate(conditions=conditions, note=note)

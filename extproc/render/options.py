@@ -1,0 +1,90 @@
+"""What `extproc render` is asked for: parsed once, validated, frozen."""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+from importlib.metadata import version
+
+from extproc.config import Policy
+from extproc.headers import split_authority
+
+# Kubernetes names: a DNS-1123 label.
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+
+NAME = "extproc-doctor"
+GRPC_PORT = 50051
+POLICY_FILE = "policy.yaml"
+
+
+class RenderError(ValueError):
+    """The render options or the result are unusable; the message says which and why."""
+
+
+class RenderMode(enum.StrEnum):
+    ALWAYS = "always"  # every request and response goes to the server
+    GATED = "gated"  # Envoy matchers decide; clean traffic stays inside Envoy
+
+
+def host_port(value: str, what: str) -> tuple[str, int]:
+    """`host:port` (IPv6 in brackets) → (host, port), or RenderError naming `what`."""
+    host, port = split_authority(value)
+    if not host or not port or not 0 <= int(port) <= 65535:
+        raise RenderError(f"{what}: expected HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def _default_image() -> str:
+    return f"{NAME}:{version(NAME)}"
+
+
+@dataclass(frozen=True, slots=True)
+class RenderOptions:
+    """Everything a manifest depends on besides the target."""
+
+    mode: RenderMode = RenderMode.GATED
+    namespace: str = NAME  # where the server runs
+    image: str = field(default_factory=_default_image)
+    # Where Envoy reaches the server; None: the Service's DNS name (mesh targets) or
+    # 127.0.0.1:50051 (the standalone Envoy).
+    extproc_address: str | None = None
+    # A CA file inside the proxy: with it, Envoy speaks TLS to the server and verifies it.
+    extproc_tls_ca: str | None = None
+    policy: Policy = field(default_factory=Policy)
+    # The policy file's text, for the ConfigMap; "" renders the defaults.
+    policy_text: str = ""
+    # Cilium: the Service whose traffic goes through the listener, NAMESPACE/NAME:PORT.
+    cilium_service: str = "default/my-service:8080"
+    # The standalone Envoy: where it listens, and the one upstream it routes to.
+    envoy_listen: str = "0.0.0.0:10000"
+    upstream: str = "127.0.0.1:8080"
+
+    def __post_init__(self) -> None:
+        if not _LABEL.fullmatch(self.namespace):
+            raise RenderError(f"--namespace: {self.namespace!r} is not a Kubernetes name")
+        if not self.image or any(c.isspace() for c in self.image):
+            raise RenderError(f"--image: {self.image!r} is not an image reference")
+        if self.extproc_address is not None:
+            host_port(self.extproc_address, "--extproc-address")
+        host_port(self.envoy_listen, "--envoy-listen")
+        host_port(self.upstream, "--upstream")
+        self.cilium_backend()  # validates
+
+    def extproc_target(self, *, in_cluster: bool) -> tuple[str, int]:
+        """Where Envoy reaches the server."""
+        if self.extproc_address is not None:
+            return host_port(self.extproc_address, "--extproc-address")
+        if in_cluster:
+            return f"{NAME}.{self.namespace}.svc.cluster.local", GRPC_PORT
+        return "127.0.0.1", GRPC_PORT
+
+    def cilium_backend(self) -> tuple[str, str, int]:
+        """(namespace, name, port) of the Cilium service."""
+        where, _, port = self.cilium_service.rpartition(":")
+        namespace, _, name = where.partition("/")
+        if not (_LABEL.fullmatch(namespace) and _LABEL.fullmatch(name) and port.isdigit()):
+            raise RenderError(
+                f"--cilium-service: expected NAMESPACE/NAME:PORT, got {self.cilium_service!r}"
+            )
+        return namespace, name, int(port)

@@ -1,0 +1,192 @@
+"""`extproc render`: deploy/ matches it, its Envoy parts are typed, its Kubernetes objects are valid."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from extproc.cli import build_parser
+from extproc.config import Action, Policy
+from extproc.filter_config import RESPONSE_ATTRIBUTES
+from extproc.render import TARGETS, RenderError, RenderMode, RenderOptions, render, render_all
+from extproc.render.envoy_config import HttpFilter, typed
+from extproc.render.k8s import render_manifests
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+# The oldest Kubernetes the manifests promise to fit (gRPC probes are GA since 1.27).
+KUBERNETES = "1.30"
+
+
+class TestDeployDirectory:
+    def test_deploy_matches_render(self):
+        """deploy/ holds exactly what `extproc render all` produces now; `make deploy` refreshes it."""
+        expected = render_all(RenderOptions())
+        actual = {
+            str(p.relative_to(DEPLOY)): p.read_text(encoding="utf-8")
+            for p in DEPLOY.rglob("*")
+            if p.is_file()
+        }
+        assert sorted(actual) == sorted(expected), "run `make deploy`"
+        stale = [path for path in expected if actual[path] != expected[path]]
+        assert stale == [], f"stale, run `make deploy`: {stale}"
+
+    def test_every_target_in_both_modes(self):
+        """Each target renders in each mode, and every mesh manifest asks for the diagnosis attributes."""
+        for mode in RenderMode:
+            for target in TARGETS:
+                files = render(target, RenderOptions(mode=mode))
+                assert files
+                if target != "k8s":
+                    for text in files.values():
+                        assert all(a in text for a in RESPONSE_ATTRIBUTES)
+                        assert "failure_mode_allow: true" in text
+
+
+class TestTypedEnvoyParts:
+    def test_misspelt_field_fails_at_render_time(self):
+        """A wrong field name in an Envoy object is a RenderError naming it, not a broken proxy later."""
+        with pytest.raises(RenderError, match="failure_mode_alow"):
+            typed(HttpFilter, {"name": "x", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+                "failure_mode_alow": True,
+            }})  # fmt: skip
+
+    def test_unknown_type_fails_at_render_time(self):
+        """An @type that Envoy's API does not have is refused."""
+        with pytest.raises(RenderError, match="Nope"):
+            typed(
+                HttpFilter,
+                {"name": "x", "typed_config": {"@type": "type.googleapis.com/envoy.Nope"}},
+            )
+
+    def test_always_mode_has_no_matchers(self):
+        """Always mode is the plain ext_proc filter: every request reaches the server."""
+        text = render("envoy", RenderOptions(mode=RenderMode.ALWAYS))["envoy/always.yaml"]
+        assert "ExternalProcessor" in text
+        assert "composite" not in text
+
+    def test_unstatable_rule_makes_gated_mode_send_everything(self):
+        """A stripping underscore rule cannot be matched by Envoy, so gated mode renders the plain filter."""
+        options = RenderOptions(policy=Policy(underscore_headers=Action.STRIP))
+        assert "composite" not in render("envoy", options)["envoy/gated.yaml"]
+
+    def test_server_start_up_never_imports_envoy_data_plane(self):
+        """`extproc serve`'s import path stays free of envoy-data-plane and pydantic."""
+        code = (
+            "import sys, extproc.cli, extproc.server; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'envoy_data_plane', 'pydantic', 'betterproto2'}))"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        )
+        assert out.stdout.strip() == "[]"
+
+
+class TestOptions:
+    @pytest.mark.parametrize(
+        ("field", "value", "message"),
+        [
+            ("namespace", "Bad_NS", "--namespace"),
+            ("extproc_address", "nohost", "--extproc-address"),
+            ("upstream", "host:99999", "--upstream"),
+            ("cilium_service", "my-service:80", "--cilium-service"),
+            ("image", "two words", "--image"),
+        ],
+    )
+    def test_bad_option_names_itself(self, field, value, message):
+        """A bad option fails with the flag's name."""
+        with pytest.raises(RenderError, match=message):
+            RenderOptions(**{field: value})
+
+
+class TestKubernetes:
+    @pytest.mark.parametrize(
+        "name", [n for n in render_manifests(RenderOptions()) if n != "kustomization.yaml"]
+    )
+    def test_schema_valid(self, name):
+        """Each Kubernetes object passes the API schema, strictly (no unknown fields)."""
+        manifest = render_manifests(RenderOptions())[name]
+        kubernetes_validate.validate(manifest, KUBERNETES, strict=True)
+
+    def test_kustomization_lists_every_file(self):
+        """The kustomization names every rendered resource file, and sets the namespace."""
+        manifests = render_manifests(RenderOptions(namespace="doctor"))
+        kustomization = manifests.pop("kustomization.yaml")
+        assert kustomization["resources"] == list(manifests)
+        assert kustomization["namespace"] == "doctor"
+
+    def test_deployment_hardening(self):
+        """Non-root, read-only root filesystem, requests and limits, gRPC probes on the named port."""
+        pod = render_manifests(RenderOptions())["deployment.yaml"]["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        assert set(container["resources"]) == {"requests", "limits"}
+        assert container["readinessProbe"]["grpc"]["port"] == container["ports"][0]["containerPort"]
+        assert "grpc" in container["livenessProbe"]
+
+    def test_service_is_grpc(self):
+        """The Service port is named grpc with appProtocol grpc, so a mesh speaks HTTP/2 to it."""
+        (port,) = render_manifests(RenderOptions())["service.yaml"]["spec"]["ports"]
+        assert (port["name"], port["appProtocol"]) == ("grpc", "grpc")
+
+    def test_configmap_carries_the_policy_file(self, tmp_path):
+        """A policy file given to render lands verbatim in the ConfigMap, and parses back."""
+        from extproc.config import load_policy
+
+        policy_file = tmp_path / "policy.yaml"
+        policy_file.write_text("# ours\nmode: report\n")
+        options = RenderOptions(
+            policy=load_policy(policy_file), policy_text=policy_file.read_text()
+        )
+        data = render_manifests(options)["configmap.yaml"]["data"]["policy.yaml"]
+        assert data == "# ours\nmode: report\n"
+
+    def test_default_configmap_is_the_built_in_policy(self):
+        """Without a policy file the ConfigMap spells out the built-in defaults."""
+        from extproc.config import policy_from_mapping
+
+        text = render_manifests(RenderOptions())["configmap.yaml"]["data"]["policy.yaml"]
+        assert policy_from_mapping(yaml.safe_load(text)) == Policy(source="<policy>")
+
+
+def run(argv: list[str]) -> int:
+    """The command as `extproc` runs it, minus main()'s logging set-up (global, and render logs nothing)."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+class TestCommand:
+    def test_prints_yaml_documents(self, capsys):
+        """`extproc render istio` prints the EnvoyFilter as YAML."""
+        assert run(["render", "istio", "--mode", "always"]) == 0
+        (doc,) = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
+        assert doc["kind"] == "EnvoyFilter"
+
+    def test_clusterwide_variant(self, capsys):
+        """--clusterwide prints the CiliumClusterwideEnvoyConfig."""
+        assert run(["render", "cilium", "--clusterwide"]) == 0
+        (doc,) = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
+        assert doc["kind"] == "CiliumClusterwideEnvoyConfig"
+
+    def test_output_dir_writes_the_deploy_layout(self, tmp_path):
+        """--output-dir writes every mode's files in the layout of deploy/."""
+        assert run(["render", "all", "--output-dir", str(tmp_path)]) == 0
+        written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+        assert written == sorted(render_all(RenderOptions()))
+
+    def test_gated_note_on_stderr(self, capsys):
+        """When gated mode cannot gate a rule, render says so on stderr."""
+        assert run(["render", "envoy"]) == 0
+        assert "underscore_headers only reports" in capsys.readouterr().err
+
+    def test_bad_option_exits_2(self, capsys):
+        """A bad option exits 2 and names the flag."""
+        assert run(["render", "k8s", "--namespace", "NO"]) == 2
+        assert "--namespace" in capsys.readouterr().err
