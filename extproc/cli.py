@@ -62,6 +62,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         grace=args.grace,
         tls=_tls_files(args),
         metrics_listen=args.metrics_listen,
+        health_listen=args.health_listen,
         max_streams=args.max_streams,
         envoy_admin=_envoy_admin(args.envoy_admin),
     )
@@ -322,6 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-listen",
         metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics",
+    )
+    serve.add_argument(
+        "--health-listen",
+        metavar="HOST:PORT",
+        help="also serve grpc.health.v1 alone, in plaintext, here (kubelet probes cannot use TLS)",
     )
     serve.add_argument(
         "--max-streams",

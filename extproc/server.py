@@ -186,7 +186,7 @@ def evidence_of(request: pb.ProcessingRequest, host: str) -> Evidence:
         upstream_address=_text(fields, "upstream.address"),
         route=_text(fields, "xds.route_name"),
         cluster_metadata=_text(fields, "xds.cluster_metadata"),
-        host=host,
+        host=host or _text(fields, "request.host"),
         grpc_status=grpc_status,
         upstream_answered=answered,
         overloaded=overloaded,
@@ -316,8 +316,10 @@ class ExtProcServer:
         tls: TlsFiles | None = None,
         max_streams: int | None = None,
         metrics: Metrics | None = None,
+        health_listen: str | None = None,
     ) -> None:
         self.listen = listen
+        self.health_listen = health_listen
         self.grace = grace
         self.metrics = metrics or Metrics()
         # Tests may put a recording servicer behind the same server and health service.
@@ -326,7 +328,9 @@ class ExtProcServer:
         self.credentials = ReloadingCredentials(tls) if tls else None
         self.max_streams = max_streams
         self.port = 0
+        self.health_port = 0
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
         self._health = HealthServicer()
 
     async def start(self) -> None:
@@ -346,8 +350,21 @@ class ExtProcServer:
             raise OSError(f"cannot listen on {self.listen}: {exc}") from None
         await server.start()
         self._server = server
+        if self.health_listen:
+            await self._start_health_server(self.health_listen)
         for service in ("", SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    async def _start_health_server(self, listen: str) -> None:
+        """Plaintext health only, beside a TLS listener: kubelet gRPC probes cannot speak TLS."""
+        server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        try:
+            self.health_port = server.add_insecure_port(listen)
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen on {listen}: {exc}") from None
+        await server.start()
+        self._health_server = server
 
     async def stop(self) -> None:
         """Report NOT_SERVING, refuse new streams, let in-flight ones finish within the grace."""
@@ -356,6 +373,9 @@ class ExtProcServer:
         await self._health.enter_graceful_shutdown()
         await self._server.stop(self.grace)
         self._server = None
+        if self._health_server is not None:
+            await self._health_server.stop(None)
+            self._health_server = None
 
     async def __aenter__(self) -> ExtProcServer:
         await self.start()
@@ -372,7 +392,7 @@ async def serve(config: ServeConfig) -> None:
     servicer = ExternalProcessor(policy, metrics)
     server = ExtProcServer(
         policy, config.listen, config.grace, servicer=servicer, tls=config.tls,
-        max_streams=config.max_streams, metrics=metrics,
+        max_streams=config.max_streams, metrics=metrics, health_listen=config.health_listen,
     )  # fmt: skip
     if config.metrics_listen:
         metrics.serve(config.metrics_listen)

@@ -60,7 +60,11 @@ def notes(target: str, options: RenderOptions) -> list[str]:
     """What gated mode cannot gate under this policy, for the operator (empty: nothing)."""
     if options.mode is not RenderMode.GATED or target == "k8s":
         return []
-    contexts = istio.CONTEXTS if target == "istio" else (("listener", Direction.EDGE),)
+    contexts = (
+        [(c, d) for c, d, _ in istio.CONTEXTS]
+        if target == "istio"
+        else [("listener", Direction.EDGE)]
+    )
     gates = ((context, request_gate(options.policy, direction)) for context, direction in contexts)
     return [f"{context}: {gate.note}" for context, gate in gates if gate.note]
 

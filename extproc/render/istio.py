@@ -1,10 +1,17 @@
 """The `istio` target: one mesh-wide EnvoyFilter.
 
 It adds the ext_proc server's cluster to every proxy and inserts the doctor's filter
-before `envoy.filters.http.router` in the HTTP connection manager of sidecar outbound,
-sidecar inbound and gateway listeners. In gated mode each context gets the request
-matchers of its own direction: an inbound request legitimately carries Istio's
-`x-envoy-peer-metadata`, an outbound one must not.
+into the HTTP connection manager of sidecar outbound, sidecar inbound and gateway
+listeners. In gated mode each context gets the request matchers of its own direction:
+an inbound request legitimately carries Istio's `x-envoy-peer-metadata`, an outbound one
+must not.
+
+Where: on outbound and gateway listeners the filter goes FIRST in the chain. Istio's own
+metadata-exchange filter adds `x-envoy-peer-metadata(-id)` to requests leaving a proxy;
+placed before the router like other filters, ours would see (and, by the echoed-headers
+rule, strip) Istio's genuine headers instead of only the ones the app echoed. Placed
+first, it sees the request as the app or the client sent it. On inbound listeners it goes
+just before the router, after Istio's authentication and authorization filters.
 """
 
 from __future__ import annotations
@@ -19,10 +26,11 @@ from extproc.render.options import NAME, RenderOptions
 # An EnvoyFilter in the root namespace applies to every proxy in the mesh.
 ROOT_NAMESPACE = "istio-system"
 
-CONTEXTS: tuple[tuple[str, Direction], ...] = (
-    ("SIDECAR_OUTBOUND", Direction.OUTBOUND),
-    ("SIDECAR_INBOUND", Direction.INBOUND),
-    ("GATEWAY", Direction.EDGE),
+# (patch context, direction, first in the chain?)
+CONTEXTS: tuple[tuple[str, Direction, bool], ...] = (
+    ("SIDECAR_OUTBOUND", Direction.OUTBOUND, True),
+    ("SIDECAR_INBOUND", Direction.INBOUND, False),
+    ("GATEWAY", Direction.EDGE, True),
 )
 
 
@@ -55,25 +63,23 @@ def render_envoy_filter(options: RenderOptions) -> dict[str, Any]:
 
 
 def _filter_patches(
-    options: RenderOptions, context: str, direction: Direction
+    options: RenderOptions, context: str, direction: Direction, first: bool
 ) -> list[dict[str, Any]]:
-    """One INSERT_BEFORE the router per filter; Istio keeps their order."""
+    """One patch per filter, keeping the filters' order: INSERT_FIRST or INSERT_BEFORE the router."""
     gate = request_gate(options.policy, direction)
+    filters = doctor_filters(options.mode, NAME, gate)
+    hcm: dict[str, Any] = {"name": "envoy.filters.network.http_connection_manager"}
+    if first:
+        # Each INSERT_FIRST lands before the previous one: insert in reverse.
+        filters, operation = filters[::-1], "INSERT_FIRST"
+    else:
+        hcm["subFilter"] = {"name": "envoy.filters.http.router"}
+        operation = "INSERT_BEFORE"
     return [
         {
             "applyTo": "HTTP_FILTER",
-            "match": {
-                "context": context,
-                "listener": {
-                    "filterChain": {
-                        "filter": {
-                            "name": "envoy.filters.network.http_connection_manager",
-                            "subFilter": {"name": "envoy.filters.http.router"},
-                        }
-                    }
-                },
-            },
-            "patch": {"operation": "INSERT_BEFORE", "value": value},
+            "match": {"context": context, "listener": {"filterChain": {"filter": hcm}}},
+            "patch": {"operation": operation, "value": value},
         }
-        for value in doctor_filters(options.mode, NAME, gate)
+        for value in filters
     ]

@@ -8,6 +8,12 @@ Choices that matter to a mesh operator:
   or its own TLS), which a STRICT PeerAuthentication on a sidecar would refuse.
 - Probes use the gRPC health service, which turns NOT_SERVING while the server drains,
   so the pod leaves DNS before it stops; the grace period outlasts the server's drain.
+  They use a plaintext health-only port, because kubelet gRPC probes cannot speak TLS
+  and the ext_proc port speaks TLS when Envoy is told to verify it (`--extproc-tls-ca`).
+- With `--extproc-tls-ca` the server serves TLS from the Secret `extproc-doctor-tls`
+  (type kubernetes.io/tls, e.g. from cert-manager); rotated files are picked up without
+  a restart.
+- Prometheus metrics on the named port `metrics`, with the usual scrape annotations.
 """
 
 from __future__ import annotations
@@ -20,6 +26,10 @@ from extproc.render.options import GRPC_PORT, NAME, POLICY_FILE, RenderOptions
 
 API_VERSION = "kustomize.config.k8s.io/v1beta1"
 POLICY_DIR = "/etc/extproc-doctor"
+TLS_DIR = "/etc/extproc-doctor-tls"
+TLS_SECRET = f"{NAME}-tls"
+HEALTH_PORT = 50052
+METRICS_PORT = 9090
 DRAIN_SECONDS = 10
 LABELS = {"app.kubernetes.io/name": NAME}
 
@@ -91,6 +101,11 @@ def _namespace(options: RenderOptions) -> dict[str, Any]:
 
 
 def _deployment(options: RenderOptions) -> dict[str, Any]:
+    scrape = {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(METRICS_PORT),
+        "prometheus.io/path": "/metrics",
+    }
     return _resource("apps/v1", "Deployment", options) | {
         "spec": {
             "replicas": 2,
@@ -98,7 +113,7 @@ def _deployment(options: RenderOptions) -> dict[str, Any]:
             "template": {
                 "metadata": {
                     "labels": dict(LABELS),
-                    "annotations": {"sidecar.istio.io/inject": "false"},
+                    "annotations": {"sidecar.istio.io/inject": "false", **scrape},
                 },
                 "spec": _pod_spec(options),
             },
@@ -107,6 +122,9 @@ def _deployment(options: RenderOptions) -> dict[str, Any]:
 
 
 def _pod_spec(options: RenderOptions) -> dict[str, Any]:
+    volumes: list[dict[str, Any]] = [{"name": "policy", "configMap": {"name": NAME}}]
+    if options.extproc_tls_ca:
+        volumes.append({"name": "tls", "secret": {"secretName": TLS_SECRET}})
     return {
         "serviceAccountName": NAME,
         "automountServiceAccountToken": False,
@@ -118,25 +136,38 @@ def _pod_spec(options: RenderOptions) -> dict[str, Any]:
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [_container(options)],
-        "volumes": [{"name": "policy", "configMap": {"name": NAME}}],
+        "volumes": volumes,
     }
 
 
+def _args(options: RenderOptions) -> list[str]:
+    args = [
+        "serve",
+        "--listen", f"0.0.0.0:{GRPC_PORT}",
+        "--health-listen", f"0.0.0.0:{HEALTH_PORT}",
+        "--metrics-listen", f"0.0.0.0:{METRICS_PORT}",
+        "--config", f"{POLICY_DIR}/{POLICY_FILE}",
+        "--grace", str(DRAIN_SECONDS),
+    ]  # fmt: skip
+    if options.extproc_tls_ca:
+        args += ["--tls-cert", f"{TLS_DIR}/tls.crt", "--tls-key", f"{TLS_DIR}/tls.key"]
+    return args
+
+
 def _container(options: RenderOptions) -> dict[str, Any]:
-    probe = {"grpc": {"port": GRPC_PORT}}
+    probe = {"grpc": {"port": HEALTH_PORT}}
+    mounts = [{"name": "policy", "mountPath": POLICY_DIR, "readOnly": True}]
+    if options.extproc_tls_ca:
+        mounts.append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
     return {
         "name": "extproc",
         "image": options.image,
-        "args": [
-            "serve",
-            "--listen",
-            f"0.0.0.0:{GRPC_PORT}",
-            "--config",
-            f"{POLICY_DIR}/{POLICY_FILE}",
-            "--grace",
-            str(DRAIN_SECONDS),
+        "args": _args(options),
+        "ports": [
+            {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
+            {"name": "health", "containerPort": HEALTH_PORT, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
         ],
-        "ports": [{"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"}],
         "readinessProbe": probe | {"periodSeconds": 5},
         "livenessProbe": probe | {"periodSeconds": 10, "failureThreshold": 3},
         "resources": {
@@ -148,7 +179,7 @@ def _container(options: RenderOptions) -> dict[str, Any]:
             "readOnlyRootFilesystem": True,
             "capabilities": {"drop": ["ALL"]},
         },
-        "volumeMounts": [{"name": "policy", "mountPath": POLICY_DIR, "readOnly": True}],
+        "volumeMounts": mounts,
     }
 
 

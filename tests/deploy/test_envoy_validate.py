@@ -70,13 +70,17 @@ def apply_envoy_filter(envoy_filter: dict[str, Any]) -> dict[str, Any]:
             assert patch["patch"]["operation"] == "ADD"
             clusters.append(value)
             continue
-        assert (patch["applyTo"], patch["patch"]["operation"]) == ("HTTP_FILTER", "INSERT_BEFORE")
+        assert patch["applyTo"] == "HTTP_FILTER"
+        chain = listeners[patch["match"]["context"]]["filter_chains"][0]["filters"][0]
+        filters = chain["typed_config"]["http_filters"]
+        if patch["patch"]["operation"] == "INSERT_FIRST":
+            filters.insert(0, value)
+            continue
+        assert patch["patch"]["operation"] == "INSERT_BEFORE"
         assert (
             patch["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"]
             == ROUTER["name"]
         )
-        chain = listeners[patch["match"]["context"]]["filter_chains"][0]["filters"][0]
-        filters = chain["typed_config"]["http_filters"]
         filters.insert(len(filters) - 1, value)
     return {"static_resources": {"listeners": list(listeners.values()), "clusters": clusters}}
 

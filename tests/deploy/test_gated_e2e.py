@@ -99,6 +99,8 @@ class TestGatedMode:
         status, headers, _ = gated.get("/503")
         assert status == 503
         assert headers["x-extproc-diagnosis"].startswith("upstream_app_error;status=503")
+        # The response-only call never saw the request: the Host comes from request.host.
+        assert ';host="' in headers["x-extproc-diagnosis"]
         assert "x-extproc-hint" in headers
         assert gated.processor.streams == before + 1
 

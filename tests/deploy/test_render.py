@@ -15,6 +15,7 @@ from extproc.config import Action, Policy
 from extproc.filter_config import RESPONSE_ATTRIBUTES
 from extproc.render import TARGETS, RenderError, RenderMode, RenderOptions, render, render_all
 from extproc.render.envoy_config import HttpFilter, typed
+from extproc.render.istio import render_envoy_filter
 from extproc.render.k8s import render_manifests
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -122,14 +123,29 @@ class TestKubernetes:
         assert kustomization["namespace"] == "doctor"
 
     def test_deployment_hardening(self):
-        """Non-root, read-only root filesystem, requests and limits, gRPC probes on the named port."""
+        """Non-root, read-only root filesystem, requests and limits, gRPC probes on the health port."""
         pod = render_manifests(RenderOptions())["deployment.yaml"]["spec"]["template"]["spec"]
         (container,) = pod["containers"]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert container["securityContext"]["readOnlyRootFilesystem"] is True
         assert set(container["resources"]) == {"requests", "limits"}
-        assert container["readinessProbe"]["grpc"]["port"] == container["ports"][0]["containerPort"]
-        assert "grpc" in container["livenessProbe"]
+        assert container["readinessProbe"]["grpc"]["port"] == ports["health"]
+        assert container["livenessProbe"]["grpc"]["port"] == ports["health"]
+        assert f"0.0.0.0:{ports['health']}" in container["args"]
+        assert f"0.0.0.0:{ports['metrics']}" in container["args"]
+
+    def test_tls_to_the_server_mounts_the_secret(self):
+        """With --extproc-tls-ca the server serves TLS from the mounted Secret; probes stay plaintext."""
+        options = RenderOptions(extproc_tls_ca="/etc/certs/extproc-ca.pem")
+        pod = render_manifests(options)["deployment.yaml"]["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        args = container["args"]
+        assert args[args.index("--tls-cert") + 1].endswith("/tls.crt")
+        assert args[args.index("--tls-key") + 1].endswith("/tls.key")
+        assert {"name": "tls", "secret": {"secretName": "extproc-doctor-tls"}} in pod["volumes"]
+        assert "--tls-cert" not in render_manifests(RenderOptions())["deployment.yaml"]["spec"][
+            "template"]["spec"]["containers"][0]["args"]  # fmt: skip
 
     def test_service_is_grpc(self):
         """The Service port is named grpc with appProtocol grpc, so a mesh speaks HTTP/2 to it."""
@@ -190,3 +206,20 @@ class TestCommand:
         """A bad option exits 2 and names the flag."""
         assert run(["render", "k8s", "--namespace", "NO"]) == 2
         assert "--namespace" in capsys.readouterr().err
+
+
+class TestIstioPlacement:
+    @pytest.mark.parametrize("mode", list(RenderMode))
+    def test_first_on_outbound_and_gateway_before_router_inbound(self, mode):
+        """Outbound and gateway filters go first, ahead of Istio's metadata exchange; inbound ones before the router."""
+        envoy_filter = render_envoy_filter(RenderOptions(mode=mode))
+        placement = {
+            (patch["match"]["context"], patch["patch"]["operation"])
+            for patch in envoy_filter["spec"]["configPatches"]
+            if patch["applyTo"] == "HTTP_FILTER"
+        }
+        assert placement == {
+            ("SIDECAR_OUTBOUND", "INSERT_FIRST"),
+            ("GATEWAY", "INSERT_FIRST"),
+            ("SIDECAR_INBOUND", "INSERT_BEFORE"),
+        }

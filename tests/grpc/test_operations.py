@@ -247,6 +247,19 @@ class TestTls:
             async with secure_channel(server.port, server_files, client_files) as ch:
                 assert await health(ch) == health_pb2.HealthCheckResponse.SERVING
 
+    async def test_plaintext_health_port_beside_tls(self, pki):
+        """--health-listen answers health in plaintext and serves nothing else there."""
+        _, server_files, _, _ = pki
+        tls = TlsFiles(server_files.cert_chain, server_files.private_key)
+        async with (
+            ExtProcServer(Policy(), tls=tls, health_listen="127.0.0.1:0") as server,
+            grpc.aio.insecure_channel(f"127.0.0.1:{server.health_port}") as ch,
+        ):
+            assert await health(ch) == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await exchange(ch, request_headers([(":authority", "a")]))
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
     async def test_unusable_files_fail_start_with_their_names(self, pki):
         """A key that does not match the certificate is refused before the server starts."""
         _, server_files, client_files, _ = pki
