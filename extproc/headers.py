@@ -64,44 +64,57 @@ Matcher = Callable[[str, str, frozenset[str]], bool]  # (name, value, all names)
 
 @dataclass(frozen=True, slots=True)
 class HeaderRule:
-    """Headers to remove (or rename) when the policy switch and the direction allow it."""
+    """Headers to remove (or rename) when the policy switch and the direction allow it.
+
+    `names` are the header names the rule looks at, so most requests are ruled out by one
+    set intersection; None means every name containing `_`. `when`, if given, must also
+    hold for the header.
+    """
 
     subject: str  # names the rule in x-extproc-actions: strip-<subject>
-    matches: Matcher
+    names: frozenset[str] | None
     setting: str | None  # the Policy field that switches it; None: always strip
     directions: frozenset[Direction] = _EVERYWHERE
+    when: Matcher | None = None
 
 
 RULES: tuple[HeaderRule, ...] = (
     HeaderRule(
         "hop-by-hop-headers",
-        lambda n, v, _: n in _HOP_BY_HOP or (n == "te" and v.strip().lower() != "trailers"),
+        _HOP_BY_HOP | {"te"},
         setting=None,
+        when=lambda n, v, _: n != "te" or v.strip().lower() != "trailers",
     ),
     # RFC 9112 §6.3: with both, Transfer-Encoding wins and Content-Length must go.
     HeaderRule(
         "content-length",
-        lambda n, _, names: n == "content-length" and "transfer-encoding" in names,
+        frozenset({"content-length"}),
         setting=None,
+        when=lambda _n, _v, names: "transfer-encoding" in names,
     ),
     HeaderRule(
         "echoed-envoy-headers",
-        lambda n, _v, _names: n in ECHOED_ENVOY_HEADERS,
+        ECHOED_ENVOY_HEADERS,
         setting="echoed_envoy_headers",
         directions=frozenset({Direction.EDGE, Direction.OUTBOUND}),
     ),
     HeaderRule(
         "forwarding-headers",
-        lambda n, _v, _names: n in FORWARDING_HEADERS,
+        FORWARDING_HEADERS,
         setting="forwarding_headers",
         directions=frozenset({Direction.EDGE}),
     ),
-    HeaderRule(
-        "underscore-headers",
-        lambda n, _v, _names: "_" in n,
-        setting="underscore_headers",
-    ),
+    HeaderRule("underscore-headers", None, setting="underscore_headers"),
 )
+
+
+def _candidates(rule: HeaderRule, names: frozenset[str]) -> frozenset[str]:
+    """The request's header names this rule may act on: no Python loop on a clean request."""
+    if rule.names is not None:
+        return rule.names & names
+    if "_" not in "".join(names):
+        return frozenset()
+    return frozenset(n for n in names if "_" in n)
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,7 +196,13 @@ def decide(
     names = frozenset(n for n, _ in headers)
     out = _Builder()
     for rule, action, report in rules:
-        hits = [(n, v) for n, v in headers if rule.matches(n, v, names)]
+        candidates = _candidates(rule, names)
+        if not candidates:
+            continue
+        when = rule.when
+        hits = [
+            (n, v) for n, v in headers if n in candidates and (when is None or when(n, v, names))
+        ]
         if hits:
             _apply_rule(out, rule, hits, names, action=action, report=report)
     host = _authority(headers)

@@ -14,7 +14,7 @@ import math
 import signal
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
@@ -131,9 +131,9 @@ def _number(fields: Any, key: str, limit: int) -> int | None:
     return int(number) if 0 <= number <= limit else None
 
 
-def _code(text: str) -> int | None:
+def _code_of(raw: bytes | None) -> int | None:
     """A status or grpc-status header value, if it is one."""
-    return int(text) if len(text) <= 3 and text.isascii() and text.isdigit() else None
+    return int(raw) if raw is not None and len(raw) <= 3 and raw.isdigit() else None
 
 
 def on_request_headers(
@@ -155,51 +155,62 @@ def on_request_headers(
     )
 
 
-def evidence_of(request: pb.ProcessingRequest, host: str) -> Evidence:
-    """The failure evidence of a response_headers message: attributes first, headers second."""
-    status = grpc_status = None
-    answered = overloaded = False
-    for name, value in header_pairs(request.response_headers):
-        if name == ":status":
-            status = _code(value)
-        elif name == "grpc-status":
-            grpc_status = _code(value)
-        elif name == "x-envoy-upstream-service-time":
-            answered = True
-        elif name == "x-envoy-overloaded":
-            overloaded = True
+_RESPONSE_SIGNS = frozenset(
+    {":status", "grpc-status", "x-envoy-upstream-service-time", "x-envoy-overloaded"}
+)
+
+
+def _triage(request: pb.ProcessingRequest) -> tuple[Evidence, Any]:
+    """Just enough evidence to tell whether Envoy failed the response, and the attributes.
+
+    Only the four response headers and two attributes that decide it are read, so a
+    clean response costs no more than that.
+    """
+    signs = {h.key: h.raw_value or h.value.encode() for h in request.response_headers.headers.headers
+             if h.key in _RESPONSE_SIGNS}  # fmt: skip
+    status, grpc_status = _code_of(signs.get(":status")), _code_of(signs.get("grpc-status"))
+    answered = "x-envoy-upstream-service-time" in signs
+    overloaded = "x-envoy-overloaded" in signs
     fields = _attributes(request)
     if fields is None:
-        return Evidence(
-            status=status,
-            grpc_status=grpc_status,
-            upstream_answered=answered,
-            overloaded=overloaded,
-            host=host,
-        )
-    return Evidence(
+        return Evidence(status=status, grpc_status=grpc_status, upstream_answered=answered,
+                        overloaded=overloaded), None  # fmt: skip
+    evidence = Evidence(
         status=status if status is not None else _number(fields, "response.code", 999),
         flags=_number(fields, "response.flags", F.ALL_FLAGS) or 0,
         code_details=_text(fields, "response.code_details"),
+        grpc_status=grpc_status,
+        upstream_answered=answered,
+        overloaded=overloaded,
+        has_attributes=True,
+    )
+    return evidence, fields
+
+
+def evidence_of(request: pb.ProcessingRequest, host: str) -> Evidence:
+    """The failure evidence of a response_headers message: attributes first, headers second."""
+    evidence, fields = _triage(request)
+    if fields is None:
+        return replace(evidence, host=host)
+    return replace(
+        evidence,
         transport_failure_reason=_text(fields, "upstream.transport_failure_reason"),
         cluster=_text(fields, "xds.cluster_name"),
         upstream_address=_text(fields, "upstream.address"),
         route=_text(fields, "xds.route_name"),
         cluster_metadata=_text(fields, "xds.cluster_metadata"),
         host=host or _text(fields, "request.host"),
-        grpc_status=grpc_status,
-        upstream_answered=answered,
-        overloaded=overloaded,
-        has_attributes=True,
     )
 
 
 def on_response_headers(request: pb.ProcessingRequest, state: StreamState) -> pb.ProcessingResponse:
+    applied = state.decision.applied
+    if not applied and not is_envoy_failure(_triage(request)[0]):
+        return CONTINUE["response_headers"]
     evidence = evidence_of(request, state.decision.host)
     if state.cluster_tls is not None and is_envoy_failure(evidence):
         evidence = state.cluster_tls.enrich(evidence)
     diagnosis = state.diagnosis = classify(evidence)
-    applied = state.decision.applied
     if diagnosis is None and not applied:
         return CONTINUE["response_headers"]
     headers: list[Header] = []

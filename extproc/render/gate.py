@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 
 from extproc.config import Action, Direction, Policy
-from extproc.headers import ECHOED_ENVOY_HEADERS, FORWARDING_HEADERS, RULES
+from extproc.headers import RULES
 
 
 class Phase(enum.StrEnum):
@@ -55,13 +55,8 @@ RESPONSE_CONDITIONS: tuple[tuple[str, Condition], ...] = (
     ),
 )
 
-# Rules whose whole condition is the presence of known headers, by their policy setting.
-PRESENCE_RULES: dict[str, frozenset[str]] = {
-    "echoed_envoy_headers": ECHOED_ENVOY_HEADERS,
-    "forwarding_headers": FORWARDING_HEADERS,
-}
-# Rules that look at every header name: no Envoy matcher can enumerate names.
-NAME_RULES = frozenset({"underscore_headers"})
+# A rule with a set of `names` is gated on their presence; a rule that looks at every
+# header name (`names` None: underscores) cannot be, since no Envoy matcher enumerates names.
 # RULES rows without a setting (hop-by-hop, Content-Length with Transfer-Encoding) guard
 # against what Envoy's HTTP connection manager already removes or rejects: nothing to send.
 
@@ -86,14 +81,12 @@ def request_gate(policy: Policy, listener: Direction) -> RequestGate:
         action: Action = getattr(policy, rule.setting)
         if action is Action.KEEP:
             continue
-        if rule.setting in PRESENCE_RULES:
-            conditions += [
-                (HeaderTest(Phase.REQUEST, name),) for name in sorted(PRESENCE_RULES[rule.setting])
-            ]
-        elif rule.setting in NAME_RULES:
+        if rule.when is not None:
+            raise ValueError(f"gated mode does not know how to gate the {rule.setting} rule")
+        if rule.names is None:
             unstated.append((rule.setting, action))
         else:
-            raise ValueError(f"gated mode does not know how to gate the {rule.setting} rule")
+            conditions += [(HeaderTest(Phase.REQUEST, name),) for name in sorted(rule.names)]
     conditions += _host_conditions(policy)
     return _with_unstated(tuple(conditions), unstated, policy)
 

@@ -9,13 +9,7 @@ import pytest
 
 from extproc.config import Action, Direction, Mode, Policy
 from extproc.headers import ECHOED_ENVOY_HEADERS, FORWARDING_HEADERS, RULES
-from extproc.render.gate import (
-    NAME_RULES,
-    PRESENCE_RULES,
-    RESPONSE_CONDITIONS,
-    Phase,
-    request_gate,
-)
+from extproc.render.gate import RESPONSE_CONDITIONS, Phase, request_gate
 
 QUIET = Policy(
     echoed_envoy_headers=Action.KEEP,
@@ -34,9 +28,15 @@ def authority_patterns(gate) -> list[str]:
 
 class TestRequestGate:
     def test_every_switchable_rule_is_gated_or_named(self):
-        """Each policy-switched header rule is either a presence test or a known name rule, so a new rule cannot slip past gated mode."""
-        settings = {rule.setting for rule in RULES if rule.setting is not None}
-        assert settings == set(PRESENCE_RULES) | NAME_RULES
+        """Each policy-switched header rule is a presence test on its names or a name rule the gate reports, so a new rule cannot slip past gated mode."""
+        switched = [rule for rule in RULES if rule.setting is not None]
+        assert all(rule.when is None for rule in switched)
+        for direction in (Direction.EDGE, Direction.OUTBOUND, Direction.INBOUND):
+            gate = request_gate(Policy(), direction)
+            assert not gate.every_request
+            for rule in switched:
+                if direction in rule.directions and rule.names is not None:
+                    assert rule.names <= present(gate)
 
     def test_outbound_sends_echoed_headers_only(self):
         """On an outbound listener the echoed x-envoy-* headers are tested, the edge-only forwarding headers are not."""
