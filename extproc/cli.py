@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import sys
@@ -54,6 +53,10 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     """The serve command's arguments as a ServeConfig; the policy file is checked here too."""
     if args.config:
         load_policy(args.config)  # fail before binding anything
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {args.workers}")
+    if args.workers > 1 and not args.listen.startswith("unix:") and args.listen.endswith(":0"):
+        raise ConfigError("--workers needs a fixed port: with port 0 each worker would get its own")
     if args.max_streams < 1:
         raise ConfigError(f"--max-streams must be at least 1, got {args.max_streams}")
     return ServeConfig(
@@ -64,6 +67,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         metrics_listen=args.metrics_listen,
         health_listen=args.health_listen,
         max_streams=args.max_streams,
+        workers=args.workers,
         envoy_admin=_envoy_admin(args.envoy_admin),
     )
 
@@ -77,17 +81,26 @@ def _envoy_admin(url: str | None) -> str | None:
         raise ConfigError(str(exc)) from None
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from extproc.server import serve
+def run_server(config: ServeConfig) -> int:
+    """One server process until it is told to stop; 1 when it cannot start."""
+    from extproc.server import run
     from extproc.tls import TlsError
 
-    config = serve_config(args)
     try:
-        asyncio.run(serve(config))
+        run(config)
     except (OSError, TlsError) as exc:
         print(f"extproc serve: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = serve_config(args)
+    if config.workers == 1:
+        return run_server(config)
+    from extproc.workers import Supervisor
+
+    return Supervisor(config, args.log_level or "info").run()
 
 
 def _evidence_from_flags(args: argparse.Namespace) -> Evidence:
@@ -298,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--listen",
         default="0.0.0.0:50051",
         metavar="HOST:PORT",
-        help="address to listen on (default: %(default)s)",
+        help="address to listen on, or unix:/path/to/socket (default: %(default)s)",
     )
     serve.add_argument(
         "--config", metavar="POLICY.yaml", help="policy file (default: built-in policy)"
@@ -328,6 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--health-listen",
         metavar="HOST:PORT",
         help="also serve grpc.health.v1 alone, in plaintext, here (kubelet probes cannot use TLS)",
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="server processes; TCP: all on the address (SO_REUSEPORT), unix:PATH: PATH.0 .. PATH.N-1",
     )
     serve.add_argument(
         "--max-streams",

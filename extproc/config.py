@@ -196,6 +196,8 @@ class ServeConfig:
     # Streams beyond this get RESOURCE_EXHAUSTED at once; with failure_mode_allow Envoy
     # then passes the request through unannotated instead of waiting.
     max_streams: int = 1000
+    # Server processes (see extproc/workers.py).
+    workers: int = 1
     # How often the policy file is checked for changes (SIGHUP reloads at once).
     reload_interval: float = 2.0
     # Envoy's admin base URL: the clusters' TLS settings sharpen handshake diagnoses.

@@ -9,6 +9,7 @@ needs neither protobuf nor envoy-data-plane, and the server can import it cheapl
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 from typing import Any
 
 # The dynamic metadata namespace the server writes the diagnosis into. Access logs read
@@ -78,6 +79,16 @@ def ext_proc_filter(
     }
 
 
+def _http2_only() -> dict[str, Any]:
+    """Cluster protocol options: gRPC needs HTTP/2 to the server."""
+    return {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}},
+        }
+    }
+
+
 def ext_proc_cluster(
     name: str, host: str, port: int, *, tls_ca: str | None = None
 ) -> dict[str, Any]:
@@ -92,12 +103,7 @@ def ext_proc_cluster(
         "name": name,
         "type": discovery_type(host),
         "connect_timeout": "1s",
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        },
+        "typed_extension_protocol_options": _http2_only(),
         "load_assignment": {
             "cluster_name": name,
             "endpoints": [
@@ -116,6 +122,21 @@ def ext_proc_cluster(
     if tls_ca is not None:
         cluster["transport_socket"] = _upstream_tls(host, tls_ca)
     return cluster
+
+
+def ext_proc_pipe_cluster(name: str, paths: Sequence[str]) -> dict[str, Any]:
+    """A cluster for a server co-located with Envoy on Unix sockets (`serve --listen unix:PATH`).
+
+    With `--workers N` the server listens on PATH.0 .. PATH.N-1: list them all.
+    """
+    endpoints = [{"endpoint": {"address": {"pipe": {"path": path}}}} for path in paths]
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": _http2_only(),
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}]},
+    }
 
 
 def _upstream_tls(sni: str, ca_file: str) -> dict[str, Any]:

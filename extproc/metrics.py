@@ -39,7 +39,10 @@ class Metrics:
             "extproc_streams", "ext_proc streams opened (one per HTTP request)", registry=r
         )
         self.active_streams = Gauge(
-            "extproc_streams_active", "ext_proc streams open now", registry=r
+            "extproc_streams_active",
+            "ext_proc streams open now",
+            registry=r,
+            multiprocess_mode="livesum",  # summed over live workers under --workers
         )
         messages = Counter(
             "extproc_messages", "ProcessingRequest messages by kind", ["kind"], registry=r

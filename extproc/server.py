@@ -27,6 +27,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+try:
+    import uvloop
+except ImportError:  # not on every platform; the server runs on asyncio's loop then
+    uvloop = None  # type: ignore[assignment]
+
 from extproc import flags as F
 from extproc.annotate import (
     ACTIONS_HEADER,
@@ -394,6 +399,14 @@ class ExtProcServer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+def run(config: ServeConfig) -> None:
+    """Serve on uvloop where it is installed (faster gRPC streams), else asyncio's loop."""
+    if uvloop is None:
+        asyncio.run(serve(config))
+    else:
+        uvloop.run(serve(config))
 
 
 async def serve(config: ServeConfig) -> None:

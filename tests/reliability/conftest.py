@@ -24,7 +24,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from extproc.filter_config import ext_proc_cluster, ext_proc_filter
+from extproc.filter_config import ext_proc_cluster, ext_proc_filter, ext_proc_pipe_cluster
 from extproc.lab.envoy import EnvoyProcess, free_port
 
 LOOPBACK = "127.0.0.1"
@@ -35,14 +35,14 @@ class ServerProcess:
 
     def __init__(self, port: int, log_path: Path, *args: str) -> None:
         self.port = port
+        self.listen = f"{LOOPBACK}:{port}"
         self.args = args
         # A file, not a pipe: each diagnosis is a log line, and a full pipe stalls the server.
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Self:
-        listen = f"{LOOPBACK}:{self.port}"
-        cmd = [sys.executable, "-m", "extproc", "serve", "--listen", listen, *self.args]
+        cmd = [sys.executable, "-m", "extproc", "serve", "--listen", self.listen, *self.args]
         with self.log_path.open("ab") as log:
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
             self.proc = subprocess.Popen(cmd, stderr=log, env=env)
@@ -56,7 +56,10 @@ class ServerProcess:
         """Until health says SERVING; fails at once, with the server's log, if it exits."""
         assert self.proc is not None
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(f"{LOOPBACK}:{self.port}") as channel:
+        target = self.listen if self.listen.startswith("unix:") else f"{LOOPBACK}:{self.port}"
+        if "--workers" in self.args and target.startswith("unix:"):
+            target += ".0"
+        with grpc.insecure_channel(target) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
@@ -112,7 +115,9 @@ def server_process(tmp_path: Path) -> Iterator[ServerProcess]:
         server.close()
 
 
-def bootstrap(extproc_port: int, *, failure_mode_allow: bool = True) -> dict[str, Any]:
+def bootstrap(
+    extproc_port: int, *, failure_mode_allow: bool = True, pipes: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """A listener with the ext_proc filter, `/ok` answered by Envoy, `/fail` to a dead port."""
     routes = [
         {
@@ -149,7 +154,12 @@ def bootstrap(extproc_port: int, *, failure_mode_allow: bool = True) -> dict[str
         "load_assignment": {"cluster_name": "refused", "endpoints": [{"lb_endpoints": [
             {"endpoint": {"address": {"socket_address": {"address": LOOPBACK, "port_value": free_port()}}}}]}]},
     }  # fmt: skip
-    clusters = [refused, ext_proc_cluster("extproc", LOOPBACK, extproc_port)]
+    extproc = (
+        ext_proc_pipe_cluster("extproc", pipes)
+        if pipes
+        else ext_proc_cluster("extproc", LOOPBACK, extproc_port)
+    )
+    clusters = [refused, extproc]
     return {"static_resources": {"listeners": [listener], "clusters": clusters}}
 
 
@@ -158,7 +168,7 @@ def envoy_for(tmp_path) -> Iterator[Any]:
     """A factory: an Envoy in front of the server port, torn down after the test."""
     started: list[EnvoyProcess] = []
 
-    def start(extproc_port: int, **kw: bool) -> int:
+    def start(extproc_port: int, **kw: Any) -> int:
         workdir = tmp_path / f"envoy{len(started)}"
         workdir.mkdir()
         envoy = EnvoyProcess(bootstrap(extproc_port, **kw), workdir=workdir)

@@ -125,3 +125,33 @@ class TestErrors:
         """policy_from_mapping names the source it was given."""
         with pytest.raises(PolicyError, match=r"^inline: unknown key 'x'"):
             policy_from_mapping({"x": 1}, source="inline")
+
+
+class TestServeArguments:
+    def parse(self, *argv: str):
+        from extproc.cli import build_parser, serve_config
+
+        return serve_config(build_parser().parse_args(["serve", *argv]))
+
+    def test_workers_need_a_fixed_port(self):
+        """--workers with port 0 is refused: each worker would bind a different port."""
+        from extproc.cli import ConfigError
+
+        with pytest.raises(ConfigError, match="--workers needs a fixed port"):
+            self.parse("--listen", "127.0.0.1:0", "--workers", "2")
+
+    def test_tls_key_without_cert(self):
+        """--tls-key alone is refused with the flags named."""
+        from extproc.cli import ConfigError
+
+        with pytest.raises(ConfigError, match="--tls-cert and --tls-key go together"):
+            self.parse("--tls-key", "k.pem")
+
+    def test_unix_socket_per_worker(self):
+        """On a Unix socket each worker gets its own path; on TCP they share the address."""
+        from extproc.workers import worker_listen
+
+        assert self.parse("--listen", "unix:/run/x.sock", "--workers", "2").workers == 2
+        assert worker_listen("unix:/run/x.sock", 1, 2) == "unix:/run/x.sock.1"
+        assert worker_listen("unix:/run/x.sock", 0, 1) == "unix:/run/x.sock"
+        assert worker_listen("0.0.0.0:50051", 1, 2) == "0.0.0.0:50051"
