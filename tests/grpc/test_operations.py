@@ -104,6 +104,15 @@ class TestMetrics:
         assert 'extproc_diagnoses_total{reason="no_route"} 1.0' in body
 
 
+async def reported(servicer: ExternalProcessor) -> bool:
+    """Wait (up to 5 s) until the servicer's policy is in report mode."""
+    for _ in range(250):
+        if str(servicer.policy.mode) == "report":
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
 class TestPolicyReload:
     def reloader(self, path: Path, target: ExternalProcessor) -> PolicyReloader:
         def apply(policy: Policy) -> None:
@@ -144,11 +153,7 @@ class TestPolicyReload:
         task = asyncio.create_task(reloader.run(interval=0.02))
         try:
             path.write_text("mode: report\n# changed\n")
-            for _ in range(250):
-                if str(servicer.policy.mode) == "report":
-                    break
-                await asyncio.sleep(0.02)
-            assert str(servicer.policy.mode) == "report"
+            assert await reported(servicer)
         finally:
             task.cancel()
 
@@ -161,11 +166,7 @@ class TestPolicyReload:
         task = asyncio.create_task(reloader.run(interval=3600))
         try:
             reloader.trigger()
-            for _ in range(250):
-                if str(servicer.policy.mode) == "report":
-                    break
-                await asyncio.sleep(0.02)
-            assert str(servicer.policy.mode) == "report"
+            assert await reported(servicer)
         finally:
             task.cancel()
 
