@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint unit deploy clean
+.PHONY: run test lint unit deploy bench bench-tools clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,22 @@ unit: $(STAMP)
 deploy: $(STAMP)
 	rm -rf deploy
 	$(BIN)/extproc render all --output-dir deploy
+
+## bench: every configuration through a real Envoy, side by side (wrk, h2load); BENCH_ARGS=--help
+bench: $(STAMP) bench-tools
+	BENCH_COMMAND="make bench $(BENCH_ARGS)" $(BIN)/python -m bench $(BENCH_ARGS)
+
+# wrk and h2load (Debian package nghttp2-client), installed with apt-get when missing.
+bench-tools:
+	@if ! command -v wrk >/dev/null || ! command -v h2load >/dev/null; then \
+	  if ! command -v apt-get >/dev/null; then \
+	    echo "make bench: wrk and h2load are missing and there is no apt-get;" \
+	      "install wrk and h2load (nghttp2) with your package manager" >&2; \
+	    exit 1; \
+	  fi; \
+	  sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	  $$sudo apt-get update -qq && $$sudo apt-get install -y -qq wrk nghttp2-client; \
+	fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -26,6 +26,7 @@ _KEY = re.compile(r"[a-z*][a-z0-9_\-.*]*")
 _PLAIN = frozenset(range(0x20, 0x7F)) - {ord("%"), ord('"'), ord("\\")}
 _ESCAPES = {ord('"'): '\\"', ord("\\"): "\\\\"}
 # What each byte becomes inside an sf-string.
+_PLAIN_TEXT = re.compile(r"[ !#$&-\[\]-~]*")  # printable ASCII except " % \\
 _PIECES = tuple(chr(b) if b in _PLAIN else _ESCAPES.get(b) or f"%{b:02x}" for b in range(256))
 
 
@@ -47,6 +48,8 @@ def sf_string(value: str, limit: int = MAX_VALUE) -> str:
     The content is at most `limit` characters; a longer one is cut, never inside an
     escape, and ends in `...`.
     """
+    if len(value) <= limit and _PLAIN_TEXT.fullmatch(value):
+        return f'"{value}"'  # the common case: nothing to escape or cut
     pieces = [_PIECES[byte] for byte in _utf8(value)]
     if sum(map(len, pieces)) > limit:
         kept, size = [], 0

@@ -104,9 +104,15 @@ def _mutation(
     return pb.HeaderMutation(set_headers=options, remove_headers=list(remove))
 
 
-def _metadata(fields: dict[str, Any]) -> struct_pb2.Struct:
+def _metadata(fields: dict[str, str | int]) -> struct_pb2.Struct:
+    """Our dynamic metadata namespace holding flat string and number fields."""
     meta = struct_pb2.Struct()
-    meta.update({METADATA_NAMESPACE: fields})
+    namespace = meta.fields[METADATA_NAMESPACE].struct_value.fields
+    for key, value in fields.items():
+        if isinstance(value, str):
+            namespace[key].string_value = value
+        else:
+            namespace[key].number_value = value
     return meta
 
 
@@ -231,9 +237,9 @@ def on_response_headers(request: pb.ProcessingRequest, state: StreamState) -> pb
     return response
 
 
-def _diagnosis_fields(diagnosis: Diagnosis) -> dict[str, Any]:
+def _diagnosis_fields(diagnosis: Diagnosis) -> dict[str, str | int]:
     """The diagnosis for access logs and our own log: every string escaped as in the header."""
-    fields: dict[str, Any] = {"reason": diagnosis.reason, "hint": diagnosis.hint}
+    fields: dict[str, str | int] = {"reason": diagnosis.reason, "hint": diagnosis.hint}
     for key, value in diagnosis.evidence:
         fields[key] = printable(value, MAX_VALUE) if isinstance(value, str) else value
     return fields

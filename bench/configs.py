@@ -1,0 +1,171 @@
+"""The configurations the benchmark compares, as data, and the Envoy bootstrap of each.
+
+Every Envoy configuration starts from the standalone bootstrap that `extproc render envoy`
+produces, so the benchmark measures what users deploy; then it is re-pointed for the
+bench: the listener on a free loopback port, the ext_proc cluster at the server under
+test, the access log removed (it would measure Envoy's log writing, the same in every
+row), and the route either answered by Envoy itself (a direct 200, so no upstream is
+the bottleneck) or sent to a port where nothing listens (Envoy's refused-upstream 503).
+"Envoy alone" is the same bootstrap without the doctor's filters.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from extproc.filter_config import ext_proc_pipe_cluster
+from extproc.render import RenderMode, RenderOptions
+from extproc.render.envoy_bootstrap import LISTENER, UPSTREAM_CLUSTER, render_bootstrap
+from extproc.render.options import NAME
+
+__all__ = ["CONFIGS", "DIRECT", "LISTENER", "Config", "Direct", "Filter", "Route", "Server"]
+
+
+class Server(enum.StrEnum):
+    """Which ext_proc server a configuration runs."""
+
+    NAIVE = "naive"  # bench/naive_servicer.py: continues everything
+    OURS = "ours"  # extproc serve, default policy
+
+
+class Filter(enum.StrEnum):
+    """How Envoy calls the server."""
+
+    NONE = "none"  # Envoy alone
+    ALWAYS = "always"  # every request: `extproc render envoy --mode always`
+    GATED = "gated"  # only what the matchers pick: `--mode gated`
+
+
+class Route(enum.StrEnum):
+    """What answers the request."""
+
+    OK = "ok"  # Envoy's direct response, 200
+    REFUSED = "refused"  # an upstream port where nothing listens: Envoy's 503, flag UF
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """One row of the table: an Envoy, maybe a server, and the traffic it gets."""
+
+    name: str
+    title: str
+    filter: Filter
+    route: Route
+    server: Server | None = None
+    # `extproc serve --workers N`, and whether it listens on a Unix socket (Envoy: `pipe`).
+    workers: int = 1
+    unix_socket: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.server is None) != (self.filter is Filter.NONE):
+            raise ValueError(f"{self.name}: a server goes with a filter, and only then")
+        if (self.workers > 1 or self.unix_socket) and self.server is not Server.OURS:
+            raise ValueError(f"{self.name}: only our server has workers and Unix sockets")
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """What `extproc serve --help` must mention for this row to run."""
+        return ("--workers",) * (self.workers > 1) + ("unix:",) * self.unix_socket
+
+    @property
+    def expected_status(self) -> int:
+        return 200 if self.route is Route.OK else 503
+
+    @property
+    def annotated(self) -> bool:
+        """Whether each response should carry x-extproc-diagnosis (the server ran on it)."""
+        return self.server is Server.OURS and self.route is Route.REFUSED
+
+    @property
+    def streams_per_request(self) -> int:
+        """Process streams the server should see per request: how the CPU is shared out."""
+        if self.filter is Filter.ALWAYS or (
+            self.filter is Filter.GATED and self.route is Route.REFUSED
+        ):
+            return 1
+        return 0
+
+
+@dataclass(frozen=True, slots=True)
+class Direct:
+    """A row of the direct gRPC table: a server loaded by bench/grpc_load.py, no Envoy."""
+
+    name: str
+    title: str
+    server: Server
+
+
+CONFIGS: tuple[Config, ...] = (
+    Config("envoy", "Envoy alone", Filter.NONE, Route.OK),
+    Config("naive", "naive servicer, always-on", Filter.ALWAYS, Route.OK, Server.NAIVE),
+    Config("always", "ours, always-on", Filter.ALWAYS, Route.OK, Server.OURS),
+    Config("gated", "ours, gated, clean traffic", Filter.GATED, Route.OK, Server.OURS),
+    Config("gated-fail", "ours, gated, refused upstream", Filter.GATED, Route.REFUSED, Server.OURS),
+    Config("envoy-fail", "Envoy alone, refused upstream", Filter.NONE, Route.REFUSED),
+    Config(
+        "always-workers2", "ours, always-on, --workers 2", Filter.ALWAYS, Route.OK, Server.OURS,
+        workers=2,
+    ),
+    Config(
+        "always-unix", "ours, always-on, Unix socket", Filter.ALWAYS, Route.OK, Server.OURS,
+        unix_socket=True,
+    ),
+    Config(
+        "always-unix-workers2", "ours, always-on, Unix socket, --workers 2", Filter.ALWAYS,
+        Route.OK, Server.OURS, workers=2, unix_socket=True,
+    ),
+)  # fmt: skip
+
+DIRECT: tuple[Direct, ...] = (
+    Direct("grpc-naive", "naive servicer, direct gRPC", Server.NAIVE),
+    Direct("grpc-ours", "ours, direct gRPC", Server.OURS),
+)
+
+
+def bootstrap(
+    config: Config, *, extproc: str | None, refused_port: int, unix_paths: Sequence[str] = ()
+) -> dict[str, Any]:
+    """The Envoy bootstrap of `config`.
+
+    `extproc` is the server's HOST:PORT (None: no server); `unix_paths`, if any, replace it
+    with `ext_proc_pipe_cluster`: one `pipe` endpoint per socket (a worker each), which
+    Envoy balances streams over.
+    """
+    mode = RenderMode.GATED if config.filter is Filter.GATED else RenderMode.ALWAYS
+    options = RenderOptions(
+        mode=mode,
+        extproc_address=extproc or "127.0.0.1:1",
+        envoy_listen="127.0.0.1:0",
+        upstream=f"127.0.0.1:{refused_port}",
+    )
+    rendered = render_bootstrap(options)
+    manager = _connection_manager(rendered)
+    manager.pop("access_log", None)
+    if config.filter is Filter.NONE:
+        manager["http_filters"] = manager["http_filters"][-1:]  # the router only
+        _drop_cluster(rendered, NAME)
+    if config.route is Route.OK:
+        (route,) = manager["route_config"]["virtual_hosts"][0]["routes"]
+        del route["route"]
+        route["direct_response"] = {"status": 200, "body": {"inline_string": "ok"}}
+        _drop_cluster(rendered, UPSTREAM_CLUSTER)
+    if unix_paths:
+        _drop_cluster(rendered, NAME)
+        rendered["static_resources"]["clusters"].append(ext_proc_pipe_cluster(NAME, unix_paths))
+    return rendered
+
+
+def _connection_manager(bootstrap: dict[str, Any]) -> dict[str, Any]:
+    (listener,) = bootstrap["static_resources"]["listeners"]
+    (chain,) = listener["filter_chains"]
+    (manager,) = chain["filters"]
+    typed_config: dict[str, Any] = manager["typed_config"]
+    return typed_config
+
+
+def _drop_cluster(bootstrap: dict[str, Any], name: str) -> None:
+    resources = bootstrap["static_resources"]
+    resources["clusters"] = [c for c in resources["clusters"] if c["name"] != name]
