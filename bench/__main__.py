@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bench import adapter
 from bench.configs import CONFIGS, DIRECT
 from bench.loadgen import tool_versions
 from bench.report import (
@@ -72,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
     text, data = render(outcome, settings, configs, directs, argv)
+    print("bench: the adapter alone, without gRPC")
+    data["adapter_cpu_us_per_stream"] = costs = adapter.measure()
+    text += "\n\n" + adapter.markdown(costs) + "\n"
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "latest.md").write_text(text)
     (args.output_dir / "latest.json").write_text(json.dumps(data, indent=2) + "\n")

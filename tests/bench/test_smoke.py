@@ -85,3 +85,13 @@ class TestPythonFallback:
         for (config, _), seen in statuses.items():
             assert set(seen) == ({"2xx"} if config == "envoy" else {"5xx"})
         assert all(s.load.requests > 0 and s.load.p50_ms <= s.load.p99_ms for s in outcome.samples)
+
+
+class TestAdapterCost:
+    def test_adapter_costs_are_reported(self, report):
+        """The report carries the adapter's CPU per stream, clean and failing, with and without metrics."""
+        out, data = report
+        costs = data["adapter_cpu_us_per_stream"]
+        assert set(costs) == {"clean", "clean_with_metrics", "failing", "failing_with_metrics"}
+        assert all(value > 0 for value in costs.values())
+        assert "The adapter alone, no gRPC" in (out / "latest.md").read_text()
