@@ -198,9 +198,8 @@ def _triage(request: pb.ProcessingRequest) -> tuple[Evidence, Any]:
     return evidence, fields
 
 
-def evidence_of(request: pb.ProcessingRequest, host: str) -> Evidence:
-    """The failure evidence of a response_headers message: attributes first, headers second."""
-    evidence, fields = _triage(request)
+def _complete(evidence: Evidence, fields: Any, host: str) -> Evidence:
+    """The triaged evidence with the rest of the attributes and the request's Host."""
     if fields is None:
         return replace(evidence, host=host)
     return replace(
@@ -216,10 +215,12 @@ def evidence_of(request: pb.ProcessingRequest, host: str) -> Evidence:
 
 def on_response_headers(request: pb.ProcessingRequest, state: StreamState) -> pb.ProcessingResponse:
     applied = state.decision.applied
-    if not applied and not is_envoy_failure(_triage(request)[0]):
+    triaged, fields = _triage(request)
+    failed = is_envoy_failure(triaged)
+    if not failed and not applied:
         return CONTINUE["response_headers"]
-    evidence = evidence_of(request, state.decision.host)
-    if state.cluster_tls is not None and is_envoy_failure(evidence):
+    evidence = _complete(triaged, fields, state.decision.host)
+    if state.cluster_tls is not None and failed:
         evidence = state.cluster_tls.enrich(evidence)
     diagnosis = state.diagnosis = classify(evidence)
     if diagnosis is None and not applied:
