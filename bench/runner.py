@@ -24,7 +24,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -32,12 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench import grpc_load
 from bench.configs import LISTENER, Config, Direct, Server, bootstrap
 from bench.loadgen import LoadResult, available_tools, run_h2load, run_python, run_wrk
 from extproc.lab.envoy import EnvoyProcess, free_port, free_ports
+from extproc.lab.health import NotServing, wait_serving
 from extproc.render.options import NAME
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,23 +161,10 @@ class ServerProcess:
 
     def _wait_target(self, target: str, timeout: float) -> None:
         assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(target) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise BenchError(
-                        f"{' '.join(self.command)} exited {self.proc.returncode}:\n{self.log_tail()}"
-                    )
-                try:
-                    reply = stub.Check(
-                        health_pb2.HealthCheckRequest(), wait_for_ready=True, timeout=0.5
-                    )
-                except grpc.RpcError:
-                    continue
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-        raise BenchError(f"{target} not SERVING within {timeout:g}s:\n{self.log_tail()}")
+        try:
+            wait_serving(target, self.proc, self.log_tail, timeout)
+        except NotServing as exc:
+            raise BenchError(str(exc)) from None
 
 
 class Deployment:

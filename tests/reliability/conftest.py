@@ -20,12 +20,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Self
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc.filter_config import ext_proc_cluster, ext_proc_filter, ext_proc_pipe_cluster
 from extproc.lab.envoy import EnvoyProcess, free_port
+from extproc.lab.health import NotServing, wait_serving
 
 LOOPBACK = "127.0.0.1"
 
@@ -55,29 +54,14 @@ class ServerProcess:
     def wait_serving(self, timeout: float = 15.0) -> None:
         """Until health says SERVING; fails at once, with the server's log, if it exits."""
         assert self.proc is not None
-        deadline = time.monotonic() + timeout
         target = self.listen if self.listen.startswith("unix:") else f"{LOOPBACK}:{self.port}"
         if "--workers" in self.args and target.startswith("unix:"):
             target += ".0"
-        with grpc.insecure_channel(target) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise AssertionError(
-                        f"extproc serve exited {self.proc.returncode}: {self.log()}"
-                    )
-                try:
-                    reply = stub.Check(
-                        health_pb2.HealthCheckRequest(), wait_for_ready=True, timeout=0.5
-                    )
-                except grpc.RpcError:
-                    continue
-                assert reply.status == health_pb2.HealthCheckResponse.SERVING
-                return
-        self.proc.kill()
-        raise AssertionError(
-            f"extproc serve on port {self.port} not SERVING after {timeout}s: {self.log()[-2000:]}"
-        )
+        try:
+            wait_serving(target, self.proc, self.log, timeout)
+        except NotServing:
+            self.proc.kill()
+            raise
 
     def rss_kib(self) -> int:
         assert self.proc is not None
