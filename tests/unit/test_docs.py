@@ -48,3 +48,18 @@ class TestReadme:
         first_block = README.split("```")[1]
         assert "make run" in first_block
         assert "make test" in first_block
+
+
+class TestCommandsTable:
+    def test_every_serve_flag_is_in_the_readme(self):
+        """Each `extproc serve` option appears in the README's Commands table."""
+        from extproc.cli import build_parser
+
+        parser = build_parser()
+        serve = parser._subparsers._group_actions[0].choices["serve"]  # argparse keeps them here
+        flags = [
+            o for action in serve._actions for o in action.option_strings if o.startswith("--")
+        ]
+        row = next(line for line in README.splitlines() if line.startswith("| `extproc serve "))
+        missing = [flag for flag in flags if flag != "--help" and flag not in row]
+        assert missing == []
