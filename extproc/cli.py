@@ -162,15 +162,21 @@ def _diagnose(args: argparse.Namespace) -> int:
     return status
 
 
+def _missing_extra(command: str, exc: ImportError) -> int:
+    """The command's optional dependencies are not installed: say which extra brings them."""
+    print(
+        f"extproc {command} needs the {command} extra "
+        f"(pip install 'extproc-doctor[{command}]'): {exc}",
+        file=sys.stderr,
+    )
+    return 2
+
+
 def _demo(args: argparse.Namespace) -> int:
     try:
         from extproc.lab.demo import run_demo
     except ImportError as exc:
-        print(
-            f"extproc demo needs the demo extra (pip install 'extproc-doctor[demo]'): {exc}",
-            file=sys.stderr,
-        )
-        return 2
+        return _missing_extra("demo", exc)
     from extproc.lab.demo import list_scenarios
     from extproc.lab.scenarios import find_scenarios
 
@@ -189,11 +195,7 @@ def _render(args: argparse.Namespace) -> int:
     try:
         from extproc.render import RenderError, RenderMode, RenderOptions, notes, render, render_all
     except ImportError as exc:
-        print(
-            f"extproc render needs the render extra (pip install 'extproc-doctor[render]'): {exc}",
-            file=sys.stderr,
-        )
-        return 2
+        return _missing_extra("render", exc)
     text = Path(args.config).read_text(encoding="utf-8") if args.config else ""
     try:
         options = RenderOptions(

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from extproc.config import policy_from_mapping
+from extproc.metrics import MESSAGE_KINDS
 from extproc.server import SERVICE_NAME, ExtProcServer, StreamState, handle
 from tests.conftest import attributes, http_headers, request_headers
 from tests.grpc.test_server import exchange
@@ -24,14 +25,6 @@ POLICY = policy_from_mapping(
     }
 )
 SECRET = "s3cr3t"
-KINDS = [
-    "request_headers",
-    "response_headers",
-    "request_body",
-    "response_body",
-    "request_trailers",
-    "response_trailers",
-]
 
 names = st.one_of(
     st.sampled_from(
@@ -68,7 +61,7 @@ attrs = st.one_of(
 
 @st.composite
 def processing_requests(draw) -> pb.ProcessingRequest:
-    kind = draw(st.sampled_from([*KINDS, None]))
+    kind = draw(st.sampled_from([*MESSAGE_KINDS, None]))
     message = pb.ProcessingRequest(observability_mode=draw(st.booleans()))
     if kind in ("request_headers", "response_headers", "request_trailers", "response_trailers"):
         pairs = [
