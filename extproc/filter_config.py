@@ -12,6 +12,8 @@ import ipaddress
 from collections.abc import Sequence
 from typing import Any
 
+from extproc.annotate import ACTIONS_HEADER, DIAGNOSIS_HEADER, HINT_HEADER
+
 # The dynamic metadata namespace the server writes the diagnosis into. Access logs read
 # it as %DYNAMIC_METADATA(extproc_doctor:reason)%.
 METADATA_NAMESPACE = "extproc_doctor"
@@ -44,20 +46,39 @@ MESSAGE_TIMEOUT = "0.5s"
 # The HTTP filter's name; the server finds the attributes under it in a ProcessingRequest.
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 
+# gRPC metadata on every stream, set per rendered filter: where the filter sits (edge,
+# outbound, inbound). The manifest knows this; `xds.listener_direction` cannot tell an
+# Istio gateway (OUTBOUND) from a sidecar's outbound side.
+DIRECTION_METADATA = "x-extproc-direction"
+
+# The response headers only the doctor may write. Whatever an upstream sends under these
+# names is removed before the client sees it (see `annotation_guard_filter`).
+ANNOTATION_HEADERS: tuple[str, ...] = (DIAGNOSIS_HEADER, HINT_HEADER, ACTIONS_HEADER)
+
+ANNOTATION_GUARD_FILTER = "extproc-doctor.annotation-guard"
+
 
 def ext_proc_filter(
-    cluster_name: str, *, failure_mode_allow: bool = True, request_headers: bool = True
+    cluster_name: str,
+    *,
+    failure_mode_allow: bool = True,
+    request_headers: bool = True,
+    direction: str | None = None,
 ) -> dict[str, Any]:
     """The `envoy.filters.http.ext_proc` HTTP filter.
 
     With `request_headers=False` it sees only the response: the shape a filter takes
-    when a response matcher creates it, after the request has gone upstream.
+    when a response matcher creates it, after the request has gone upstream. `direction`
+    (edge, outbound, inbound) travels to the server as gRPC metadata on each stream.
     """
+    grpc_service: dict[str, Any] = {"envoy_grpc": {"cluster_name": cluster_name}}
+    if direction is not None:
+        grpc_service["initial_metadata"] = [{"key": DIRECTION_METADATA, "value": direction}]
     return {
         "name": EXT_PROC_FILTER,
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-            "grpc_service": {"envoy_grpc": {"cluster_name": cluster_name}},
+            "grpc_service": grpc_service,
             "failure_mode_allow": failure_mode_allow,
             "message_timeout": MESSAGE_TIMEOUT,
             "processing_mode": {
@@ -75,6 +96,26 @@ def ext_proc_filter(
             # mutations silently.
             "mutation_rules": {"allow_all_routing": True, "allow_envoy": True},
             "metadata_options": {"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},
+        },
+    }
+
+
+def annotation_guard_filter() -> dict[str, Any]:
+    """An `envoy.filters.http.header_mutation` filter removing upstream-sent annotations.
+
+    Put it right after the doctor's filter(s): on the response path filters run in
+    reverse, so it removes what the upstream sent under `ANNOTATION_HEADERS` before ext_proc
+    writes its own, including on responses the server never sees (gated mode, or the
+    server down and the filter failing open). Checked with Envoy 1.40 in
+    tests/envoy/test_trust_e2e.py. Where the manifest owns the route configuration and the
+    mesh's Envoy lacks this filter (cilium-envoy), the route's `response_headers_to_remove`
+    does the same: the router applies it to the upstream's headers before any filter.
+    """
+    return {
+        "name": ANNOTATION_GUARD_FILTER,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+            "mutations": {"response_mutations": [{"remove": name} for name in ANNOTATION_HEADERS]},
         },
     }
 

@@ -39,7 +39,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
-from extproc.filter_config import ext_proc_cluster, ext_proc_filter
+from extproc.filter_config import annotation_guard_filter, ext_proc_cluster, ext_proc_filter
 from extproc.lab.certs import CertFiles, CertificateAuthority
 from extproc.lab.envoy import EnvoyProcess, free_ports, wait_for_port
 from extproc.lab.upstreams import HttpUpstream, echo_upstream, status_upstream
@@ -512,7 +512,10 @@ def client_bootstrap(
         CLIENT_LISTENER,
         0,
         vhosts,
-        http_filters=[ext_proc_filter(EXTPROC_CLUSTER)],
+        http_filters=[
+            ext_proc_filter(EXTPROC_CLUSTER, direction="outbound"),
+            annotation_guard_filter(),
+        ],
         access_log=access_log,
         direction="OUTBOUND",
     )
