@@ -110,8 +110,14 @@ class ServerProcess:
         ] if unix else []  # fmt: skip
         self.target = f"unix:{self.unix_paths[0]}" if unix else self.address
         module = ["extproc", "serve"] if server is Server.OURS else ["bench.naive_servicer"]
-        workers_args = ["--workers", str(workers)] if workers > 1 else []
-        self.command = [sys.executable, "-m", *module, "--listen", self.listen, *workers_args]
+        args = ["--workers", str(workers)] if workers > 1 else []
+        if server is Server.OURS:
+            # The rendered Envoy is the edge, where annotations are off by default; the
+            # bench measures (and checks) the annotated path, as at a sidecar.
+            policy = stem.with_suffix(".policy.yaml")
+            policy.write_text("response_annotations: on\n")
+            args += ["--config", str(policy)]
+        self.command = [sys.executable, "-m", *module, "--listen", self.listen, *args]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> ServerProcess:

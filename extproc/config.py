@@ -7,7 +7,6 @@ half-applied is worse than one that is refused.
 from __future__ import annotations
 
 import enum
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,8 @@ from types import MappingProxyType
 from typing import Any
 
 import yaml
+
+from extproc.authority import parse_authority, parse_host
 
 
 class PolicyError(ValueError):
@@ -35,21 +36,21 @@ class Action(enum.StrEnum):
     REWRITE = "rewrite"  # underscore headers only: x_user_id -> x-user-id
 
 
+class Exposure(enum.StrEnum):
+    """Whether the x-extproc-* response headers reach the client."""
+
+    AUTO = "auto"  # on at sidecars (inbound, outbound), off at the edge
+    ON = "on"
+    OFF = "off"  # diagnosis only in dynamic metadata, the log line and the metrics
+
+
 class Direction(enum.StrEnum):
     """Where the filter sits, which decides the rules that apply."""
 
-    AUTO = "auto"  # from the xds.listener_direction attribute; unset means edge
+    AUTO = "auto"  # what the rendered filter says, else xds.listener_direction; unset: edge
     EDGE = "edge"  # a gateway or a plain front Envoy
     OUTBOUND = "outbound"  # a sidecar's outbound listener: the app is the client
     INBOUND = "inbound"  # a sidecar's inbound listener: another sidecar is the client
-
-
-# RFC 9110 token characters; Envoy lower-cases header names.
-_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
-_HOST = re.compile(
-    r"(?:[a-z0-9](?:[a-z0-9\-_]{0,61}[a-z0-9])?\.)*[a-z0-9](?:[a-z0-9\-_]{0,61}[a-z0-9])?\.?"
-)
-_AUTHORITY = re.compile(rf"(?P<host>{_HOST.pattern}|\[[0-9a-f:.]+\])(?::(?P<port>[0-9]{{1,5}}))?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,12 +66,22 @@ class Policy:
     echoed_envoy_headers: Action = Action.STRIP
     forwarding_headers: Action = Action.STRIP
     underscore_headers: Action = Action.REPORT
+    # An underscore header whose dashed name the mesh trusts is never renamed into it;
+    # strip: drop it, keep: pass it on under its underscore name.
+    protected_rewrite: Action = Action.STRIP
     direction: Direction = Direction.AUTO
+    response_annotations: Exposure = Exposure.AUTO
     source: str = "<defaults>"
 
     @property
     def enforcing(self) -> bool:
         return self.mode is Mode.ENFORCE
+
+    def shows_annotations(self, direction: Direction) -> bool:
+        """Whether x-extproc-* headers reach the client of a filter sitting at `direction`."""
+        if self.response_annotations is Exposure.AUTO:
+            return direction is not Direction.EDGE and direction is not Direction.AUTO
+        return self.response_annotations is Exposure.ON
 
 
 # key -> (expected, converter). The converter raises ValueError with what was expected.
@@ -89,6 +100,14 @@ def _enum(kind: type[enum.StrEnum], allowed: set[Any] | None = None) -> Any:
     return convert
 
 
+def _exposure(value: object) -> Exposure:
+    """auto, on or off; YAML 1.1 reads a bare `on`/`off` as a boolean, so take those too."""
+    if isinstance(value, bool):
+        return Exposure.ON if value else Exposure.OFF
+    converted: Exposure = _enum(Exposure)(value)
+    return converted
+
+
 def _bool(value: object) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"expected true or false, got {value!r}")
@@ -102,11 +121,11 @@ def _host_rewrites(value: object) -> Mapping[str, str]:
         raise ValueError(f"expected a map from Host to authority, got {type(value).__name__}")
     rewrites: dict[str, str] = {}
     for host, target in value.items():
-        if not isinstance(host, str) or not _HOST.fullmatch(host.lower()):
+        if not isinstance(host, str) or parse_host(host) is None:
             raise ValueError(
                 f"key {host!r} is not a host name (give it without a port: the port is ignored)"
             )
-        if not isinstance(target, str) or not _AUTHORITY.fullmatch(target.lower()):
+        if not isinstance(target, str) or parse_authority(target) is None:
             raise ValueError(f"{host}: {target!r} is not an authority (host or host:port)")
         key = host.lower().rstrip(".")
         if key in rewrites:
@@ -122,7 +141,9 @@ _KEYS: dict[str, Any] = {
     "echoed_envoy_headers": _enum(Action, _SWITCH_ACTIONS),
     "forwarding_headers": _enum(Action, _SWITCH_ACTIONS),
     "underscore_headers": _enum(Action, _UNDERSCORE_ACTIONS),
+    "protected_rewrite": _enum(Action, {Action.STRIP, Action.KEEP}),
     "direction": _enum(Direction),
+    "response_annotations": _exposure,
 }
 
 

@@ -32,9 +32,11 @@ RESPONSE_ATTRIBUTES: tuple[str, ...] = (
     "xds.cluster_name",
     "xds.route_name",
     "xds.cluster_metadata",
-    # The Host the request was routed with. The server reads it from the request headers
-    # when it saw them; a response-only call (gated mode) did not.
+    # The Host the request was routed with, and where the listener sits. The server
+    # reads them with the request headers when it saw them; a response-only call (gated
+    # mode) did not.
     "request.host",
+    "xds.listener_direction",
 )
 
 # Envoy waits this long for each answer before it applies failure_mode_allow. The

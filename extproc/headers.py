@@ -10,6 +10,12 @@ hop-by-hop cases in case Envoy's settings differ.
 Each header rule is a row of `RULES`; `decide` walks the rows once over the headers. The
 Host rewrite is a separate step because it computes a new value instead of dropping one.
 Nothing here imports grpc or protobuf.
+
+No rewrite creates a header the mesh trusts (`is_protected`): Envoy removes a client's
+x-forwarded-client-cert or x-envoy-retry-on before any filter runs, so renaming a
+client's `x_forwarded_client_cert` into the free dashed name would forge an identity.
+The rules judge the request as it will leave: a rename target that a strip rule of the
+policy would remove is protected too (docs/threat-model.md, T1).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from extproc.authority import parse_authority
 from extproc.config import Action, Direction, Policy
 
 Header = tuple[str, str]  # (lower-case name, value)
@@ -56,6 +63,36 @@ FORWARDING_HEADERS = frozenset({"x-forwarded-host", "x-real-ip", "forwarded"})
 
 # Envoy removes these itself (RFC 9110 §7.6.1); kept as a cheap guard.
 _HOP_BY_HOP = frozenset({"keep-alive", "proxy-connection"})
+
+# Names the mesh trusts on a request: identity, routing, retries, telemetry, framing.
+# A rename never produces one of them, nor a name under these prefixes.
+PROTECTED_PREFIXES = ("x-envoy-", "x-forwarded-", "x-extproc-", "x-istio-")
+PROTECTED_NAMES = frozenset(
+    {
+        "forwarded",
+        "x-real-ip",
+        "x-request-id",
+        "x-client-trace-id",
+        "host",
+        "content-length",
+        "transfer-encoding",
+        # RFC 9110 §7.6.1 hop-by-hop, and the proxy credentials
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-authenticate",
+    }
+)
+
+
+def is_protected(name: str, also: frozenset[str] = frozenset()) -> bool:
+    """Whether a rewrite may not create `name` (lower case); `also`: the policy's strip names."""
+    return name in PROTECTED_NAMES or name in also or name.startswith(PROTECTED_PREFIXES)
+
 
 _EVERYWHERE = frozenset({Direction.EDGE, Direction.OUTBOUND, Direction.INBOUND})
 
@@ -145,28 +182,45 @@ class RequestDecision:
 NO_CHANGE = RequestDecision()
 
 
-def resolve_direction(policy: Policy, listener_direction: int | None) -> Direction:
-    """The policy's direction, or the listener's (Envoy's TrafficDirection: 1 in, 2 out)."""
+_LISTENER_DIRECTIONS = {1: Direction.INBOUND, 2: Direction.OUTBOUND}
+
+
+def resolve_direction(
+    policy: Policy, listener_direction: int | None, declared: Direction | None = None
+) -> Direction:
+    """Where the filter sits: the policy's `direction`, else what the rendered filter
+    declared (x-extproc-direction), else the listener's (Envoy's TrafficDirection: 1 in,
+    2 out), else the edge. An Istio gateway listener says OUTBOUND, so only the manifest
+    can tell it from a sidecar."""
     if policy.direction is not Direction.AUTO:
         return policy.direction
-    return {1: Direction.INBOUND, 2: Direction.OUTBOUND}.get(
-        listener_direction or 0, Direction.EDGE
-    )
+    if declared is not None:
+        return declared
+    return _LISTENER_DIRECTIONS.get(listener_direction or 0, Direction.EDGE)
+
+
+@dataclass(frozen=True, slots=True)
+class _Active:
+    """The rules that apply under one policy and direction, computed once."""
+
+    rules: tuple[tuple[HeaderRule, Action, bool], ...]
+    protected: frozenset[str]  # names the policy's own strip rules remove here
 
 
 @lru_cache(maxsize=64)  # a few policies (reloads) times three directions
-def _active_rules(
-    policy: Policy, direction: Direction
-) -> tuple[tuple[HeaderRule, Action, bool], ...]:
+def _active_rules(policy: Policy, direction: Direction) -> _Active:
     """The rules that apply, with their action and whether they only report; once per policy."""
     active = []
+    stripped: set[str] = set()
     for rule in RULES:
         action = Action.STRIP if rule.setting is None else getattr(policy, rule.setting)
         if action is Action.KEEP or direction not in rule.directions:
             continue
         report = action is Action.REPORT or not policy.enforcing
         active.append((rule, action, report))
-    return tuple(active)
+        if rule.names is not None:
+            stripped |= rule.names
+    return _Active(tuple(active), frozenset(stripped))
 
 
 @dataclass(slots=True)
@@ -189,13 +243,20 @@ class _Builder:
 
 
 def decide(
-    policy: Policy, headers: Sequence[Header], listener_direction: int | None = None
+    policy: Policy,
+    headers: Sequence[Header],
+    listener_direction: int | None = None,
+    declared: Direction | None = None,
 ) -> RequestDecision:
-    """What to change in a request's headers under `policy`."""
-    rules = _active_rules(policy, resolve_direction(policy, listener_direction))
+    """What to change in a request's headers under `policy`.
+
+    `direction` is where the filter sits (see `resolve_direction`); EDGE when not given.
+    """
+    direction = resolve_direction(policy, listener_direction, declared)
+    active = _active_rules(policy, direction)
     names = frozenset(n for n, _ in headers)
     out = _Builder()
-    for rule, action, report in rules:
+    for rule, action, report in active.rules:
         candidates = _candidates(rule, names)
         if not candidates:
             continue
@@ -203,10 +264,17 @@ def decide(
         hits = [
             (n, v) for n, v in headers if n in candidates and (when is None or when(n, v, names))
         ]
-        if hits:
-            _apply_rule(out, rule, hits, names, action=action, report=report)
+        if not hits:
+            continue
+        if action is Action.REWRITE:
+            _rewrite(
+                out, rule, hits, names, policy=policy, stripped=active.protected, report=report
+            )
+        else:
+            _strip(out, rule, hits, report=report)
     host = _authority(headers)
-    host = _rewrite_host(policy, host, out) if host else host
+    if host and (policy.host_rewrites or policy.strip_host_port):
+        host = _rewrite_host(policy, host, headers, direction, out)
     if not out.applied:
         return RequestDecision(host=host) if host else NO_CHANGE
     return RequestDecision(
@@ -219,27 +287,51 @@ def decide(
     )
 
 
-def _apply_rule(
+def _names(hits: Sequence[Header]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(n for n, _ in hits))
+
+
+def _strip(out: _Builder, rule: HeaderRule, hits: list[Header], *, report: bool) -> None:
+    hit_names = _names(hits)
+    out.applied.append(Applied(f"strip-{rule.subject}", hit_names, report=report))
+    if not report:
+        out.remove.update(dict.fromkeys(hit_names))
+
+
+def _rewrite(
     out: _Builder,
     rule: HeaderRule,
     hits: list[Header],
     names: frozenset[str],
     *,
-    action: Action,
+    policy: Policy,
+    stripped: frozenset[str],
     report: bool,
 ) -> None:
-    hit_names = tuple(dict.fromkeys(n for n, _ in hits))
-    verb = "rewrite" if action is Action.REWRITE else "strip"
-    out.applied.append(Applied(f"{verb}-{rule.subject}", hit_names, report=report))
-    if report:
-        return
-    out.remove.update(dict.fromkeys(hit_names))
-    if action is Action.REWRITE:
-        for name, value in hits:
-            dashed = name.replace("_", "-")
-            # An existing dashed header is the one upstreams already read: keep it alone.
-            if dashed not in names:
-                out.add(dashed, value)
+    """Rename `x_user_id` to `x-user-id`, unless the dashed name is one the mesh trusts."""
+    renames: list[Header] = []
+    blocked: list[Header] = []
+    for name, value in hits:
+        target = blocked if is_protected(name.replace("_", "-"), stripped) else renames
+        target.append((name, value))
+    refused = _names(blocked)
+    if renames:
+        renamed = _names(renames)
+        out.applied.append(Applied(f"rewrite-{rule.subject}", renamed, report=report))
+        if not report:
+            out.remove.update(dict.fromkeys(renamed))
+            for name, value in renames:
+                dashed = name.replace("_", "-")
+                # An existing dashed header is the one upstreams already read: keep it alone.
+                if dashed not in names:
+                    out.add(dashed, value)
+    if refused:
+        # Reported whatever the mode: the request asked for a trusted name.
+        out.applied.append(Applied("refuse-protected-rewrite", refused, report=True))
+        if policy.protected_rewrite is Action.STRIP:
+            out.applied.append(Applied(f"strip-{rule.subject}", refused, report=report))
+            if not report:
+                out.remove.update(dict.fromkeys(refused))
 
 
 def _authority(headers: Sequence[Header]) -> str:
@@ -252,22 +344,27 @@ def _authority(headers: Sequence[Header]) -> str:
     return ""
 
 
-def split_authority(authority: str) -> tuple[str, str]:
-    """`host:port` → (host, port); IPv6 literals keep their brackets; port may be ''."""
-    if authority.startswith("["):
-        end = authority.find("]")
-        if end != -1:
-            rest = authority[end + 1 :]
-            return authority[: end + 1], rest[1:] if rest.startswith(":") else ""
-    host, sep, port = authority.rpartition(":")
-    if sep and port.isdigit():
-        return host, port
-    return authority, ""
+def _rewrite_host(
+    policy: Policy,
+    authority: str,
+    headers: Sequence[Header],
+    direction: Direction,
+    out: _Builder,
+) -> str:
+    """Apply host_rewrites or strip_host_port; return the authority Envoy will route with.
 
-
-def _rewrite_host(policy: Policy, authority: str, out: _Builder) -> str:
-    """Apply host_rewrites or strip_host_port; return the authority Envoy will route with."""
-    host, port = split_authority(authority)
+    A Host that is not an authority (RFC 3986) is left alone and reported: no new
+    `:authority` is ever built from a piece of it. The Host the client sent goes to the
+    upstream in `x-forwarded-host`, overwriting a client's own at the edge (frameworks
+    read the first value, and at the edge nobody trustworthy has set one yet); on a
+    sidecar an x-forwarded-host already present was set by an earlier proxy and names the
+    original Host better than we can, so it is kept.
+    """
+    parsed = parse_authority(authority)
+    if parsed is None:
+        out.applied.append(Applied("invalid-host", (":authority",), report=True))
+        return authority
+    host, port = parsed
     target = policy.host_rewrites.get(host.lower().rstrip("."))
     label = "rewrite-host"
     if target is None and policy.strip_host_port and port:
@@ -279,6 +376,8 @@ def _rewrite_host(policy: Policy, authority: str, out: _Builder) -> str:
         return authority
     out.applied.append(Applied(label, (":authority",)))
     out.overwrite.append((":authority", target))
-    out.add("x-forwarded-host", authority)
+    if direction is Direction.EDGE or "x-forwarded-host" not in {n for n, _ in headers}:
+        out.remove["x-forwarded-host"] = None
+        out.add("x-forwarded-host", authority)
     out.clear_route_cache = True
     return target

@@ -13,6 +13,7 @@ import contextlib
 import math
 import signal
 import time
+import traceback
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -40,11 +41,11 @@ from extproc.annotate import (
     diagnosis_headers,
     printable,
 )
-from extproc.config import Policy, ServeConfig, TlsFiles, load_policy
+from extproc.config import Direction, Policy, ServeConfig, TlsFiles, load_policy
 from extproc.diagnosis import Diagnosis, Evidence, classify, is_envoy_failure
 from extproc.envoy_admin import ClusterTlsCache
-from extproc.filter_config import METADATA_NAMESPACE
-from extproc.headers import NO_CHANGE, Header, RequestDecision, decide
+from extproc.filter_config import ANNOTATION_HEADERS, DIRECTION_METADATA, METADATA_NAMESPACE
+from extproc.headers import NO_CHANGE, Header, RequestDecision, decide, resolve_direction
 from extproc.metrics import Metrics
 from extproc.reload import PolicyReloader
 from extproc.tls import ReloadingCredentials
@@ -76,6 +77,24 @@ class StreamState:
     diagnosis: Diagnosis | None = None
     # The clusters' TLS settings from Envoy's admin endpoint (`--envoy-admin`), if known.
     cluster_tls: ClusterTlsCache | None = None
+    # Where the rendered filter says it sits (x-extproc-direction), if it says.
+    declared: Direction | None = None
+    # Where the filter sits, once the request headers told (None: not yet known).
+    direction: Direction | None = None
+
+
+_DECLARED = {str(d): d for d in (Direction.EDGE, Direction.OUTBOUND, Direction.INBOUND)}
+
+
+def declared_direction(metadata: Sequence[tuple[str, str | bytes]] | None) -> Direction | None:
+    """The direction the rendered filter declared in the stream's gRPC metadata, if any.
+
+    An unknown value counts as not declared: the listener direction decides then.
+    """
+    for key, value in metadata or ():
+        if key == DIRECTION_METADATA:
+            return _DECLARED.get(value if isinstance(value, str) else value.decode("latin-1"))
+    return None
 
 
 def header_pairs(headers: pb.HttpHeaders) -> list[Header]:
@@ -150,8 +169,9 @@ def _code_of(raw: bytes | None) -> int | None:
 def on_request_headers(
     policy: Policy, request: pb.ProcessingRequest, state: StreamState
 ) -> pb.ProcessingResponse:
-    direction = _number(_attributes(request), "xds.listener_direction", 2)
-    decision = decide(policy, header_pairs(request.request_headers), direction)
+    listener = _number(_attributes(request), "xds.listener_direction", 2)
+    direction = state.direction = resolve_direction(policy, listener, state.declared)
+    decision = decide(policy, header_pairs(request.request_headers), declared=direction)
     state.decision = decision
     if not decision.applied:
         return CONTINUE["request_headers"]
@@ -167,25 +187,28 @@ def on_request_headers(
 
 
 _RESPONSE_SIGNS = frozenset(
-    {":status", "grpc-status", "x-envoy-upstream-service-time", "x-envoy-overloaded"}
-)
+    {":status", "grpc-status", "x-envoy-upstream-service-time", "x-envoy-overloaded",
+     *ANNOTATION_HEADERS}
+)  # fmt: skip
 
 
-def _triage(request: pb.ProcessingRequest) -> tuple[Evidence, Any]:
-    """Just enough evidence to tell whether Envoy failed the response, and the attributes.
+def _triage(request: pb.ProcessingRequest) -> tuple[Evidence, Any, tuple[str, ...]]:
+    """Just enough evidence to tell whether Envoy failed the response, the attributes, and
+    the x-extproc-* headers the upstream sent (forged: only the doctor writes them).
 
-    Only the four response headers and two attributes that decide it are read, so a
+    Only the few response headers and two attributes that decide it are read, so a
     clean response costs no more than that.
     """
     signs = {h.key: h.raw_value or h.value.encode() for h in request.response_headers.headers.headers
              if h.key in _RESPONSE_SIGNS}  # fmt: skip
+    forged = tuple(name for name in ANNOTATION_HEADERS if name in signs)
     status, grpc_status = _code_of(signs.get(":status")), _code_of(signs.get("grpc-status"))
     answered = "x-envoy-upstream-service-time" in signs
     overloaded = "x-envoy-overloaded" in signs
     fields = _attributes(request)
     if fields is None:
         return Evidence(status=status, grpc_status=grpc_status, upstream_answered=answered,
-                        overloaded=overloaded), None  # fmt: skip
+                        overloaded=overloaded), None, forged  # fmt: skip
     evidence = Evidence(
         status=status if status is not None else _number(fields, "response.code", 999),
         flags=_number(fields, "response.flags", F.ALL_FLAGS) or 0,
@@ -195,7 +218,7 @@ def _triage(request: pb.ProcessingRequest) -> tuple[Evidence, Any]:
         overloaded=overloaded,
         has_attributes=True,
     )
-    return evidence, fields
+    return evidence, fields, forged
 
 
 def _complete(evidence: Evidence, fields: Any, host: str) -> Evidence:
@@ -213,28 +236,40 @@ def _complete(evidence: Evidence, fields: Any, host: str) -> Evidence:
     )
 
 
-def on_response_headers(request: pb.ProcessingRequest, state: StreamState) -> pb.ProcessingResponse:
+def on_response_headers(
+    policy: Policy, request: pb.ProcessingRequest, state: StreamState
+) -> pb.ProcessingResponse:
     applied = state.decision.applied
-    triaged, fields = _triage(request)
+    triaged, fields, forged = _triage(request)
     failed = is_envoy_failure(triaged)
-    if not failed and not applied:
+    if not failed and not applied and not forged:
         return CONTINUE["response_headers"]
-    evidence = _complete(triaged, fields, state.decision.host)
-    if state.cluster_tls is not None and failed:
-        evidence = state.cluster_tls.enrich(evidence)
-    diagnosis = state.diagnosis = classify(evidence)
-    if diagnosis is None and not applied:
+    diagnosis = None
+    if failed or applied:
+        evidence = _complete(triaged, fields, state.decision.host)
+        if state.cluster_tls is not None and failed:
+            evidence = state.cluster_tls.enrich(evidence)
+        diagnosis = state.diagnosis = classify(evidence)
+    if diagnosis is None and not applied and not forged:
         return CONTINUE["response_headers"]
+    direction = state.direction or resolve_direction(
+        policy, _number(fields, "xds.listener_direction", 2), state.declared
+    )
     headers: list[Header] = []
-    if applied:
+    show = policy.shows_annotations(direction)
+    if applied and show:
         headers.append((ACTIONS_HEADER, actions_header(applied)))
     response = pb.ProcessingResponse()
     if diagnosis is not None:
-        headers.extend(diagnosis_headers(diagnosis))
+        if show:
+            headers.extend(diagnosis_headers(diagnosis))
         fields = _diagnosis_fields(diagnosis)
         response.dynamic_metadata.CopyFrom(_metadata(fields))
         log.warning("upstream_failure", **fields)
-    response.response_headers.response.header_mutation.CopyFrom(_mutation(headers))
+    # What the upstream sent under our names goes, unless our own value replaces it.
+    written = {name for name, _ in headers}
+    remove = [name for name in forged if name not in written]
+    response.response_headers.response.header_mutation.CopyFrom(_mutation(headers, (), remove))
     return response
 
 
@@ -255,7 +290,7 @@ def handle(
         case "request_headers":
             return on_request_headers(policy, request, state)
         case "response_headers":
-            return on_response_headers(request, state)
+            return on_response_headers(policy, request, state)
         case None:
             log.error(
                 "bad_processing_request", problem="the message sets none of the request kinds"
@@ -263,6 +298,24 @@ def handle(
             return None
         case _:
             return CONTINUE[kind]
+
+
+REDACTED = "<redacted>"
+
+
+def error_fields(exc: BaseException, request: pb.ProcessingRequest) -> dict[str, str]:
+    """An exception for the log: its type, its message and its stack, with every header
+    value of `request` cut out of the message (a message may quote the value that broke
+    it: a cookie, a token). The stack lists code locations only, never local values."""
+    message = str(exc)
+    values = {v for part in ("request_headers", "response_headers") if request.HasField(part)
+              for _, v in header_pairs(getattr(request, part))}  # fmt: skip
+    for value in sorted(values, key=len, reverse=True):
+        for form in (value, repr(value)[1:-1]):
+            if len(form) >= 3 and form in message:
+                message = message.replace(form, REDACTED)
+    stack = "".join(traceback.format_list(traceback.extract_tb(exc.__traceback__)))
+    return {"error": type(exc).__name__, "message": message, "stack": stack}
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
@@ -278,10 +331,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         self.cluster_tls: ClusterTlsCache | None = None
 
     async def Process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
-        policy, state, metrics = (
-            self.policy,
-            StreamState(cluster_tls=self.cluster_tls),
-            self.metrics,
+        policy, metrics = self.policy, self.metrics
+        state = StreamState(
+            cluster_tls=self.cluster_tls, declared=declared_direction(context.invocation_metadata())
         )
         metrics.streams.inc()
         metrics.active_streams.inc()
@@ -308,7 +360,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
             response = handle(policy, request, state)
         except Exception as exc:  # one bad message must not end the stream or the server
             self.metrics.errors["processing_failed"].inc()
-            log.error("processing_failed", kind=kind, error=type(exc).__name__)
+            log.error("processing_failed", kind=kind, **error_fields(exc, request))
             response = CONTINUE.get(kind or "")
         if kind is None:
             self.metrics.errors["bad_message"].inc()

@@ -7,8 +7,8 @@ import re
 from dataclasses import dataclass, field
 from importlib.metadata import version
 
+from extproc.authority import parse_authority
 from extproc.config import Policy
-from extproc.headers import split_authority
 
 # Kubernetes names: a DNS-1123 label.
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
@@ -29,10 +29,10 @@ class RenderMode(enum.StrEnum):
 
 def host_port(value: str, what: str) -> tuple[str, int]:
     """`host:port` (IPv6 in brackets) → (host, port), or RenderError naming `what`."""
-    host, port = split_authority(value)
-    if not host or not port or not 0 <= int(port) <= 65535:
+    parsed = parse_authority(value)
+    if parsed is None or not parsed.port:
         raise RenderError(f"{what}: expected HOST:PORT, got {value!r}")
-    return host.strip("[]"), int(port)
+    return parsed.host.strip("[]"), int(parsed.port)
 
 
 def _default_image() -> str:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from extproc.config import Policy
+from extproc.config import Exposure, Policy
 from extproc.lab import BackgroundServer, EnvoyProcess, HttpUpstream
 from extproc.render import RenderMode, RenderOptions, render
 from extproc.render.envoy_bootstrap import LISTENER
@@ -66,7 +66,7 @@ class Gated:
 @pytest.fixture(scope="module")
 def gated() -> Iterator[Gated]:
     """Envoy from `extproc render envoy --mode gated`, pointed at a test upstream and the real server."""
-    policy = Policy()
+    policy = Policy(response_annotations=Exposure.ON)  # the rendered Envoy is the edge
     processor = CountingProcessor(policy)
     with (
         HttpUpstream(StatusByPath) as upstream,

@@ -8,7 +8,7 @@ from pathlib import Path
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf.json_format import ParseDict
 
-from extproc.config import Policy
+from extproc.config import Exposure, Policy
 from extproc.filter_config import REQUEST_ATTRIBUTES, RESPONSE_ATTRIBUTES
 from extproc.server import SERVICE_NAME, StreamState, handle
 
@@ -46,7 +46,7 @@ class TestGhzFiles:
         request, response = messages()
         state = StreamState()
         assert not handle(Policy(), request, state).request_headers.HasField("response")
-        answer = handle(Policy(), response, state)
+        answer = handle(Policy(response_annotations=Exposure.ON), response, state)
         headers = {
             o.header.key: o.header.raw_value.decode()
             for o in answer.response_headers.response.header_mutation.set_headers

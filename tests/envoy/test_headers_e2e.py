@@ -76,7 +76,9 @@ def test_what_envoy_strips_and_what_it_passes(
 
 def test_enforce_strips_what_envoy_passes(doctor_lab) -> None:
     """At the edge, the server strips echoed x-envoy, forwarding and underscore headers, and says so."""
-    policy = policy_from_mapping({"direction": "edge", "underscore_headers": "strip"})
+    policy = policy_from_mapping(
+        {"direction": "edge", "underscore_headers": "strip", "response_annotations": "on"}
+    )
     response = doctor_lab(policy).request("echo.demo", "/", PASSED_THROUGH)
     seen = echoed_headers(response)
     for name, _ in PASSED_THROUGH:
@@ -106,7 +108,12 @@ def test_underscore_rewrite(doctor_lab) -> None:
 def test_report_mode_changes_nothing(doctor_lab) -> None:
     """mode: report delivers every header and the original Host, and lists what enforce would do."""
     policy = policy_from_mapping(
-        {"mode": "report", "direction": "edge", "host_rewrites": {"echo.demo": "app-error.demo"}}
+        {
+            "mode": "report",
+            "direction": "edge",
+            "response_annotations": "on",
+            "host_rewrites": {"echo.demo": "app-error.demo"},
+        }
     )
     response = doctor_lab(policy).request("echo.demo", "/", PASSED_THROUGH)
     seen = echoed_headers(response)

@@ -304,7 +304,9 @@ class TestSecretsNeverLeak:
 
     async def test_no_secret_in_annotations_metadata_or_logs(self):
         """Sensitive header values appear in no response header, metadata field or log event."""
-        policy = policy_from_mapping({"underscore_headers": "strip", "direction": "edge"})
+        policy = policy_from_mapping(
+            {"underscore_headers": "strip", "direction": "edge", "response_annotations": "on"}
+        )
         secret_response = {"set-cookie": "id=s3cr3t-set-cookie-EEE"}
         with capture_logs() as logs:
             async with (

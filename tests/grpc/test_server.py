@@ -32,7 +32,11 @@ REFUSED = {
     "xds.route_name": "",
 }
 POLICY = policy_from_mapping(
-    {"host_rewrites": {"shop.example.com": "echo.demo"}, "underscore_headers": "strip"},
+    {
+        "host_rewrites": {"shop.example.com": "echo.demo"},
+        "underscore_headers": "strip",
+        "response_annotations": "on",
+    },
     source="test",
 )
 
@@ -243,7 +247,10 @@ class TestServeProcess:
                     health_pb2.HealthCheckRequest(), wait_for_ready=True, timeout=10
                 )
                 assert reply.status == health_pb2.HealthCheckResponse.SERVING
-                call = pb_grpc.ExternalProcessorStub(ch).Process()
+                # As a rendered sidecar filter declares it: annotations are shown there.
+                call = pb_grpc.ExternalProcessorStub(ch).Process(
+                    metadata=(("x-extproc-direction", "outbound"),)
+                )
                 await call.write(request_headers([(":authority", "a")]))
                 assert (await call.read()).WhichOneof("response") == "request_headers"
                 proc.send_signal(signal.SIGTERM)

@@ -115,7 +115,7 @@ def bootstrap(
         "stat_prefix": "ingress",
         "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}]},
         "http_filters": [
-            ext_proc_filter("extproc", failure_mode_allow=failure_mode_allow),
+            ext_proc_filter("extproc", failure_mode_allow=failure_mode_allow, direction="outbound"),
             {"name": "envoy.filters.http.router", "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
         ],

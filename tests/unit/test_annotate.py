@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
+import http_sfv
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -29,123 +30,35 @@ from extproc.annotate import (
 from extproc.diagnosis import CATALOGUE, HINTS, Diagnosis, Evidence, classify, is_envoy_failure
 from extproc.headers import Applied
 
-# --- a test-local RFC 8941 parser (section 4.2) -------------------------------------------
+# --- RFC 8941 parsing by a maintained parser (http-sfv), not by our own regexes ---------
 
 BareItem = str | int | bool
 Params = list[tuple[str, BareItem]]
-
-_TOKEN_START = re.compile(r"[A-Za-z*]")
-_TOKEN_REST = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z:/]*")
-_KEY = re.compile(r"[a-z*][a-z0-9_\-.*]*")
-_INTEGER = re.compile(r"-?[0-9]{1,15}")
-
-
-class Token(str):
-    """A parsed sf-token, told apart from an sf-string by its type."""
-
-    __slots__ = ()
-
-
-class ParseError(ValueError):
-    """The input is not a valid RFC 8941 structured field."""
-
-
-def _bare_item(text: str, i: int) -> tuple[BareItem, int]:
-    if i >= len(text):
-        raise ParseError("missing bare item")
-    c = text[i]
-    if c == '"':
-        return _string(text, i)
-    if c == "?":
-        if text[i + 1 : i + 2] not in ("0", "1"):
-            raise ParseError(f"bad boolean at {i}")
-        return text[i + 1] == "1", i + 2
-    if c == "-" or c.isdigit():
-        m = _INTEGER.match(text, i)
-        if not m:
-            raise ParseError(f"bad integer at {i}")
-        end = m.end()
-        if end < len(text) and (text[end].isdigit() or text[end] == "."):
-            raise ParseError(f"integer too long or decimal at {i}")
-        return int(m.group()), end
-    if _TOKEN_START.match(c):
-        m = _TOKEN_REST.match(text, i + 1)
-        assert m is not None
-        return Token(text[i : m.end()]), m.end()
-    raise ParseError(f"unexpected {c!r} at {i}")
-
-
-def _string(text: str, i: int) -> tuple[str, int]:
-    out: list[str] = []
-    i += 1
-    while i < len(text):
-        c = text[i]
-        if c == "\\":
-            nxt = text[i + 1 : i + 2]
-            if nxt not in ('"', "\\"):
-                raise ParseError(f"bad escape at {i}")
-            out.append(nxt)
-            i += 2
-        elif c == '"':
-            return "".join(out), i + 1
-        elif not 0x20 <= ord(c) <= 0x7E:
-            raise ParseError(f"byte {ord(c):#x} in string at {i}")
-        else:
-            out.append(c)
-            i += 1
-    raise ParseError("unterminated string")
-
-
-def _params(text: str, i: int) -> tuple[Params, int]:
-    params: Params = []
-    while i < len(text) and text[i] == ";":
-        i += 1
-        while i < len(text) and text[i] == " ":
-            i += 1
-        m = _KEY.match(text, i)
-        if not m:
-            raise ParseError(f"bad key at {i}")
-        key, i = m.group(), m.end()
-        value: BareItem = True
-        if i < len(text) and text[i] == "=":
-            value, i = _bare_item(text, i + 1)
-        params.append((key, value))
-    return params, i
-
-
-def _item(text: str, i: int) -> tuple[tuple[BareItem, Params], int]:
-    bare, i = _bare_item(text, i)
-    params, i = _params(text, i)
-    return (bare, params), i
+Token = http_sfv.Token  # a parsed sf-token, told apart from an sf-string by its type
+ParseError = ValueError  # what http-sfv raises on anything that is not a structured field
 
 
 def parse_item(text: str) -> tuple[BareItem, Params]:
-    """Parse an RFC 8941 Item; raise ParseError on anything else."""
-    item, i = _item(text, 0)
-    if i != len(text):
-        raise ParseError(f"trailing {text[i:]!r}")
-    return item
+    """Parse an RFC 8941 Item with http-sfv; raise ValueError on anything else."""
+    item = http_sfv.Item()
+    item.parse(text.encode("ascii"))
+    return item.value, list(item.params.items())
+
+
+def parse_string(text: str) -> str:
+    """An sf-string alone (an Item without parameters), parsed by http-sfv."""
+    value, params = parse_item(text)
+    assert isinstance(value, str)
+    assert not isinstance(value, Token)
+    assert params == []
+    return value
 
 
 def parse_list(text: str) -> list[tuple[BareItem, Params]]:
-    """Parse an RFC 8941 List of Items (no inner lists); raise ParseError on anything else."""
-    members: list[tuple[BareItem, Params]] = []
-    i = 0
-    while i < len(text):
-        item, i = _item(text, i)
-        members.append(item)
-        while i < len(text) and text[i] in " \t":
-            i += 1
-        if i == len(text):
-            break
-        if text[i] != ",":
-            raise ParseError(f"expected ',' at {i}")
-        i += 1
-        while i < len(text) and text[i] in " \t":
-            i += 1
-        if i == len(text):
-            raise ParseError("trailing comma")
-    return members
+    """Parse an RFC 8941 List of Items with http-sfv; raise ValueError on anything else."""
+    members = http_sfv.List()
+    members.parse(text.encode("ascii"))
+    return [(m.value, list(m.params.items())) for m in members]
 
 
 def percent_decode(text: str) -> bytes:
@@ -276,7 +189,7 @@ class TestSfString:
         """Around the cut, a `\\"`, `\\\\` or `%xx` escape is kept whole or left out whole."""
         value = "a" * (MAX_VALUE - 3 + offset) + piece * 10
         encoded = sf_string(value)
-        content, _ = _string(encoded, 0)  # raises on a broken backslash escape
+        content = parse_string(encoded)  # raises on a broken backslash escape
         assert len(encoded) - 2 <= MAX_VALUE
         assert content.endswith("...")
         decoded = percent_decode(content[:-3])  # raises on a broken percent escape
@@ -288,8 +201,7 @@ class TestSfString:
         encoded = sf_string(value)
         assert visible(encoded)
         assert len(encoded) <= MAX_VALUE + 2
-        content, end = _string(encoded, 0)
-        assert end == len(encoded)
+        content = parse_string(encoded)
         if content.endswith("...") and len(content) > MAX_VALUE - 3:
             assert raw(value).startswith(percent_decode(content[:-3]))
         else:
@@ -382,7 +294,9 @@ class TestSfItem:
     @given(
         st.lists(
             st.tuples(
-                st.from_regex(_KEY, fullmatch=True).filter(lambda k: len(k) < 20),
+                st.from_regex(r"[a-z*][a-z0-9_\-.*]*", fullmatch=True).filter(
+                    lambda k: len(k) < 20
+                ),
                 st.one_of(
                     st.integers(min_value=-(10**15) + 1, max_value=10**15 - 1),
                     st.booleans(),
@@ -390,6 +304,7 @@ class TestSfItem:
                 ),
             ),
             max_size=5,
+            unique_by=lambda kv: kv[0],  # RFC 8941: a repeated key overwrites the earlier one
         )
     )
     def test_parses_back(self, params: list[tuple[str, str | int | bool]]) -> None:
@@ -605,6 +520,9 @@ class TestActionsHeader:
         assert visible(value)
         bound = sum(len(a.token) + len(';headers=""') + MAX_VALUE + len(";report") for a in applied)
         assert len(value) <= bound + 2 * len(applied)
+        if not applied:  # RFC 8941 §4.1.1: an empty List is not sent (the server sends no header)
+            assert value == ""
+            return
         members = parse_list(value)
         assert [m[0] for m in members] == [a.token for a in applied]
         for (_, params), entry in zip(members, applied, strict=True):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,27 @@ class TestCommandsTable:
         row = next(line for line in README.splitlines() if line.startswith("| `extproc serve "))
         missing = [flag for flag in flags if flag != "--help" and flag not in row]
         assert missing == []
+
+
+THREAT_MODEL = (ROOT / "docs" / "threat-model.md").read_text(encoding="utf-8")
+
+
+class TestThreatModel:
+    """docs/threat-model.md stays true: every test it names exists, every key has rows."""
+
+    @pytest.mark.parametrize(
+        "reference",
+        sorted(set(re.findall(r"`(tests/[\w/]+\.py)((?:::\w+)*)`", THREAT_MODEL))),
+        ids=lambda ref: "".join(ref),
+    )
+    def test_named_test_exists(self, reference):
+        path, names = reference
+        source = (ROOT / path).read_text(encoding="utf-8")
+        for name in filter(None, names.split("::")):
+            assert re.search(rf"^\s*(?:async )?(?:def|class) {name}\b", source, re.M), (
+                f"{path} has no {name}"
+            )
+
+    @pytest.mark.parametrize("key", sorted(_KEYS))
+    def test_every_policy_key_has_rows(self, key):
+        assert f"`{key}`" in THREAT_MODEL.split("## Policy keys and their rows")[1]

@@ -15,7 +15,6 @@ from extproc.headers import (
     Applied,
     decide,
     resolve_direction,
-    split_authority,
 )
 
 OUTBOUND, INBOUND = 2, 1
@@ -160,8 +159,11 @@ class TestHostRewrite:
         decision = decide(
             policy(host_rewrites=dict(self.REWRITES)), [(":authority", host)], OUTBOUND
         )
-        assert decision.overwrite == ((":authority", "shop.default.svc.cluster.local:8080"),)
-        assert decision.append == (("x-forwarded-host", host),)
+        assert decision.overwrite == (
+            (":authority", "shop.default.svc.cluster.local:8080"),
+            ("x-forwarded-host", host),
+        )
+        assert decision.append == ()
         assert decision.clear_route_cache
         assert decision.host == "shop.default.svc.cluster.local:8080"
         assert tokens(decision) == ["rewrite-host"]
@@ -195,10 +197,47 @@ class TestHostRewrite:
         assert ("x-forwarded-host", "shop.example.com") in decision.overwrite
         assert decision.append == ()
 
+    def test_client_forwarded_host_overwritten_at_the_edge_even_if_kept(self):
+        """forwarding_headers: keep leaves a client's x-forwarded-host, but a rewrite states the
+        real original Host in its place: frameworks read the first value, never a forged one."""
+        headers = [(":authority", "shop.example.com"), ("x-forwarded-host", "evil.example")]
+        p = policy(host_rewrites=dict(self.REWRITES), forwarding_headers="keep")
+        decision = decide(p, headers, None)
+        assert ("x-forwarded-host", "shop.example.com") in decision.overwrite
+        assert decision.append == ()
+
+    def test_sidecar_keeps_an_earlier_proxys_forwarded_host(self):
+        """Inside the mesh an x-forwarded-host was set by an earlier proxy: it names the
+        original Host better than this hop can, so it is neither overwritten nor appended to."""
+        headers = [(":authority", "shop.example.com"), ("x-forwarded-host", "shop.example.com:443")]
+        decision = decide(policy(host_rewrites=dict(self.REWRITES)), headers, OUTBOUND)
+        assert ":authority" in dict(decision.overwrite)
+        assert "x-forwarded-host" not in dict(decision.overwrite)
+        assert "x-forwarded-host" not in dict(decision.append)
+        assert "x-forwarded-host" not in decision.remove
+
+    @pytest.mark.parametrize(
+        "host", ["::1", "fe80::1:8080", "a.example.com:8080:9090", "[::1]:abc", "a b", "[::1"]
+    )
+    def test_hostile_host_left_alone_and_reported(self, host):
+        """A Host that is not an RFC 3986 authority is never cut into a new :authority."""
+        p = policy(strip_host_port=True, host_rewrites={"a.example.com": "b.example.com"})
+        decision = decide(p, [(":authority", host)], OUTBOUND)
+        assert not decision.changes
+        assert not decision.clear_route_cache
+        assert decision.host == host
+        assert tokens(decision) == ["invalid-host;report"]
+
+    def test_host_not_parsed_without_host_rules(self):
+        """No host_rewrites and no strip_host_port: the Host is only recorded, not judged."""
+        decision = decide(policy(), [(":authority", "::1")], OUTBOUND)
+        assert decision.applied == ()
+        assert decision.host == "::1"
+
     def test_strip_host_port(self):
         """strip_host_port removes a port that keeps the Host from matching a virtual host."""
         decision = decide(policy(strip_host_port=True), [(":authority", "app.example.com:8443")])
-        assert decision.overwrite == ((":authority", "app.example.com"),)
+        assert decision.overwrite[0] == (":authority", "app.example.com")
         assert tokens(decision) == ["strip-host-port"]
 
     def test_strip_host_port_off_by_default(self):
@@ -261,21 +300,75 @@ class TestDirection:
         """An explicit direction ignores the attribute."""
         assert resolve_direction(policy(direction="inbound"), 2) is Direction.INBOUND
 
+    def test_declared_beats_listener(self):
+        """What the rendered filter declares wins over the listener: an Istio gateway
+        listener is OUTBOUND, yet the gateway is the edge."""
+        assert resolve_direction(policy(), 2, Direction.EDGE) is Direction.EDGE
 
-class TestSplitAuthority:
+    def test_policy_beats_declared(self):
+        """The policy's direction overrides both."""
+        p = policy(direction="inbound")
+        assert resolve_direction(p, 2, Direction.EDGE) is Direction.INBOUND
+
+
+class TestProtectedRewrite:
+    """underscore_headers: rewrite never creates a header the mesh trusts (threat T1)."""
+
+    REWRITE = MappingProxyType({"underscore_headers": "rewrite"})
+
     @pytest.mark.parametrize(
-        ("authority", "expected"),
+        "name",
         [
-            ("a.example", ("a.example", "")),
-            ("a.example:80", ("a.example", "80")),
-            ("[::1]:8080", ("[::1]", "8080")),
-            ("[::1]", ("[::1]", "")),
-            ("a.example:", ("a.example:", "")),
+            "x_forwarded_client_cert",
+            "x_envoy_retry_on",
+            "x_envoy_max_retries",
+            "x_real_ip",
+            "x_envoy_peer_metadata",
+            "x_envoy_original_path",
+            "x_forwarded_host",
+            "x_request_id",
+            "transfer_encoding",
+            "content_length",
+            "proxy_connection",
+            "x_extproc_diagnosis",
         ],
     )
-    def test_split(self, authority, expected):
-        """Host and port come apart, IPv6 literals keep their brackets."""
-        assert split_authority(authority) == expected
+    def test_trusted_name_is_never_created(self, name):
+        """The issue's attack list: the dashed name is free, yet it is not created."""
+        decision = decide(policy(**self.REWRITE), [(":authority", "a"), (name, "forged")], OUTBOUND)
+        dashed = name.replace("_", "-")
+        assert dashed not in dict(decision.overwrite)
+        assert dashed not in dict(decision.append)
+        assert name in decision.remove  # protected_rewrite: strip (the default)
+        assert "refuse-protected-rewrite;report" in tokens(decision)
+
+    def test_keep_passes_the_underscore_header_on(self):
+        """protected_rewrite: keep sends it on under its own name, still reported."""
+        p = policy(protected_rewrite="keep", **self.REWRITE)
+        decision = decide(p, [("x_real_ip", "10.0.0.1")], OUTBOUND)
+        assert not decision.changes
+        assert tokens(decision) == ["refuse-protected-rewrite;report"]
+
+    def test_ordinary_names_still_renamed(self):
+        """Only trusted targets are refused; the others are renamed as before."""
+        headers = [("x_user_id", "42"), ("x_real_ip", "1.2.3.4")]
+        decision = decide(policy(**self.REWRITE), headers, INBOUND)
+        assert decision.append == (("x-user-id", "42"),)
+        assert set(decision.remove) == {"x_user_id", "x_real_ip"}
+        assert tokens(decision) == [
+            "rewrite-underscore-headers",
+            "refuse-protected-rewrite;report",
+            "strip-underscore-headers",
+        ]
+
+    def test_policy_strip_rules_protect_their_names(self):
+        """A name the policy's own strip rules remove is protected, whatever its spelling."""
+        from extproc import headers as h
+
+        name = next(iter(h.ECHOED_ENVOY_HEADERS))
+        assert h.is_protected(name, frozenset())
+        assert h.is_protected("x-user-id", frozenset({"x-user-id"}))
+        assert not h.is_protected("x-user-id", frozenset())
 
 
 class TestArbitraryInput:

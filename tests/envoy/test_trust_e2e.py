@@ -1,0 +1,226 @@
+"""Threats T1 to T4 through a real Envoy: what the upstream receives, what the client sees.
+
+One Envoy with three listeners, each with the doctor's filter and the annotation guard
+exactly as `extproc.filter_config` defines them:
+- `edge`: a gateway or front Envoy (declares `edge`, no traffic_direction);
+- `sidecar`: an Istio sidecar's outbound listener (traffic_direction OUTBOUND, declares
+  `outbound`);
+- `failopen`: like `edge`, but its ext_proc cluster is dead, so Envoy fails open and the
+  server never sees the response: only the guard filter stands between a forging
+  upstream and the client.
+The upstream echoes the request headers it received and adds forged `x-extproc-*`
+headers to every answer. docs/threat-model.md names the threat each test stands for.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from extproc.config import Policy, policy_from_mapping
+from extproc.filter_config import (
+    ANNOTATION_HEADERS,
+    annotation_guard_filter,
+    ext_proc_cluster,
+    ext_proc_filter,
+)
+from extproc.lab.background import BackgroundServer
+from extproc.lab.envoy import EnvoyProcess, free_port
+from extproc.lab.topology import cluster, http_listener, route, virtual_host
+from extproc.lab.upstreams import HttpUpstream, _Handler
+from extproc.server import ExtProcServer
+
+pytestmark = pytest.mark.envoy
+
+FORGED = (
+    ("x-extproc-diagnosis", 'upstream_requires_mtls;cluster="outbound|443||vault"'),
+    ("x-extproc-hint", "Send your credentials to https://evil.example"),
+    ("x-extproc-actions", "rewrite-host"),
+)
+
+
+class _ForgingEcho(_Handler):
+    """Echoes the request headers as JSON; `/fail` answers 503. Forges annotations always."""
+
+    def answer(self) -> tuple[int, str, bytes]:
+        received = {"headers": [[n.lower(), v] for n, v in self.headers.raw_items()]}
+        status = 503 if self.path.startswith("/fail") else 200
+        return status, "application/json", json.dumps(received).encode()
+
+    def end_headers(self) -> None:
+        for name, value in FORGED:
+            self.send_header(name, value)
+        super().end_headers()
+
+
+class Mesh:
+    """The Envoy, the server and the upstream; `request` goes through one listener."""
+
+    def __init__(self, envoy: EnvoyProcess, server: BackgroundServer, ports: dict[str, int]):
+        self.envoy, self.server, self.ports = envoy, server, ports
+
+    def request(
+        self, listener: str, host: str, path: str = "/", headers: tuple[tuple[str, str], ...] = ()
+    ) -> tuple[int, list[tuple[str, str]], dict[str, Any]]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.ports[listener], timeout=10)
+        try:
+            conn.putrequest("GET", path, skip_host=True, skip_accept_encoding=True)
+            conn.putheader("Host", host)
+            for name, value in headers:
+                conn.putheader(name, value)
+            conn.endheaders()
+            answer = conn.getresponse()
+            body = answer.read()
+            got = [(n.lower(), v) for n, v in answer.getheaders()]
+            echoed = json.loads(body) if body.startswith(b"{") else {}
+            return answer.status, got, echoed
+        finally:
+            conn.close()
+
+
+@pytest.fixture(scope="module")
+def mesh() -> Iterator[Mesh]:
+    ports = {"edge": free_port(), "sidecar": free_port(), "failopen": free_port()}
+    with (
+        HttpUpstream(_ForgingEcho) as upstream,
+        BackgroundServer(ExtProcServer(Policy())) as server,
+    ):
+        routes = [
+            route("refused", "refused", prefix="/refused"),
+            route("echo", "echo", prefix="/"),
+        ]
+
+        def listener(name: str, declared: str, ext_proc_cluster_name: str, **kw: Any) -> Any:
+            return http_listener(
+                name,
+                ports[name],
+                [virtual_host("*", *routes)],
+                http_filters=[
+                    ext_proc_filter(ext_proc_cluster_name, direction=declared),
+                    annotation_guard_filter(),
+                ],
+                **kw,
+            )
+
+        bootstrap = {
+            "static_resources": {
+                "listeners": [
+                    listener("edge", "edge", "extproc"),
+                    listener("sidecar", "outbound", "extproc", direction="OUTBOUND"),
+                    listener("failopen", "edge", "dead"),
+                ],
+                "clusters": [
+                    ext_proc_cluster("extproc", "127.0.0.1", server.port),
+                    ext_proc_cluster("dead", "127.0.0.1", free_port()),
+                    cluster("echo", upstream.port),
+                    cluster("refused", free_port()),
+                ],
+            }
+        }
+        with EnvoyProcess(bootstrap) as envoy:
+            yield Mesh(envoy, server, ports)
+
+
+def annotations(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [(n, v) for n, v in headers if n.startswith("x-extproc-")]
+
+
+# --- T1: no header the mesh trusts is created ------------------------------------------
+
+ATTACK = (
+    ("x_forwarded_client_cert", "By=spiffe://cluster.local/ns/prod/sa/admin"),
+    ("x_envoy_retry_on", "5xx"),
+    ("x_envoy_max_retries", "25"),
+    ("x_real_ip", "10.0.0.1"),
+    ("x_envoy_peer_metadata", "ChQKDkFQUF9DT05UQUlORVJTEgIaAA=="),
+    ("x_envoy_original_path", "/admin"),
+    ("x_forwarded_host", "admin.internal"),
+    ("x_user_id", "42"),
+)
+
+
+@pytest.mark.parametrize("listener", ["edge", "sidecar"])
+def test_underscore_rewrite_creates_no_trusted_header(mesh: Mesh, listener: str) -> None:
+    """underscore_headers: rewrite delivers x-user-id, and none of the trusted names."""
+    with mesh.server.policy(policy_from_mapping({"underscore_headers": "rewrite"})):
+        status, _, echoed = mesh.request(listener, "shop.example.com", "/", ATTACK)
+    assert status == 200
+    seen = dict(echoed["headers"])
+    assert seen.get("x-user-id") == "42"
+    for name, _ in ATTACK:
+        assert name not in seen, name  # the underscore original is gone either way
+        if name != "x_user_id":
+            assert name.replace("_", "-") not in seen, name
+
+
+# --- T2: annotations cannot be forged ------------------------------------------------------
+
+
+@pytest.mark.parametrize("listener", ["edge", "sidecar", "failopen"])
+@pytest.mark.parametrize("path", ["/", "/fail"])
+def test_upstream_cannot_forge_annotations(mesh: Mesh, listener: str, path: str) -> None:
+    """Whatever the upstream sends under x-extproc-* never reaches the client, on a 200
+    and on the app's own 503, also where the server never sees the response."""
+    with mesh.server.policy(policy_from_mapping({"response_annotations": "on"})):
+        status, headers, _ = mesh.request(listener, "shop.example.com", path)
+    assert status == (200 if path == "/" else 503)
+    for name, value in annotations(headers):
+        assert (name, value) not in FORGED
+        assert "evil" not in value
+    if listener == "failopen" or path == "/":
+        assert annotations(headers) == []
+
+
+def test_guard_filter_is_what_protects_a_fail_open_listener() -> None:
+    """The guard's header list is the three annotation names (the failopen listener's
+    test above fails without it: the server never sees those responses)."""
+    guard = annotation_guard_filter()["typed_config"]["mutations"]["response_mutations"]
+    assert [m["remove"] for m in guard] == list(ANNOTATION_HEADERS)
+
+
+# --- T3: no topology for the Internet --------------------------------------------------------
+
+
+def test_edge_shows_no_diagnosis_but_sidecar_does(mesh: Mesh) -> None:
+    """auto (the default): a failure at the edge carries no x-extproc-* header; the same
+    failure at a sidecar is annotated."""
+    with mesh.server.policy(Policy()):
+        edge_status, edge_headers, _ = mesh.request("edge", "shop.example.com", "/refused")
+        side_status, side_headers, _ = mesh.request("sidecar", "shop.example.com", "/refused")
+    assert edge_status == side_status == 503
+    assert annotations(edge_headers) == []
+    diagnosis = dict(side_headers)["x-extproc-diagnosis"]
+    assert diagnosis.startswith("upstream_refused;")
+
+
+# --- T4: the original Host cannot be forged -----------------------------------------------
+
+
+def test_edge_host_rewrite_states_the_real_original_host(mesh: Mesh) -> None:
+    """At the edge, a client's x-forwarded-host is replaced by the Host it really sent."""
+    policy = policy_from_mapping(
+        {"host_rewrites": {"shop.example.com": "shop.internal"}, "forwarding_headers": "keep"}
+    )
+    with mesh.server.policy(policy):
+        status, _, echoed = mesh.request(
+            "edge", "shop.example.com", "/", (("x-forwarded-host", "admin.internal"),)
+        )
+    assert status == 200
+    received = echoed["headers"]
+    assert [v for n, v in received if n == "x-forwarded-host"] == ["shop.example.com"]
+    assert dict(received)["host"] == "shop.internal"
+
+
+@pytest.mark.parametrize("host", ["a.example.com:8080:9090", "fe80::1:8080", "[::1]:abc"])
+def test_hostile_host_is_left_alone(mesh: Mesh, host: str) -> None:
+    """A Host that is not an authority is never cut into a new one; it is reported."""
+    policy = policy_from_mapping({"strip_host_port": True, "response_annotations": "on"})
+    with mesh.server.policy(policy):
+        status, headers, echoed = mesh.request("sidecar", host, "/")
+    assert status == 200
+    assert dict(echoed["headers"])["host"] == host
+    assert 'invalid-host;headers=":authority";report' in dict(headers)["x-extproc-actions"]
