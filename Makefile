@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint unit deploy bench bench-tools clean
+.PHONY: run test lint unit deploy protos bench bench-tools clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ unit: $(STAMP)
 deploy: $(STAMP)
 	rm -rf deploy
 	$(BIN)/extproc render all --output-dir deploy
+
+## protos: rebuild protos/extproc.protoset (ext_proc, health, reflection) from the installed descriptors
+protos: $(STAMP)
+	$(BIN)/python protos/build_protoset.py
 
 ## bench: every configuration through a real Envoy, side by side (wrk, h2load); BENCH_ARGS=--help
 bench: $(STAMP) bench-tools

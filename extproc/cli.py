@@ -7,13 +7,14 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from extproc.annotate import diagnosis_headers
-from extproc.config import Policy, PolicyError, ServeConfig, TlsFiles, load_policy
+from extproc.config import Direction, Policy, PolicyError, ServeConfig, TlsFiles, load_policy
 from extproc.diagnosis import Diagnosis, Evidence, classify
 from extproc.flags import UnknownFlagError, parse_flags
 
@@ -193,13 +194,21 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _render(args: argparse.Namespace) -> int:
     try:
-        from extproc.render import RenderError, RenderMode, RenderOptions, notes, render, render_all
+        from extproc.render import (
+            TARGETS,
+            RenderError,
+            RenderMode,
+            RenderOptions,
+            modes,
+            notes,
+            render,
+            render_all,
+        )
     except ImportError as exc:
         return _missing_extra("render", exc)
     text = Path(args.config).read_text(encoding="utf-8") if args.config else ""
     try:
         options = RenderOptions(
-            mode=RenderMode(args.mode),
             namespace=args.namespace,
             **({"image": args.image} if args.image else {}),
             extproc_address=args.extproc_address,
@@ -207,28 +216,38 @@ def _render(args: argparse.Namespace) -> int:
             policy=_policy(args.config),
             policy_text=text,
             cilium_service=args.cilium_service,
+            cilium_edge=args.cilium_edge,
             envoy_listen=args.envoy_listen,
             upstream=args.upstream,
+            direction=Direction(args.direction),
         )
-        targets = [args.target] if args.target != "all" else ["istio", "cilium", "envoy", "k8s"]
-        for target in targets:
-            for note in notes(target, options):
-                print(f"extproc render {target}: gated mode: {note}", file=sys.stderr)
         if args.output_dir:
-            files = render_all(options)
-            for path, content in files.items():
-                if path.split("/")[0] in targets:
-                    out = Path(args.output_dir) / path
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    out.write_text(content, encoding="utf-8")
-            return 0
+            return _render_to(Path(args.output_dir), render_all(options), args.target)
+        targets = [args.target] if args.target != "all" else list(TARGETS)
         for target in targets:
-            for path, content in render(target, options).items():
+            mode = RenderMode(args.mode) if args.mode else modes(target)[0]
+            if args.target == "all" and mode not in modes(target):
+                print(f"extproc render {target}: skipped, it has no {mode} mode", file=sys.stderr)
+                continue
+            chosen = replace(options, mode=mode)
+            for note in notes(target, chosen):
+                print(f"extproc render {target}: gated mode: {note}", file=sys.stderr)
+            for path, content in render(target, chosen).items():
                 if args.clusterwide == path.endswith("-clusterwide.yaml"):
                     sys.stdout.write(f"---\n{content}")
     except RenderError as exc:
         print(f"extproc render: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _render_to(out_dir: Path, files: dict[str, str], target: str) -> int:
+    """Write the deploy/ layout (every mode) of `target` ("all": every target) under `out_dir`."""
+    for path, content in files.items():
+        if target in ("all", path.split("/")[0]):
+            out = out_dir / path
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(content, encoding="utf-8")
     return 0
 
 
@@ -241,9 +260,9 @@ def _add_render_parser(sub: Any) -> None:
     render.add_argument(
         "--mode",
         choices=["gated", "always"],
-        default="gated",
         help="gated: Envoy matchers send only failing responses and requests the policy "
-        "acts on; always: every request (default: %(default)s)",
+        "acts on; always: every request (default: gated; cilium: always, the only mode "
+        "its Envoy supports)",
     )
     render.add_argument(
         "--config", metavar="POLICY.yaml", help="the policy: gated matchers and the ConfigMap"
@@ -272,6 +291,12 @@ def _add_render_parser(sub: Any) -> None:
         help="cilium: the Service whose traffic passes the doctor (default: %(default)s)",
     )
     render.add_argument(
+        "--cilium-edge",
+        action="store_true",
+        help="cilium: the Service's clients are outside the cluster, so the edge rules apply "
+        "(default: in-mesh clients, the outbound rules)",
+    )
+    render.add_argument(
         "--clusterwide",
         action="store_true",
         help="cilium: print the CiliumClusterwideEnvoyConfig instead",
@@ -287,6 +312,12 @@ def _add_render_parser(sub: Any) -> None:
         default="127.0.0.1:8080",
         metavar="HOST:PORT",
         help="envoy: the upstream (default: %(default)s)",
+    )
+    render.add_argument(
+        "--direction",
+        choices=["edge", "outbound", "inbound"],
+        default="edge",
+        help="envoy: where the Envoy sits, which decides the header rules (default: %(default)s)",
     )
     render.add_argument(
         "--output-dir",

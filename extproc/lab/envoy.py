@@ -85,13 +85,19 @@ def wait_for_port(host: str, port: int, *, timeout: float = 10.0) -> None:
         raise TimeoutError(f"nothing accepted connections on {host}:{port} within {timeout:g}s")
 
 
-def validate(bootstrap: dict[str, Any]) -> None:
-    """Check a bootstrap with `envoy --mode validate`; raise EnvoyError with Envoy's message."""
+def validate(bootstrap: dict[str, Any], *, binary: Path | None = None) -> None:
+    """Check a bootstrap with `envoy --mode validate`; raise EnvoyError with Envoy's message.
+
+    `binary`: another Envoy than the installed one (the version matrix in tests/deploy).
+    """
     with tempfile.TemporaryDirectory(prefix="envoy-validate-") as tmp:
         config = Path(tmp) / "envoy.json"
         config.write_text(json.dumps(bootstrap))
         result = subprocess.run(
-            [str(envoy_binary()), "--mode", "validate", "-c", str(config), "--use-dynamic-base-id"],
+            [
+                str(binary or envoy_binary()),
+                *("--mode", "validate", "-c", str(config), "--use-dynamic-base-id"),
+            ],
             capture_output=True,
             text=True,
             timeout=60,
@@ -106,7 +112,8 @@ class EnvoyProcess:
 
     The bootstrap's `admin` section is replaced: admin always binds 127.0.0.1:0 and the
     actual port is read back from `--admin-address-path`. Files (config, log, admin
-    address) go to `workdir`, or to a temporary directory removed on exit.
+    address) go to `workdir`, or to a temporary directory removed on exit. `binary`:
+    another Envoy than the installed one.
     """
 
     def __init__(
@@ -117,7 +124,9 @@ class EnvoyProcess:
         ready_timeout: float = 20.0,
         stop_timeout: float = 5.0,
         log_level: str = "warn",
+        binary: Path | None = None,
     ) -> None:
+        self._binary = binary
         self._bootstrap = {**bootstrap, "admin": _loopback_admin()}
         self._workdir = workdir
         self._ready_timeout = ready_timeout
@@ -199,7 +208,7 @@ class EnvoyProcess:
         self._log_file = self.log_path.open("wb")
         self._proc = subprocess.Popen(
             [
-                str(envoy_binary()),
+                str(self._binary or envoy_binary()),
                 "-c", str(config),
                 "--use-dynamic-base-id",
                 "--concurrency", "1",

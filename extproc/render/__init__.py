@@ -12,14 +12,34 @@ from typing import Any
 
 import yaml
 
-from extproc.config import Direction
 from extproc.render import cilium, envoy_bootstrap, istio, k8s
 from extproc.render.gate import request_gate
 from extproc.render.options import RenderError, RenderMode, RenderOptions
 
-__all__ = ["TARGETS", "RenderError", "RenderMode", "RenderOptions", "notes", "render", "render_all"]
+__all__ = [
+    "TARGETS",
+    "RenderError",
+    "RenderMode",
+    "RenderOptions",
+    "modes",
+    "notes",
+    "render",
+    "render_all",
+]
 
 TARGETS = ("istio", "cilium", "envoy", "k8s")
+
+# The modes each target renders in, its default first. cilium-envoy has no composite
+# filter, which gated mode needs (see extproc/render/cilium.py).
+MODES: dict[str, tuple[RenderMode, ...]] = {
+    "cilium": (RenderMode.ALWAYS,),
+}
+_BOTH = (RenderMode.GATED, RenderMode.ALWAYS)
+
+
+def modes(target: str) -> tuple[RenderMode, ...]:
+    """The modes `target` renders in; the first is its default."""
+    return MODES.get(target, _BOTH)
 
 
 def render(target: str, options: RenderOptions) -> dict[str, str]:
@@ -50,8 +70,8 @@ def render(target: str, options: RenderOptions) -> dict[str, str]:
 def render_all(options: RenderOptions) -> dict[str, str]:
     """Every target in every mode: the whole `deploy/` directory."""
     files: dict[str, str] = {}
-    for mode in RenderMode:
-        for target in TARGETS:
+    for target in TARGETS:
+        for mode in modes(target):
             files.update(render(target, replace(options, mode=mode)))
     return files
 
@@ -63,7 +83,7 @@ def notes(target: str, options: RenderOptions) -> list[str]:
     contexts = (
         [(c, d) for c, d, _ in istio.CONTEXTS]
         if target == "istio"
-        else [("listener", Direction.EDGE)]
+        else [("listener", options.direction)]
     )
     gates = ((context, request_gate(options.policy, direction)) for context, direction in contexts)
     return [f"{context}: {gate.note}" for context, gate in gates if gate.note]

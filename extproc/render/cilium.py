@@ -5,8 +5,29 @@ it owns: the listener's address, the config source of `rds` and of EDS clusters,
 the endpoints of `spec.backendServices`. The resources here are the rest: a listener
 with the doctor's filter before the router, its route to the backend service's EDS
 cluster (Cilium names it NAMESPACE/NAME:PORT), that cluster, and the ext_proc server's
-cluster. The server's cluster name contains a `/`, so Cilium leaves it unqualified and
-the name the filter refers to stays the cluster's name.
+cluster.
+
+What cilium-envoy compiles (cilium/proxy envoy_build_config/extensions_build_config.bzl,
+read at main 7dfaf943, which pins Envoy 1.38.3, and on branches v1.30 to v1.37):
+- `envoy.filters.http.ext_proc` (:183 on main) only from the commit "config: enable
+  ext_proc during build" (2026-01-12: 03e4104d on v1.35 at Envoy 1.35.9, 1d699bb5 on main
+  at Envoy 1.36.5, so v1.36 and v1.37 have it); older cilium-envoy rejects the filter.
+- not `envoy.filters.http.composite` (:175, commented out on main and every branch), nor
+  `header_mutation` (:226), lua (:210) or the CEL matcher (:98): gated mode has no
+  mechanism there, so it is refused and `always` is Cilium's mode. The route's
+  `response_headers_to_remove` (core Envoy) removes upstream-sent annotations instead of
+  the guard filter.
+
+Names (cilium/cilium pkg/ciliumenvoyconfig/cec_resource_parser.go at 02fbb426,
+`ParseResources` and `qualifyHttpFilters`; pkg/policy/api `ResourceQualifiedName`):
+Cilium prefixes listener and route names with `NAMESPACE/CEC-NAME/` (and rewrites the
+`rds` reference), prefixes a cluster name only when it has no `/`, and rewrites no cluster
+reference inside an HTTP filter. So the server's cluster gets the qualified name Cilium
+would give it, `NAMESPACE/CEC-NAME/extproc-doctor` (NAMESPACE empty for the clusterwide
+kind), and the ext_proc filter names exactly that: one cluster per CEC, so deleting one
+Service's CEC cannot take away the cluster another's filter uses. The parser sets no
+`traffic_direction`; the filter says where it sits (outbound: the clients are pods in
+the cluster, or edge with `--cilium-edge`).
 """
 
 from __future__ import annotations
@@ -22,17 +43,34 @@ from extproc.render.envoy_config import (
     extproc_cluster,
     http_connection_manager,
     typed,
+    without_annotations,
 )
 from extproc.render.gate import request_gate
-from extproc.render.options import NAME, RenderOptions
+from extproc.render.options import NAME, RenderError, RenderMode, RenderOptions
 
 LISTENER = f"{NAME}-listener"
 ROUTE = f"{NAME}-route"
 _TYPE = "type.googleapis.com/envoy.config"
 
+GATED_REFUSED = (
+    "cilium-envoy does not compile envoy.filters.http.composite, which gated mode needs "
+    "(cilium/proxy envoy_build_config/extensions_build_config.bzl: commented out on main and "
+    "on every release branch), and the Service's traffic would break on a rejected listener: "
+    "use --mode always (the default for cilium)"
+)
 
-def extproc_cluster_name(options: RenderOptions) -> str:
-    return f"{options.namespace}/{NAME}"
+
+def config_name(options: RenderOptions, *, clusterwide: bool) -> str:
+    """The CEC's name: one per Service (clusterwide: unique across namespaces too)."""
+    namespace, name, _ = options.cilium_backend()
+    return f"{NAME}-{namespace}-{name}" if clusterwide else f"{NAME}-{name}"
+
+
+def extproc_cluster_name(options: RenderOptions, *, clusterwide: bool) -> str:
+    """The server's cluster, qualified as Cilium qualifies this CEC's resources."""
+    namespace, _, _ = options.cilium_backend()
+    prefix = "" if clusterwide else namespace
+    return f"{prefix}/{config_name(options, clusterwide=clusterwide)}/{NAME}"
 
 
 def backend_cluster_name(options: RenderOptions) -> str:
@@ -40,10 +78,20 @@ def backend_cluster_name(options: RenderOptions) -> str:
     return f"{namespace}/{name}:{port}"
 
 
+def direction(options: RenderOptions) -> Direction:
+    """Where the filter sits: pods are the clients (outbound), unless --cilium-edge."""
+    return Direction.EDGE if options.cilium_edge else Direction.OUTBOUND
+
+
 def render_envoy_config(options: RenderOptions, *, clusterwide: bool) -> dict[str, Any]:
     """The CiliumEnvoyConfig (in the backend service's namespace) or CiliumClusterwideEnvoyConfig."""
+    if options.mode is RenderMode.GATED:
+        raise RenderError(GATED_REFUSED)
     namespace, name, _ = options.cilium_backend()
-    metadata: dict[str, Any] = {"name": NAME, "labels": {"app.kubernetes.io/name": NAME}}
+    metadata: dict[str, Any] = {
+        "name": config_name(options, clusterwide=clusterwide),
+        "labels": {"app.kubernetes.io/name": NAME},
+    }
     if not clusterwide:
         metadata["namespace"] = namespace
     service = {"name": name, "namespace": namespace}
@@ -54,18 +102,22 @@ def render_envoy_config(options: RenderOptions, *, clusterwide: bool) -> dict[st
         "spec": {
             "services": [service],
             "backendServices": [service],
-            "resources": resources(options),
+            "resources": resources(options, clusterwide=clusterwide),
         },
     }
 
 
-def resources(options: RenderOptions) -> list[dict[str, Any]]:
+def resources(options: RenderOptions, *, clusterwide: bool) -> list[dict[str, Any]]:
     """The Envoy resources, each with its `@type` as Cilium expects."""
     host, port = options.extproc_target(in_cluster=True)
-    server = extproc_cluster(extproc_cluster_name(options), host, port, options.extproc_tls_ca)
+    server_name = extproc_cluster_name(options, clusterwide=clusterwide)
+    server = extproc_cluster(server_name, host, port, options.extproc_tls_ca)
     backend = {"name": backend_cluster_name(options), "type": "EDS", "connect_timeout": "5s"}
     return [
-        {"@type": f"{_TYPE}.listener.v3.Listener", **typed(Listener, _listener(options))},
+        {
+            "@type": f"{_TYPE}.listener.v3.Listener",
+            **typed(Listener, _listener(options, server_name)),
+        },
         {
             "@type": f"{_TYPE}.route.v3.RouteConfiguration",
             **typed(RouteConfiguration, _route(options)),
@@ -75,16 +127,16 @@ def resources(options: RenderOptions) -> list[dict[str, Any]]:
     ]
 
 
-def _listener(options: RenderOptions) -> dict[str, Any]:
-    gate = request_gate(options.policy, Direction.EDGE)
-    doctor = doctor_filters(options.mode, extproc_cluster_name(options), gate)
+def _listener(options: RenderOptions, server_cluster: str) -> dict[str, Any]:
+    where = direction(options)
+    gate = request_gate(options.policy, where)
+    doctor = doctor_filters(options.mode, server_cluster, gate, where)
     manager = http_connection_manager(LISTENER, doctor, rds={"route_config_name": ROUTE})
     return {"name": LISTENER, "filter_chains": [{"filters": [manager]}]}
 
 
 def _route(options: RenderOptions) -> dict[str, Any]:
     route = {"match": {"prefix": "/"}, "route": {"cluster": backend_cluster_name(options)}}
-    return {
-        "name": ROUTE,
-        "virtual_hosts": [{"name": ROUTE, "domains": ["*"], "routes": [route]}],
-    }
+    return without_annotations(
+        {"name": ROUTE, "virtual_hosts": [{"name": ROUTE, "domains": ["*"], "routes": [route]}]}
+    )

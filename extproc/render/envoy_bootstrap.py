@@ -3,21 +3,25 @@
 One listener, one route to the upstream, the doctor's filter before the router, the
 ext_proc server's cluster, and an access log on stdout that carries the diagnosis from
 dynamic metadata. It is the smallest complete deployment, and the one the end-to-end
-test runs.
+test runs. The filter says where it sits (`--direction`, edge by default: a plain Envoy
+is usually the front door). Upstream-sent `x-extproc-*` annotations are removed twice:
+by the guard filter after the doctor's (for users who copy the filter list into their own
+Envoy) and by the route configuration (for users who copy the route).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from extproc.config import Direction
 from extproc.filter_config import METADATA_NAMESPACE, discovery_type
 from extproc.render.envoy_config import (
     Bootstrap,
+    annotation_guard,
     doctor_filters,
     extproc_cluster,
     http_connection_manager,
     typed,
+    without_annotations,
 )
 from extproc.render.gate import request_gate
 from extproc.render.options import NAME, RenderOptions, host_port
@@ -42,7 +46,8 @@ ACCESS_LOG_FORMAT = {
 def render_bootstrap(options: RenderOptions) -> dict[str, Any]:
     """The whole bootstrap, typed."""
     host, port = options.extproc_target(in_cluster=False)
-    filters = doctor_filters(options.mode, NAME, request_gate(options.policy, Direction.EDGE))
+    gate = request_gate(options.policy, options.direction)
+    filters = [*doctor_filters(options.mode, NAME, gate, options.direction), annotation_guard()]
     bootstrap = {
         "admin": {"address": _address("127.0.0.1", ADMIN_PORT)},
         "static_resources": {
@@ -57,22 +62,24 @@ def render_bootstrap(options: RenderOptions) -> dict[str, Any]:
 
 
 def _listener(options: RenderOptions, filters: list[dict[str, Any]]) -> dict[str, Any]:
-    route = {
-        "name": "local",
-        "virtual_hosts": [
-            {
-                "name": "upstream",
-                "domains": ["*"],
-                "routes": [
-                    {
-                        "name": UPSTREAM_CLUSTER,
-                        "match": {"prefix": "/"},
-                        "route": {"cluster": UPSTREAM_CLUSTER},
-                    }
-                ],
-            }
-        ],
-    }
+    route = without_annotations(
+        {
+            "name": "local",
+            "virtual_hosts": [
+                {
+                    "name": "upstream",
+                    "domains": ["*"],
+                    "routes": [
+                        {
+                            "name": UPSTREAM_CLUSTER,
+                            "match": {"prefix": "/"},
+                            "route": {"cluster": UPSTREAM_CLUSTER},
+                        }
+                    ],
+                }
+            ],
+        }
+    )
     access_log = {
         "name": "envoy.access_loggers.stdout",
         "typed_config": {

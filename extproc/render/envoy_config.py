@@ -20,6 +20,7 @@ import envoy_data_plane.envoy.extensions.access_loggers.stream.v3
 import envoy_data_plane.envoy.extensions.common.matching.v3
 import envoy_data_plane.envoy.extensions.filters.http.composite.v3
 import envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3
+import envoy_data_plane.envoy.extensions.filters.http.header_mutation.v3
 import envoy_data_plane.envoy.extensions.filters.http.router.v3
 import envoy_data_plane.envoy.extensions.transport_sockets.tls.v3
 import envoy_data_plane.envoy.extensions.upstreams.http.v3
@@ -33,7 +34,13 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
     HttpFilter,
 )
 
-from extproc.filter_config import ext_proc_cluster, ext_proc_filter
+from extproc.config import Direction
+from extproc.filter_config import (
+    ANNOTATION_HEADERS,
+    annotation_guard_filter,
+    ext_proc_cluster,
+    ext_proc_filter,
+)
 from extproc.render.gate import (
     RESPONSE_CONDITIONS,
     Condition,
@@ -49,11 +56,13 @@ __all__ = [
     "HttpConnectionManager",
     "Listener",
     "RouteConfiguration",
+    "annotation_guard",
     "doctor_filters",
     "extproc_cluster",
     "http_connection_manager",
     "router_filter",
     "typed",
+    "without_annotations",
 ]
 
 M = TypeVar("M", bound=betterproto2.Message)
@@ -91,22 +100,45 @@ def router_filter() -> dict[str, Any]:
     )
 
 
-def doctor_filters(mode: RenderMode, cluster: str, gate: RequestGate) -> list[dict[str, Any]]:
-    """The HTTP filters to put before the router: ext_proc itself, or ext_proc behind matchers."""
+def doctor_filters(
+    mode: RenderMode, cluster: str, gate: RequestGate, direction: Direction
+) -> list[dict[str, Any]]:
+    """The HTTP filters to put before the router: ext_proc itself, or ext_proc behind matchers.
+
+    Each ext_proc filter tells the server where it sits (`direction`) in its stream's gRPC
+    metadata: the listener's `traffic_direction` cannot tell an Istio gateway from a sidecar.
+    """
+    if direction is Direction.AUTO:
+        raise RenderError("a rendered filter must say where it sits: edge, outbound or inbound")
     if mode is RenderMode.ALWAYS or gate.every_request:
-        return [typed(HttpFilter, ext_proc_filter(cluster))]
+        return [typed(HttpFilter, ext_proc_filter(cluster, direction=direction))]
     filters = []
     if gate.conditions:
         # At request time, a request that needs hygiene gets the full filter, so its
         # response is diagnosed and carries x-extproc-actions too.
-        filters.append(_gated_filter(HYGIENE_FILTER, gate.conditions, ext_proc_filter(cluster)))
+        hygiene = ext_proc_filter(cluster, direction=direction)
+        filters.append(_gated_filter(HYGIENE_FILTER, gate.conditions, hygiene))
     # A separate filter, because a matcher tree is evaluated again at response time, when
     # the request headers include what later filters added (the router's
     # x-envoy-expected-rq-timeout-ms): request tests would then match every request.
     responses = tuple(condition for _, condition in RESPONSE_CONDITIONS)
-    diagnose = ext_proc_filter(cluster, request_headers=False)
+    diagnose = ext_proc_filter(cluster, request_headers=False, direction=direction)
     filters.append(_gated_filter(DIAGNOSE_FILTER, responses, diagnose))
     return [typed(HttpFilter, f) for f in filters]
+
+
+def annotation_guard() -> dict[str, Any]:
+    """The filter that removes upstream-sent `x-extproc-*` annotations: right after the doctor's."""
+    return typed(HttpFilter, annotation_guard_filter())
+
+
+def without_annotations(route_config: dict[str, Any]) -> dict[str, Any]:
+    """`route_config` with the router removing upstream-sent annotations from every response.
+
+    For an Envoy without `envoy.filters.http.header_mutation` (cilium-envoy): the router
+    applies `response_headers_to_remove` to the upstream's headers, before any filter.
+    """
+    return {**route_config, "response_headers_to_remove": list(ANNOTATION_HEADERS)}
 
 
 def _gated_filter(

@@ -12,6 +12,18 @@ placed before the router like other filters, ours would see (and, by the echoed-
 rule, strip) Istio's genuine headers instead of only the ones the app echoed. Placed
 first, it sees the request as the app or the client sent it. On inbound listeners it goes
 just before the router, after Istio's authentication and authorization filters.
+
+Direction: each context's filters tell the server where they sit (gRPC metadata
+`x-extproc-direction`), because the listener's `traffic_direction` cannot: Istio sets
+OUTBOUND on sidecar outbound listeners (istio/istio pilot/pkg/networking/core/listener.go:592)
+and on gateway listeners too (listener.go:1183, `buildGatewayListener`), INBOUND on the
+inbound ones (listener_inbound.go:156); read at istio/istio 86c9f01f (2026-08).
+
+Trust: the annotation guard (`envoy.filters.http.header_mutation`) follows the doctor's
+filters, so it is the first to see a response and removes what an upstream sent under
+`x-extproc-*`, also on responses the server never sees. Istio's proxy compiles it
+(istio/proxy bazel/extension_config/extensions_build_config.bzl:140 at 86a72d03), as it
+compiles ext_proc (:130) and composite (:123).
 """
 
 from __future__ import annotations
@@ -19,7 +31,7 @@ from __future__ import annotations
 from typing import Any
 
 from extproc.config import Direction
-from extproc.render.envoy_config import doctor_filters, extproc_cluster
+from extproc.render.envoy_config import annotation_guard, doctor_filters, extproc_cluster
 from extproc.render.gate import request_gate
 from extproc.render.options import NAME, RenderOptions
 
@@ -67,7 +79,7 @@ def _filter_patches(
 ) -> list[dict[str, Any]]:
     """One patch per filter, keeping the filters' order: INSERT_FIRST or INSERT_BEFORE the router."""
     gate = request_gate(options.policy, direction)
-    filters = doctor_filters(options.mode, NAME, gate)
+    filters = [*doctor_filters(options.mode, NAME, gate, direction), annotation_guard()]
     hcm: dict[str, Any] = {"name": "envoy.filters.network.http_connection_manager"}
     if first:
         # Each INSERT_FIRST lands before the previous one: insert in reverse.

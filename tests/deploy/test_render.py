@@ -11,9 +11,18 @@ import pytest
 import yaml
 
 from extproc.cli import build_parser
-from extproc.config import Action, Policy
-from extproc.filter_config import RESPONSE_ATTRIBUTES
-from extproc.render import TARGETS, RenderError, RenderMode, RenderOptions, render, render_all
+from extproc.config import Action, Direction, Policy
+from extproc.filter_config import DIRECTION_METADATA, RESPONSE_ATTRIBUTES
+from extproc.render import (
+    TARGETS,
+    RenderError,
+    RenderMode,
+    RenderOptions,
+    cilium,
+    modes,
+    render,
+    render_all,
+)
 from extproc.render.envoy_config import HttpFilter, typed
 from extproc.render.istio import render_envoy_filter
 from extproc.render.k8s import render_manifests
@@ -37,10 +46,10 @@ class TestDeployDirectory:
         stale = [path for path in expected if actual[path] != expected[path]]
         assert stale == [], f"stale, run `make deploy`: {stale}"
 
-    def test_every_target_in_both_modes(self):
-        """Each target renders in each mode, and every mesh manifest asks for the diagnosis attributes."""
-        for mode in RenderMode:
-            for target in TARGETS:
+    def test_every_target_in_its_modes(self):
+        """Each target renders in each of its modes, and every mesh manifest asks for the diagnosis attributes."""
+        for target in TARGETS:
+            for mode in modes(target):
                 files = render(target, RenderOptions(mode=mode))
                 assert files
                 if target != "k8s":
@@ -202,6 +211,35 @@ class TestCommand:
         assert run(["render", "envoy"]) == 0
         assert "underscore_headers only reports" in capsys.readouterr().err
 
+    def test_cilium_defaults_to_always(self, capsys):
+        """`render cilium` without --mode renders always mode, the only one cilium-envoy supports."""
+        assert run(["render", "cilium"]) == 0
+        (doc,) = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
+        assert "composite" not in yaml.safe_dump(doc)
+        assert "ExternalProcessor" in yaml.safe_dump(doc)
+
+    def test_cilium_gated_is_refused(self, capsys):
+        """`render cilium --mode gated` exits 2 saying why (no composite filter) and what to use."""
+        assert run(["render", "cilium", "--mode", "gated"]) == 2
+        err = capsys.readouterr().err
+        assert "envoy.filters.http.composite" in err
+        assert "--mode always" in err
+
+    def test_all_gated_skips_cilium(self, capsys):
+        """`render all --mode gated` prints the other targets and says cilium was skipped."""
+        assert run(["render", "all", "--mode", "gated"]) == 0
+        out = capsys.readouterr()
+        kinds = {d["kind"] for d in yaml.safe_load_all(out.out) if d and "kind" in d}
+        assert "EnvoyFilter" in kinds
+        assert not kinds & {"CiliumEnvoyConfig", "CiliumClusterwideEnvoyConfig"}
+        assert "extproc render cilium: skipped" in out.err
+
+    def test_direction_option_reaches_the_envoy_filter(self, capsys):
+        """`render envoy --direction inbound` puts inbound in the filter's stream metadata."""
+        assert run(["render", "envoy", "--mode", "always", "--direction", "inbound"]) == 0
+        (doc,) = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
+        assert directions_in(doc) == {"inbound"}
+
     def test_bad_option_exits_2(self, capsys):
         """A bad option exits 2 and names the flag."""
         assert run(["render", "k8s", "--namespace", "NO"]) == 2
@@ -223,3 +261,88 @@ class TestIstioPlacement:
             ("GATEWAY", "INSERT_FIRST"),
             ("SIDECAR_INBOUND", "INSERT_BEFORE"),
         }
+
+
+def directions_in(document: object) -> set[str]:
+    """The `x-extproc-direction` values of every ext_proc filter in a document."""
+    found: set[str] = set()
+    if isinstance(document, dict):
+        if "grpc_service" in document:
+            metadata = document["grpc_service"].get("initial_metadata", [])
+            found |= {m["value"] for m in metadata if m["key"] == DIRECTION_METADATA}
+            assert metadata, "an ext_proc filter without a direction"
+        for value in document.values():
+            found |= directions_in(value)
+    elif isinstance(document, list):
+        for value in document:
+            found |= directions_in(value)
+    return found
+
+
+class TestDirection:
+    @pytest.mark.parametrize("mode", list(RenderMode))
+    def test_istio_context_says_where_it_sits(self, mode):
+        """Each EnvoyFilter context's filters carry their direction: the gateway is the edge."""
+        envoy_filter = render_envoy_filter(RenderOptions(mode=mode))
+        by_context: dict[str, set[str]] = {}
+        for patch in envoy_filter["spec"]["configPatches"]:
+            if patch["applyTo"] == "HTTP_FILTER":
+                context = patch["match"]["context"]
+                by_context.setdefault(context, set()).update(directions_in(patch["patch"]["value"]))
+        assert by_context == {
+            "GATEWAY": {"edge"},
+            "SIDECAR_OUTBOUND": {"outbound"},
+            "SIDECAR_INBOUND": {"inbound"},
+        }
+
+    @pytest.mark.parametrize(("edge", "expected"), [(False, {"outbound"}), (True, {"edge"})])
+    def test_cilium_is_in_mesh_unless_edge(self, edge, expected):
+        """A CEC's filter is in-mesh (outbound rules) unless --cilium-edge."""
+        options = RenderOptions(mode=RenderMode.ALWAYS, cilium_edge=edge)
+        assert directions_in(cilium.render_envoy_config(options, clusterwide=False)) == expected
+
+    def test_plain_envoy_defaults_to_edge(self):
+        """The standalone bootstrap is the edge unless told otherwise."""
+        for mode in RenderMode:
+            text = render("envoy", RenderOptions(mode=mode))[f"envoy/{mode}.yaml"]
+            assert directions_in(yaml.safe_load(text)) == {"edge"}
+
+    def test_auto_is_not_a_rendered_direction(self):
+        """--direction auto is refused: the manifest must say where the filter sits."""
+        with pytest.raises(RenderError, match="--direction"):
+            RenderOptions(direction=Direction.AUTO)
+
+
+class TestCiliumNames:
+    def test_every_resource_is_unique_to_its_cec(self):
+        """Two Services' CECs share no resource name once Cilium has qualified them."""
+        from .placement import cilium_bootstrap
+
+        def names(service: str, clusterwide: bool) -> set[str]:
+            options = RenderOptions(mode=RenderMode.ALWAYS, cilium_service=service)
+            resources = cilium_bootstrap(
+                cilium.render_envoy_config(options, clusterwide=clusterwide)
+            )
+            static = resources["static_resources"]
+            return {r["name"] for r in static["listeners"] + static["clusters"]} - {
+                "xds-grpc-cilium"
+            }
+
+        for clusterwide in (False, True):
+            first = names("default/a:80", clusterwide)
+            second = names("default/b:80", clusterwide)
+            assert first & second == set()
+
+    def test_filter_refers_to_its_own_cluster(self):
+        """The ext_proc filter names the server cluster this CEC defines, as Cilium leaves it."""
+        from .placement import cilium_bootstrap, qualified
+
+        options = RenderOptions(mode=RenderMode.ALWAYS, cilium_service="shop/cart:8080")
+        config = cilium.render_envoy_config(options, clusterwide=False)
+        bootstrap = cilium_bootstrap(config)
+        clusters = {c["name"] for c in bootstrap["static_resources"]["clusters"]}
+        server = cilium.extproc_cluster_name(options, clusterwide=False)
+        assert server == "shop/extproc-doctor-cart/extproc-doctor"
+        assert qualified("shop", config["metadata"]["name"], server) == server
+        assert server in clusters
+        assert f"cluster_name: {server}" in yaml.safe_dump(config)

@@ -75,7 +75,7 @@ class TestThreatModel:
     @pytest.mark.parametrize(
         "reference",
         sorted(set(re.findall(r"`(tests/[\w/]+\.py)((?:::\w+)*)`", THREAT_MODEL))),
-        ids=lambda ref: "".join(ref),
+        ids="".join,
     )
     def test_named_test_exists(self, reference):
         path, names = reference
