@@ -78,7 +78,10 @@ class Metrics:
             ["error"],
             registry=r,
         )
-        self.errors = {e: errors.labels(e) for e in ("bad_message", "processing_failed")}
+        # unknown_flags: a diagnosed response whose flags had bits this version does not know.
+        self.errors = {
+            e: errors.labels(e) for e in ("bad_message", "processing_failed", "unknown_flags")
+        }
         reloads = Counter(
             "extproc_policy_reloads", "policy reloads by result", ["result"], registry=r
         )
