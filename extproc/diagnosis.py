@@ -21,11 +21,18 @@ from extproc import flags as F
 
 # Clusters and routes that carry traffic whose Host matched no mesh service: Istio's
 # outbound catch-all (`allow_any` → PassthroughCluster under ALLOW_ANY, `block_all` →
-# BlackHoleCluster under REGISTRY_ONLY).
-PASSTHROUGH_CLUSTERS = frozenset(
-    {"PassthroughCluster", "BlackHoleCluster", "InboundPassthroughCluster"}
-)
+# BlackHoleCluster under REGISTRY_ONLY). Not `InboundPassthroughCluster`: inbound
+# routing does not depend on the Host, it forwards to the port the caller dialled.
+PASSTHROUGH_CLUSTERS = frozenset({"PassthroughCluster", "BlackHoleCluster"})
 PASSTHROUGH_ROUTES = frozenset({"allow_any", "block_all"})
+# A sidecar's inbound clusters: Istio's `inbound|PORT||` ones and the inbound passthrough.
+INBOUND_PASSTHROUGH = "InboundPassthroughCluster"
+INBOUND_PREFIX = "inbound|"
+# Code details of answers that are not failures: the upstream's own, a configured direct
+# response, and filters answering on purpose (a CORS preflight, the admin filter).
+NOT_FAILURE_DETAILS = frozenset(
+    {"via_upstream", "direct_response", "cors_response", "admin_filter_response"}
+)
 # `Evidence.cluster_sni` of a cluster with auto_sni (the SNI comes from the Host).
 AUTO_SNI = "auto"
 # ALPN tokens that ask for HTTP/2: plain, and Istio's mesh token.
@@ -63,6 +70,11 @@ class Evidence:
     cluster_sni: str | None = None
     # The ALPN protocols it offers, in order; empty when it offers none.
     cluster_alpn: tuple[str, ...] | None = None
+    # True when the cluster originates TLS, False when it speaks plaintext, None when unknown.
+    cluster_tls: bool | None = None
+    # Flag bits or names this Envoy sent that `flags.RESPONSE_FLAGS` does not know
+    # (`bit40`, `XYZ`); kept as evidence, never matched.
+    unknown_flags: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +107,9 @@ class Signature:
     # Context from the cluster's TLS settings; a row that asks needs the context known.
     sends_sni: bool | None = None
     offers_h2: bool | None = None
+    cluster_tls: bool | None = None
+    # True for a sidecar's inbound cluster (`inbound|…`, `InboundPassthroughCluster`).
+    inbound: bool | None = None
     # Overrides the reason's hint where this row knows more than the reason does.
     hint: str | None = None
 
@@ -188,14 +203,53 @@ HINTS: dict[str, str] = {
     "upstream_app_error": (
         "The upstream application itself answered with this error; the mesh delivered it."
     ),
+    "upstream_connection_closed": (
+        "The upstream closed a TLS connection Envoy was reusing: usually the keep-alive race, "
+        "an idle connection the upstream closed just as a request went out. Make the "
+        "upstream's idle timeout longer than Envoy's (DestinationRule "
+        "connectionPool.http.idleTimeout) and retry on reset."
+    ),
+    "rate_limited": (
+        "A rate limit rejected the request (the local_ratelimit filter or the global rate "
+        "limit service): the limit did its job; raise it or slow the client down."
+    ),
+    "ext_authz_denied": (
+        "The external authorization service denied the request: check the caller's "
+        "credentials and the authorization policy, not the upstream."
+    ),
+    "fault_injected": (
+        "A fault injection rule aborted the request on purpose: check the VirtualService "
+        "fault settings or the fault filter."
+    ),
+    "invalid_request_headers": (
+        "The client sent x-envoy-* header values that failed Envoy's strict check: fix or "
+        "drop them in the client."
+    ),
+    "downstream_protocol_error": (
+        "The client's request broke the HTTP protocol (malformed, or HTTP/1.1 vs h2 on a "
+        "port declared for the other): fix the client or the port's protocol."
+    ),
+    "stream_idle_timeout": (
+        "The stream had no activity for the stream idle timeout: a slow client or upstream, "
+        "or a long-lived stream; raise stream_idle_timeout or the route's idle_timeout."
+    ),
+    "client_disconnected": (
+        "The client went away before the response was complete: not a mesh failure; check "
+        "the client's own timeout."
+    ),
     "upstream_failure": (
         "Envoy failed the request for a reason the catalogue does not know; see the evidence."
     ),
 }
 
-_TLS_ERROR = ("tls error", "tls_error")
+_TERMINATION = ("connection termination",)
+_REFUSED = ("connection refused", "connect error: 111", "connect error:111")
 # BoringSSL's errno text when the peer reset the connection in the middle of the handshake.
 _HANDSHAKE_RESET = ("openssl internal:connection reset by peer",)
+
+# The client's BoringSSL adds this to a handshake failure alert sent in answer to its
+# ClientHello, before any certificate was asked for.
+_HELLO_REFUSED = ("handshake failure on client hello",)
 
 # Row hints for a handshake reset once the cluster's TLS settings are known.
 SNI_MISSING_HINT = (
@@ -209,10 +263,45 @@ NO_H2_HINT = (
     "(port name or appProtocol http2/grpc) or let the server accept HTTP/1.1."
 )
 
+HELLO_NO_SNI_HINT = (
+    "The upstream refused the TLS ClientHello and this cluster sends no SNI: a CDN or "
+    "shared TLS front door needs the server name. Set sni or auto_sni on the cluster's "
+    "TLS context (DestinationRule tls.sni)."
+)
+HELLO_REFUSED_HINT = (
+    "The upstream refused the TLS ClientHello itself, before asking for any certificate: "
+    "it found no usable server name (SNI), TLS version, cipher or ALPN in it; check what "
+    "the upstream accepts."
+)
+RETRIED_APP_ERROR_HINT = (
+    "The upstream application answered with this error, also on each retry (see flags: "
+    "URX retries exhausted, UO retry budget full); the mesh delivered its last answer."
+)
+PLAINTEXT_CLOSED_HINT = (
+    "The upstream closed a plaintext connection: it requires mTLS (STRICT "
+    "PeerAuthentication vs a DestinationRule with tls.mode DISABLE or a subset without "
+    "trafficPolicy); this cluster originates no TLS."
+)
+INBOUND_REFUSED_HINT = (
+    "The sidecar's inbound side found nothing listening on the app's port: the app does "
+    "not listen on the port the Service's targetPort names, or listens on localhost only."
+)
+LEGACY_NR_HINT = (
+    "An older Envoy answered 503 NR: the route matched but names a cluster that does not "
+    "exist; check the route's destination and the service's registration."
+)
+
 # The catalogue, most specific first. Text is matched after normalisation (see module doc).
 CATALOGUE: tuple[Signature, ...] = (
-    # The upstream answered: whatever it said, the mesh delivered it.
-    Signature("upstream_app_error", status=(500, 599), upstream_answered=True),
+    # The upstream answered: whatever it said and whatever the retry flags, the mesh
+    # delivered it (`is_envoy_failure` lets only its error answers through).
+    Signature(
+        "upstream_app_error",
+        flags=F.URX | F.UO,
+        upstream_answered=True,
+        hint=RETRIED_APP_ERROR_HINT,
+    ),
+    Signature("upstream_app_error", upstream_answered=True),
     # The Host fell through to the passthrough route and then failed.
     Signature("host_not_in_mesh", passthrough=True),
     # TLS: our verdict on their certificate.
@@ -235,6 +324,9 @@ CATALOGUE: tuple[Signature, ...] = (
             "alert access denied",
         ),
     ),
+    # A handshake failure in answer to the ClientHello: the hello itself was refused.
+    Signature("sni_rejected", text=_HELLO_REFUSED, sends_sni=False, hint=HELLO_NO_SNI_HINT),
+    Signature("tls_handshake_rejected", text=_HELLO_REFUSED, hint=HELLO_REFUSED_HINT),
     Signature(
         "upstream_requires_mtls",
         text=("alert handshake failure",),
@@ -259,22 +351,58 @@ CATALOGUE: tuple[Signature, ...] = (
     ),
     Signature("tls_handshake_rejected", text=_HANDSHAKE_RESET),
     # Transport.
-    Signature(
-        "upstream_refused", text=("connection refused", "connect error: 111", "connect error:111")
-    ),
+    Signature("upstream_refused", text=_REFUSED, inbound=True, hint=INBOUND_REFUSED_HINT),
+    Signature("upstream_refused", text=_REFUSED),
     Signature("upstream_connect_timeout", text=("connection timeout",)),
     Signature("dns_failure", flags=F.DF),
-    # Routing and cluster state.
+    # Routing and cluster state. Envoy before the NC flag answered 503 NR for a route
+    # whose cluster does not exist; a missing route is a 404.
+    Signature("cluster_not_found", flags=F.NR, status=(503, 503), hint=LEGACY_NR_HINT),
     Signature("no_route", flags=F.NR, text=("route not found",)),
     Signature("cluster_not_found", flags=F.NC, text=("cluster not found",)),
     Signature("no_healthy_upstream", flags=F.UH, text=("no healthy upstream",)),
-    Signature("circuit_open", flags=F.UO | F.OM, text=("overflow",)),
+    Signature("circuit_open", flags=F.UO | F.OM | F.DO | F.UDO, text=("overflow", "drop overload")),
     Signature("circuit_open", overloaded=True),
+    # Filters that refused the request on purpose, before any upstream.
+    Signature(
+        "rate_limited",
+        flags=F.RLSE,
+        text=("rate limiter error",),
+        hint=(
+            "The rate limit service could not be asked and the filter fails closed "
+            "(failure_mode_deny): check the rate limit service, not the upstream."
+        ),
+    ),
+    Signature("rate_limited", flags=F.RL, text=("request rate limited", "local rate limited")),
+    Signature(
+        "ext_authz_denied",
+        text=("ext authz error",),
+        hint=(
+            "The external authorization service could not be asked (down, timed out) and "
+            "the filter fails closed: check the authorization service, not the upstream."
+        ),
+    ),
+    Signature("ext_authz_denied", flags=F.UAEX, text=("ext authz denied",)),
+    Signature("fault_injected", flags=F.FI, text=("fault filter abort",)),
+    Signature("invalid_request_headers", flags=F.IH, text=("request headers failed strict check",)),
+    Signature("downstream_protocol_error", flags=F.DPE, text=("codec error",)),
     # HTTP and stream level.
     Signature("protocol_mismatch", flags=F.UPE, text=("protocol error",)),
     Signature("upstream_timeout", flags=F.UT, text=("response timeout", "per try timeout")),
-    Signature("upstream_requires_mtls", flags=F.UC, text=("connection termination",)),
+    Signature("stream_idle_timeout", flags=F.SI, text=("stream idle timeout",)),
+    # A connection closed under a request: on a TLS cluster not a plaintext/STRICT
+    # mismatch but the keep-alive race; unknown transport names both.
+    Signature("upstream_connection_closed", flags=F.UC, text=_TERMINATION, cluster_tls=True),
+    Signature(
+        "upstream_requires_mtls",
+        flags=F.UC,
+        text=_TERMINATION,
+        cluster_tls=False,
+        hint=PLAINTEXT_CLOSED_HINT,
+    ),
+    Signature("upstream_requires_mtls", flags=F.UC, text=_TERMINATION),
     Signature("upstream_reset", flags=F.UR | F.LR, text=("remote reset", "local reset")),
+    Signature("client_disconnected", flags=F.DC | F.DR, text=("downstream remote disconnect",)),
     Signature(
         "upstream_failure",
         flags=F.UF,
@@ -324,19 +452,27 @@ def is_envoy_failure(ev: Evidence) -> bool:
     """True when the response needs a diagnosis.
 
     A response Envoy did not fail (no failure flags, details `via_upstream` or absent,
-    status below 500, no gRPC error from a local reply) is left alone. A gRPC local
-    reply is HTTP 200, so flags and details count as much as the status.
+    status below 500, no gRPC error from a local reply) is left alone; so is a filter's
+    answer that is not a failure (`NOT_FAILURE_DETAILS`). An upstream's own answer counts
+    when it is a 5xx, or an error that Envoy retried (a 429 or gRPC error with `URX`). A
+    gRPC local reply is HTTP 200, so flags and details count as much as the status.
+    Flag bits the table does not know decide nothing.
     """
-    if ev.flags & ~F.BENIGN:
+    status = ev.status or 0
+    error = status >= 400 or bool(ev.grpc_status)
+    failure_flags = bool(ev.flags & F.ALL_FLAGS & ~F.BENIGN)
+    if ev.has_attributes and ev.code_details == "via_upstream":
+        return status >= 500 or (error and failure_flags)
+    if failure_flags or status >= 500:
         return True
-    if ev.code_details and ev.code_details not in ("via_upstream", "direct_response"):
-        return True
-    if ev.status is not None and ev.status >= 500:
-        return True
-    if ev.has_attributes:
-        return False
-    # Without attributes, a 404 or a gRPC error that Envoy itself produced (no
-    # x-envoy-upstream-service-time) is the best sign there is.
+    if ev.code_details:
+        return ev.code_details not in NOT_FAILURE_DETAILS and (ev.status is None or error)
+    return not ev.has_attributes and _unattributed_failure(ev)
+
+
+def _unattributed_failure(ev: Evidence) -> bool:
+    """Without attributes, a 404 or a gRPC error that Envoy itself produced (no
+    x-envoy-upstream-service-time) is the best sign there is."""
     if ev.upstream_answered is False:
         return ev.status == 404 or bool(ev.grpc_status)
     return ev.overloaded
@@ -357,7 +493,13 @@ def _fits(sig: Signature, ev: Evidence, text: str, passthrough: bool) -> bool:
         and (sig.grpc_status is None or ev.grpc_status in sig.grpc_status)
         and (sig.sends_sni is None or sig.sends_sni == _sends_sni(ev))
         and (sig.offers_h2 is None or sig.offers_h2 == _offers_h2(ev))
+        and (sig.cluster_tls is None or sig.cluster_tls == ev.cluster_tls)
+        and (sig.inbound is None or sig.inbound == _inbound(ev))
     )
+
+
+def _inbound(ev: Evidence) -> bool:
+    return ev.cluster == INBOUND_PASSTHROUGH or ev.cluster.startswith(INBOUND_PREFIX)
 
 
 def _sends_sni(ev: Evidence) -> bool | None:
@@ -371,8 +513,8 @@ def _offers_h2(ev: Evidence) -> bool | None:
 def _answered(ev: Evidence) -> bool:
     """Did the upstream itself produce this response?"""
     if ev.has_attributes:
-        # URX: retries ran out on the upstream's own answers, which were delivered.
-        return ev.code_details == "via_upstream" and not ev.flags & ~(F.BENIGN | F.URX)
+        # Whatever the flags (URX, UO: retries ran out on the upstream's own answers).
+        return ev.code_details == "via_upstream"
     return bool(ev.upstream_answered)
 
 
@@ -386,7 +528,7 @@ def classify(ev: Evidence) -> Diagnosis | None:
     for sig in CATALOGUE:
         if _fits(sig, ev, text, passthrough):
             # The cluster's TLS settings are evidence only where they decide the reason.
-            tls_context = sig.text == _HANDSHAKE_RESET
+            tls_context = sig.text in (_HANDSHAKE_RESET, _HELLO_REFUSED, _TERMINATION)
             return Diagnosis(
                 sig.reason, sig.hint or HINTS[sig.reason], evidence_of(ev, tls_context)
             )
@@ -425,23 +567,27 @@ def destination_rule(cluster_metadata: str) -> str:
 def evidence_of(ev: Evidence, tls_context: bool = False) -> tuple[tuple[str, str | int], ...]:
     """The evidence parameters, in a fixed order, leaving out what is unknown.
 
-    `tls_context` adds the cluster's SNI and ALPN (`sni`, `alpn`), when known.
+    `tls_context` adds whether the cluster originates TLS and its SNI and ALPN (`tls`,
+    `sni`, `alpn`), when known.
     """
     sni = ev.cluster_sni if tls_context else None
     alpn = ev.cluster_alpn if tls_context else None
+    transport = None if not tls_context or ev.cluster_tls is None else ev.cluster_tls
     items: list[tuple[str, str | int]] = []
     if ev.status is not None:
         items.append(("status", ev.status))
     if ev.grpc_status:
         items.append(("grpc", ev.grpc_status))
-    if ev.flags:
+    if ev.flags & F.ALL_FLAGS:
         items.append(("flags", F.format_flags(ev.flags)))
     for key, value in (
+        ("unknown_flags", ev.unknown_flags),
         ("cluster", ev.cluster),
         ("route", ev.route),
         ("upstream", ev.upstream_address),
         ("host", ev.host),
         ("dr", destination_rule(ev.cluster_metadata)),
+        ("tls", "" if transport is None else ("on" if transport else "off")),
         ("sni", _known(sni)),
         ("alpn", _known(None if alpn is None else " ".join(alpn))),
         ("detail", transport_detail(ev)),

@@ -11,13 +11,24 @@ one at a time, and not more often than `min_refresh_gap`), so the first failure 
 cluster gets the less precise reason and the next ones the precise one. A refresh also
 runs every `refresh_interval`, and once, awaited, when the cache starts. The parsing
 (`cluster_tls_settings`) is pure and tested on real dumps.
+
+A large mesh's cluster dump is tens of megabytes, and `json.loads` holds the GIL for the
+whole parse: in a thread it still stalls the event loop (and Envoy's message timeout
+runs meanwhile). So a refresh asks only for the cluster fields it reads (`DUMP_MASK`),
+and fetches and parses in a separate process; the loop only unpickles the small result.
+`bench/admin_stall.py` measures the stall both ways.
+
+A cluster is known as TLS (`ClusterTls`), known as plaintext (`PLAINTEXT`), or unknown
+(`lookup` answers None): a closed connection means different things on each.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
+import multiprocessing
 import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Mapping
@@ -31,10 +42,21 @@ from extproc.diagnosis import AUTO_SNI, Evidence
 
 log = structlog.get_logger("extproc.envoy_admin")
 
+# The cluster fields this module reads; Envoy applies the mask to each resource element.
+DUMP_MASK = ",".join(
+    f"cluster.{field}"
+    for field in (
+        "name",
+        "transport_socket",
+        "transport_socket_matches",
+        "typed_extension_protocol_options",
+        "http2_protocol_options",
+    )
+)
 # The two config_dump resources that hold clusters: bootstrap ones, and xDS ones (Istio).
-DUMP_PATHS = (
-    "/config_dump?resource=static_clusters",
-    "/config_dump?resource=dynamic_active_clusters",
+DUMP_PATHS = tuple(
+    f"/config_dump?resource={resource}&mask={DUMP_MASK}"
+    for resource in ("static_clusters", "dynamic_active_clusters")
 )
 _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 # A large mesh's cluster dump runs to tens of megabytes; more than this is not Envoy.
@@ -53,6 +75,8 @@ class ClusterTls:
     auto_sni: bool = False
     alpn: tuple[str, ...] = ()
     http2: bool = False
+    # False for a cluster that originates no TLS (see PLAINTEXT); the rest is then unused.
+    tls: bool = True
 
     @property
     def sent_sni(self) -> str:
@@ -72,6 +96,9 @@ class ClusterTls:
         if self.alpn:
             return self.alpn
         return ("h2",) if self.http2 else ()
+
+
+PLAINTEXT = ClusterTls(tls=False)
 
 
 def admin_base_url(url: str) -> str:
@@ -95,17 +122,21 @@ def clusters_in_dump(dump: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return found
 
 
-def cluster_tls_settings(clusters: Iterable[Mapping[str, Any]]) -> dict[str, ClusterTls | None]:
-    """Each cluster's TLS settings by name; None for a cluster that does not originate TLS."""
+def cluster_tls_settings(clusters: Iterable[Mapping[str, Any]]) -> dict[str, ClusterTls]:
+    """Each cluster's TLS settings by name; PLAINTEXT for a cluster that originates no TLS.
+
+    A cluster with a TLS socket among its `transport_socket_matches` counts as TLS: that
+    is Istio's auto mTLS, which speaks TLS to every endpoint with a sidecar.
+    """
     return {c["name"]: _cluster_tls(c) for c in clusters if "name" in c}
 
 
-def _cluster_tls(cluster: Mapping[str, Any]) -> ClusterTls | None:
+def _cluster_tls(cluster: Mapping[str, Any]) -> ClusterTls:
     sockets = [cluster.get("transport_socket")]
     sockets += [m.get("transport_socket") for m in cluster.get("transport_socket_matches", [])]
     context = next(filter(None, map(_upstream_tls_context, sockets)), None)
     if context is None:
-        return None
+        return PLAINTEXT
     options = cluster.get("typed_extension_protocol_options", {}).get(_HTTP_OPTIONS, {})
     return ClusterTls(
         sni=str(context.get("sni", "")),
@@ -140,11 +171,13 @@ def with_cluster_tls(ev: Evidence, tls: ClusterTls | None) -> Evidence:
     """`ev` with the cluster's TLS settings as context; unchanged when they are unknown."""
     if tls is None:
         return ev
-    return replace(ev, cluster_sni=tls.sent_sni, cluster_alpn=tls.offered_alpn)
+    if not tls.tls:
+        return replace(ev, cluster_tls=False)
+    return replace(ev, cluster_tls=True, cluster_sni=tls.sent_sni, cluster_alpn=tls.offered_alpn)
 
 
-def fetch_cluster_tls(base_url: str, timeout: float) -> dict[str, ClusterTls | None]:
-    """GET the cluster dumps from the admin endpoint (blocking) and parse them."""
+def fetch_cluster_tls(base_url: str, timeout: float) -> dict[str, ClusterTls]:
+    """GET the masked cluster dumps from the admin endpoint (blocking) and parse them."""
     clusters: list[Mapping[str, Any]] = []
     for path in DUMP_PATHS:
         with urllib.request.urlopen(base_url + path, timeout=timeout) as answer:  # noqa: S310 (http only, checked by admin_base_url)
@@ -166,13 +199,17 @@ class ClusterTlsCache:
         min_refresh_gap: float = 5.0,
         timeout: float = 2.0,
         max_clusters: int = 50_000,
+        executor: concurrent.futures.Executor | None = None,
     ) -> None:
+        """`executor` runs the fetch and parse; by default a one-process pool of its own."""
         self.base_url = admin_base_url(admin_url)
         self._refresh_interval = refresh_interval
         self._min_refresh_gap = min_refresh_gap
         self._timeout = timeout
         self._max_clusters = max_clusters
-        self._clusters: dict[str, ClusterTls | None] = {}
+        self._clusters: dict[str, ClusterTls] = {}
+        self._executor = executor
+        self._own_executor: concurrent.futures.Executor | None = None
         self._refreshing: asyncio.Task[bool] | None = None
         self._last_refresh = float("-inf")
         self._periodic: asyncio.Task[None] | None = None
@@ -193,9 +230,15 @@ class ClusterTlsCache:
         """Re-read the clusters; False (and a warning) when the admin endpoint failed."""
         loop = asyncio.get_running_loop()
         self._last_refresh = loop.time()
+        if self._executor is None:
+            self._executor = self._own_executor = concurrent.futures.ProcessPoolExecutor(
+                1, mp_context=multiprocessing.get_context("spawn")
+            )
         try:
-            clusters = await asyncio.to_thread(fetch_cluster_tls, self.base_url, self._timeout)
-        except (OSError, ValueError) as exc:
+            clusters = await loop.run_in_executor(
+                self._executor, fetch_cluster_tls, self.base_url, self._timeout
+            )
+        except (OSError, ValueError, concurrent.futures.BrokenExecutor) as exc:
             log.warning("envoy_admin_unavailable", url=self.base_url, error=str(exc))
             return False
         if len(clusters) > self._max_clusters:
@@ -235,3 +278,6 @@ class ClusterTlsCache:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._periodic = self._refreshing = None
+        if self._own_executor is not None:
+            self._own_executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = self._own_executor = None

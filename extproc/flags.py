@@ -1,7 +1,10 @@
 """Envoy's core response flags: the bitmask in `response.flags` and the short names in logs.
 
 The bit order follows Envoy's `CoreResponseFlag` enum (stable since the flags became a
-bitmask); access logs print the short names comma-separated, in no fixed order.
+bitmask); access logs print the short names comma-separated, in no fixed order. A newer
+Envoy may set a bit or print a name this table does not know yet: the readers keep the
+known flags and hand the rest back as evidence (`unknown_bits`, `split_flags`) instead of
+rejecting the whole value.
 """
 
 from __future__ import annotations
@@ -46,42 +49,59 @@ for _bit, _short, _long in RESPONSE_FLAGS:
     _BY_NAME[_long.lower()] = _bit
 
 LH, UH, UT, LR, UR, UF, UC, UO, NR = (0x1, 0x2, 0x4, 0x8, 0x10, 0x20, 0x40, 0x80, 0x100)
-DI, URX, UPE, NC, OM, DF, RFCF = (
-    0x200,
-    0x8000,
-    0x800000,
-    0x1000000,
-    0x2000000,
-    0x4000000,
-    0x100000,
-)
+DI, FI, RL, UAEX, RLSE, DC, URX, SI, IH, DPE = (
+    0x200, 0x400, 0x800, 0x1000, 0x2000, 0x4000, 0x8000, 0x10000, 0x20000, 0x40000,
+)  # fmt: skip
+RFCF, UPE, NC, OM, DF, DO, DR, UDO = (
+    0x100000, 0x800000, 0x1000000, 0x2000000, 0x4000000, 0x8000000, 0x10000000, 0x20000000,
+)  # fmt: skip
 
 # Flags that mark a response Envoy served on purpose rather than a failure.
 BENIGN = DI | RFCF
 ALL_FLAGS = (1 << len(RESPONSE_FLAGS)) - 1
+# `response.flags` arrives as a double: integers are exact up to here.
+MAX_FLAGS_VALUE = (1 << 53) - 1
 
 
 class UnknownFlagError(ValueError):
     """A response flag name that Envoy does not define."""
 
 
-def parse_flags(text: str) -> int:
-    """Turn an access log's flags field (`UF,URX`, `UF|URX`, `-`) into the bitmask.
+def split_flags(text: str) -> tuple[int, tuple[str, ...]]:
+    """An access log's flags field (`UF,URX`, `UF|URX`, `-`) as the bitmask of the known
+    names and the names this table does not know, in their order.
 
     Long names (`UpstreamConnectionFailure`) are accepted too, case-insensitively.
     """
     mask = 0
+    unknown: list[str] = []
     for raw in text.replace("|", ",").split(","):
         name = raw.strip()
         if not name or name == "-":
             continue
         bit = _BY_NAME.get(name) or _BY_NAME.get(name.lower())
         if bit is None:
-            raise UnknownFlagError(f"unknown response flag {name!r}")
-        mask |= bit
+            unknown.append(name)
+        else:
+            mask |= bit
+    return mask, tuple(unknown)
+
+
+def parse_flags(text: str) -> int:
+    """The bitmask of a flags field typed by a user; a name Envoy does not define raises
+    `UnknownFlagError` (a typo should not pass silently; log readers use `split_flags`)."""
+    mask, unknown = split_flags(text)
+    if unknown:
+        raise UnknownFlagError(f"unknown response flag {unknown[0]!r}")
     return mask
 
 
+def unknown_bits(mask: int) -> str:
+    """The bits of `mask` this table does not know, as `bit40,bit41`; '' when there are none."""
+    rest = mask & ~ALL_FLAGS
+    return ",".join(f"bit{n}" for n in range(rest.bit_length()) if rest >> n & 1)
+
+
 def format_flags(mask: int) -> str:
-    """The short names of the bits set in `mask`, comma-separated in bit order."""
+    """The short names of the known bits set in `mask`, comma-separated in bit order."""
     return ",".join(short for bit, short, _ in RESPONSE_FLAGS if mask & bit)

@@ -26,7 +26,14 @@ _BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 50e
 
 def _action_tokens() -> list[str]:
     tokens = [f"strip-{rule.subject}" for rule in RULES]
-    return [*tokens, "rewrite-underscore-headers", "rewrite-host", "strip-host-port"]
+    return [
+        *tokens,
+        "rewrite-underscore-headers",
+        "refuse-protected-rewrite",
+        "rewrite-host",
+        "strip-host-port",
+        "invalid-host",
+    ]
 
 
 class Metrics:
@@ -78,7 +85,10 @@ class Metrics:
             ["error"],
             registry=r,
         )
-        self.errors = {e: errors.labels(e) for e in ("bad_message", "processing_failed")}
+        # unknown_flags: a diagnosed response whose flags had bits this version does not know.
+        self.errors = {
+            e: errors.labels(e) for e in ("bad_message", "processing_failed", "unknown_flags")
+        }
         reloads = Counter(
             "extproc_policy_reloads", "policy reloads by result", ["result"], registry=r
         )

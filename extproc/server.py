@@ -209,9 +209,12 @@ def _triage(request: pb.ProcessingRequest) -> tuple[Evidence, Any, tuple[str, ..
     if fields is None:
         return Evidence(status=status, grpc_status=grpc_status, upstream_answered=answered,
                         overloaded=overloaded), None, forged  # fmt: skip
+    # A newer Envoy's flag bits this table does not know are kept as evidence, not matched.
+    flags = _number(fields, "response.flags", F.MAX_FLAGS_VALUE) or 0
     evidence = Evidence(
         status=status if status is not None else _number(fields, "response.code", 999),
-        flags=_number(fields, "response.flags", F.ALL_FLAGS) or 0,
+        flags=flags & F.ALL_FLAGS,
+        unknown_flags=F.unknown_bits(flags),
         code_details=_text(fields, "response.code_details"),
         grpc_status=grpc_status,
         upstream_answered=answered,
@@ -376,6 +379,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                 self.metrics.count_action(applied.token, applied.report)
         elif kind == "response_headers" and state.diagnosis is not None:
             self.metrics.diagnoses[state.diagnosis.reason].inc()
+            if any(key == "unknown_flags" for key, _ in state.diagnosis.evidence):
+                self.metrics.errors["unknown_flags"].inc()
 
 
 class ExtProcServer:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from extproc.config import Policy, policy_from_mapping
-from extproc.diagnosis import HINTS, NO_H2_HINT, SNI_MISSING_HINT
+from extproc.diagnosis import HINTS, NO_H2_HINT, PLAINTEXT_CLOSED_HINT, SNI_MISSING_HINT
 from extproc.lab.topology import (
     NOWHERE,
     App,
@@ -199,13 +199,13 @@ MESH_INCIDENTS: tuple[Scenario, ...] = (
     Scenario(
         "requires_mtls", mesh_host("ratings"), "/", "upstream_requires_mtls",
         f"DestinationRule ratings says tls.mode DISABLE; {_STRICT} closes the plaintext",
-        incident=3, evidence=('dr="default/ratings"',),
+        incident=3, hint=PLAINTEXT_CLOSED_HINT, evidence=('dr="default/ratings"', 'tls="off"'),
     ),
     Scenario(
         "subset_plaintext", mesh_host("reviews"), "/", "upstream_requires_mtls",
         "subset v2 has no trafficPolicy, overriding mesh-wide mTLS: plaintext to "
         f"{_STRICT}",
-        incident=4, headers=((SUBSET_HEADER, "v2"),),
+        incident=4, headers=((SUBSET_HEADER, "v2"),), hint=PLAINTEXT_CLOSED_HINT,
         evidence=(
             'cluster="outbound|8080|v2|reviews.default.svc.cluster.local"',
             'dr="default/reviews"',

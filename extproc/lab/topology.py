@@ -248,7 +248,7 @@ def original_dst_cluster(name: str) -> dict[str, Any]:
 
 def destination_rule(name: str, namespace: str = "default") -> dict[str, Any]:
     """Cluster metadata as Istio stamps it on a cluster shaped by a DestinationRule."""
-    config = f"/apis/networking.istio.io/v1alpha3/namespaces/{namespace}/destination-rule/{name}"
+    config = f"/apis/networking.istio.io/v1/namespaces/{namespace}/destination-rule/{name}"
     return {"filter_metadata": {"istio": {"config": config}}}
 
 

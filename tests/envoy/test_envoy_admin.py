@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from extproc.diagnosis import AUTO_SNI
-from extproc.envoy_admin import ClusterTls, ClusterTlsCache, fetch_cluster_tls
+from extproc.envoy_admin import PLAINTEXT, ClusterTls, ClusterTlsCache, fetch_cluster_tls
 from extproc.lab import Lab
 
 pytestmark = pytest.mark.envoy
@@ -15,16 +15,16 @@ pytestmark = pytest.mark.envoy
 
 class TestFetchClusterTls:
     def test_reads_each_clusters_tls_settings(self, recording_lab: Lab) -> None:
-        """SNI, ALPN and protocol come back per cluster; plaintext clusters are known as None."""
+        """SNI, ALPN and protocol come back per cluster (masked dump); plaintext ones as PLAINTEXT."""
         clusters = fetch_cluster_tls(recording_lab.admin_url, timeout=5)
         assert clusters["outbound|8080||search.default.svc.cluster.local"] == ClusterTls(
             sni="outbound_.8080_._.search.default.svc.cluster.local", alpn=("istio-http/1.1",)
         )
         assert clusters["outbound|443||pay.example.net"] == ClusterTls()
         assert clusters["outbound|443|sni|pay.example.net"].sent_sni == "pay.example.net"
-        assert clusters["outbound|8080|v2|reviews.default.svc.cluster.local"] is None
-        assert clusters["extproc"] is None
-        assert AUTO_SNI not in {c.sent_sni for c in clusters.values() if c}
+        assert clusters["outbound|8080|v2|reviews.default.svc.cluster.local"] == PLAINTEXT
+        assert clusters["extproc"] == PLAINTEXT
+        assert AUTO_SNI not in {c.sent_sni for c in clusters.values() if c.tls}
 
 
 class TestClusterTlsCache:

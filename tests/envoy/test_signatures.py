@@ -176,7 +176,7 @@ def test_cluster_metadata_arrives_as_text_format(
     _, exchange = send(recording_lab, recorder, scenario)
     assert exchange.response_attributes["xds.cluster_metadata"] == (
         'filter_metadata { key: "istio" value { fields { key: "config" value { string_value: '
-        '"/apis/networking.istio.io/v1alpha3/namespaces/default/destination-rule/reviews"'
+        '"/apis/networking.istio.io/v1/namespaces/default/destination-rule/reviews"'
         " } } } } "
     )
 

@@ -7,6 +7,8 @@ turned into `_`, the transport failure reason is passed as it is, status and fla
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -611,7 +613,7 @@ class TestOtherReasons:
     def test_every_hints_reason_is_reached(self) -> None:
         """The tables above reach every reason that has a hint."""
         reached = set()
-        for table in (LAB_ROWS, OLDER_ROWS, OTHER_ROWS, GRPC_ROWS):
+        for table in (LAB_ROWS, OLDER_ROWS, OTHER_ROWS, GRPC_ROWS, ISSUE10_ROWS):
             for case in table:
                 evidence, _reason = case.values
                 diagnosis = classify(evidence)  # type: ignore[arg-type]
@@ -878,49 +880,35 @@ class TestCatalogueData:
                 assert text == text.lower().replace("_", " ")
 
 
-# The flags table of catalogue.md.
-CATALOGUE_FLAGS = [
-    (0x1, "LH", "FailedLocalHealthCheck"),
-    (0x2, "UH", "NoHealthyUpstream"),
-    (0x4, "UT", "UpstreamRequestTimeout"),
-    (0x8, "LR", "LocalReset"),
-    (0x10, "UR", "UpstreamRemoteReset"),
-    (0x20, "UF", "UpstreamConnectionFailure"),
-    (0x40, "UC", "UpstreamConnectionTermination"),
-    (0x80, "UO", "UpstreamOverflow"),
-    (0x100, "NR", "NoRouteFound"),
-    (0x200, "DI", "DelayInjected"),
-    (0x400, "FI", "FaultInjected"),
-    (0x800, "RL", "RateLimited"),
-    (0x1000, "UAEX", "UnauthorizedExternalService"),
-    (0x2000, "RLSE", "RateLimitServiceError"),
-    (0x4000, "DC", "DownstreamConnectionTermination"),
-    (0x8000, "URX", "UpstreamRetryLimitExceeded"),
-    (0x10000, "SI", "StreamIdleTimeout"),
-    (0x20000, "IH", "InvalidEnvoyRequestHeaders"),
-    (0x40000, "DPE", "DownstreamProtocolError"),
-    (0x80000, "UMSDR", "UpstreamMaxStreamDurationReached"),
-    (0x100000, "RFCF", "ResponseFromCacheFilter"),
-    (0x200000, "NFCF", "NoFilterConfigFound"),
-    (0x400000, "DT", "DurationTimeout"),
-    (0x800000, "UPE", "UpstreamProtocolError"),
-    (0x1000000, "NC", "NoClusterFound"),
-    (0x2000000, "OM", "OverloadManagerTerminated"),
-    (0x4000000, "DF", "DnsResolutionFailed"),
-    (0x8000000, "DO", "DropOverload"),
-    (0x10000000, "DR", "DownstreamRemoteReset"),
-    (0x20000000, "UDO", "UnconditionalDropOverload"),
-]
+def _envoy_flags() -> list[tuple[int, str, str]]:
+    """(bit, short, long) per flag from Envoy's source, quoted in data/envoy_response_flags.txt."""
+    section, enum, names = "", [], {}
+    for line in (
+        (Path(__file__).parent / "data" / "envoy_response_flags.txt").read_text().splitlines()
+    ):
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("["):
+            section = line
+        elif section == "[enum]":
+            enum.append(line)
+        else:
+            short, long, identifier = line.split()
+            names[identifier] = (short, long)
+    return [(1 << i, *names[ident]) for i, ident in enumerate(enum) if ident in names]
+
+
+ENVOY_FLAGS = _envoy_flags()
 
 
 class TestFlags:
     """Response flags: the bitmask, the short names and the long names."""
 
     @pytest.mark.parametrize(
-        ("bit", "short", "long"), [pytest.param(*row, id=row[1]) for row in CATALOGUE_FLAGS]
+        ("bit", "short", "long"), [pytest.param(*row, id=row[1]) for row in ENVOY_FLAGS]
     )
-    def test_flag_names_match_catalogue(self, bit: int, short: str, long: str) -> None:
-        """Each flag's short and long name parse to the bit catalogue.md gives it."""
+    def test_flag_names_match_envoy_source(self, bit: int, short: str, long: str) -> None:
+        """Each flag's short and long name parse to the bit Envoy's enum order gives it."""
         assert F.parse_flags(short) == bit
         assert F.parse_flags(long) == bit
         assert F.format_flags(bit) == short
@@ -1012,3 +1000,246 @@ class TestClusterTlsContext:
         d = classify(ev)
         assert d is not None
         assert d.reason == "client_cert_rejected"
+
+
+def attrs(status: int | None, flags: int = 0, details: str = "", **kw: object) -> Evidence:
+    """Evidence as the response attributes give it."""
+    return Evidence(status=status, flags=flags, code_details=details, has_attributes=True, **kw)  # type: ignore[arg-type]
+
+
+HELLO_REFUSED_TFR = (
+    "TLS_error:|268436496:SSL routines:OPENSSL_internal:SSLV3_ALERT_HANDSHAKE_FAILURE:"
+    "TLS_error_end:TLS_error:|268435554:SSL routines:OPENSSL_internal:"
+    "HANDSHAKE_FAILURE_ON_CLIENT_HELLO:TLS_error_end"
+)
+UC_DETAILS = reset("connection_termination")
+
+# Issue 10's cases, from the strings Envoy reports for them (access-log docs and threads).
+ISSUE10_ROWS = [
+    pytest.param(
+        attrs(503, F.UO, "via_upstream"), "upstream_app_error", id="app-503-retry-overflow"
+    ),
+    pytest.param(
+        attrs(429, F.URX, "via_upstream"), "upstream_app_error", id="app-429-retries-exhausted"
+    ),
+    pytest.param(
+        attrs(200, F.URX, "via_upstream", grpc_status=14),
+        "upstream_app_error",
+        id="app-grpc-14-urx",
+    ),
+    pytest.param(
+        attrs(503, F.UC, UC_DETAILS, cluster_tls=True), "upstream_connection_closed", id="uc-tls"
+    ),
+    pytest.param(
+        attrs(503, F.UC, UC_DETAILS, cluster_tls=False), "upstream_requires_mtls", id="uc-plain"
+    ),
+    pytest.param(
+        failed(HELLO_REFUSED_TFR, cluster_sni="api.example.com"),
+        "tls_handshake_rejected",
+        id="hello-refused",
+    ),
+    pytest.param(
+        failed(HELLO_REFUSED_TFR, cluster_sni=""), "sni_rejected", id="hello-refused-no-sni"
+    ),
+    pytest.param(
+        attrs(
+            503,
+            F.UF,
+            reset("remote_connection_failure", "delayed connect error: Connection refused"),
+            transport_failure_reason="delayed connect error: Connection refused",
+            cluster="InboundPassthroughCluster",
+        ),
+        "upstream_refused",
+        id="inbound-passthrough-refused",
+    ),
+    pytest.param(attrs(503, F.NR, ""), "cluster_not_found", id="legacy-nr-503"),
+    pytest.param(attrs(429, F.RL, "local_rate_limited"), "rate_limited", id="local-rate-limit"),
+    pytest.param(attrs(429, F.RL, "request_rate_limited"), "rate_limited", id="global-rate-limit"),
+    pytest.param(
+        attrs(500, F.RLSE, "rate_limiter_error"), "rate_limited", id="rate-limit-service-down"
+    ),
+    pytest.param(attrs(403, F.UAEX, "ext_authz_denied"), "ext_authz_denied", id="ext-authz-denied"),
+    pytest.param(attrs(403, F.UAEX, "ext_authz_error"), "ext_authz_denied", id="ext-authz-error"),
+    pytest.param(attrs(503, F.FI, "fault_filter_abort"), "fault_injected", id="fault-abort"),
+    pytest.param(
+        attrs(400, F.IH, "request_headers_failed_strict_check"), "invalid_request_headers", id="ih"
+    ),
+    pytest.param(attrs(400, F.DPE, "http1.codec_error"), "downstream_protocol_error", id="dpe"),
+    pytest.param(attrs(408, F.SI, "stream_idle_timeout"), "stream_idle_timeout", id="stream-idle"),
+    pytest.param(
+        attrs(None, F.DC, "downstream_remote_disconnect"), "client_disconnected", id="client-gone"
+    ),
+    pytest.param(
+        attrs(503, F.UDO, "unconditional_drop_overload"), "circuit_open", id="drop-overload"
+    ),
+]
+
+
+class TestIssue10Cases:
+    """The app's answer is the app's; the config decides a closed connection; filters have reasons."""
+
+    @pytest.mark.parametrize(("evidence", "reason"), ISSUE10_ROWS)
+    def test_case_gets_its_reason(self, evidence: Evidence, reason: str) -> None:
+        """Each case of the issue is classified with its reason."""
+        diagnosis = classify(evidence)
+        assert diagnosis is not None
+        assert diagnosis.reason == reason
+
+    def test_retry_flags_are_named_on_the_apps_error(self) -> None:
+        """A retried app error keeps the retry flags in the evidence and names them in the hint."""
+        diagnosis = classify(attrs(200, F.URX, "via_upstream", grpc_status=14))
+        assert diagnosis is not None
+        assert dict(diagnosis.evidence)["flags"] == "URX"
+        assert "URX" in diagnosis.hint
+
+    @pytest.mark.parametrize(
+        "evidence",
+        [
+            pytest.param(attrs(200, 0, "cors_response"), id="cors-preflight"),
+            pytest.param(attrs(200, 0, "admin_filter_response"), id="admin-filter"),
+            pytest.param(attrs(200, F.DI, "via_upstream"), id="delay-only"),
+            pytest.param(attrs(404, 0, "via_upstream"), id="app-404"),
+            pytest.param(attrs(200, F.URX, "via_upstream"), id="retried-then-ok"),
+            pytest.param(
+                attrs(200, 0, "via_upstream", unknown_flags="bit40"), id="unknown-bit-only"
+            ),
+        ],
+    )
+    def test_not_a_failure(self, evidence: Evidence) -> None:
+        """A filter's non-failure answer, or an upstream success, gets no diagnosis."""
+        assert classify(evidence) is None
+
+    def test_unknown_flag_bits_are_evidence(self) -> None:
+        """Unknown bits leave the known flags working and appear as `unknown_flags`."""
+        diagnosis = classify(attrs(503, F.UH, "no_healthy_upstream", unknown_flags="bit40"))
+        assert diagnosis is not None
+        assert diagnosis.reason == "no_healthy_upstream"
+        assert dict(diagnosis.evidence)["unknown_flags"] == "bit40"
+
+    def test_closed_connection_names_the_transport(self) -> None:
+        """The `tls` parameter says what decided a closed connection."""
+        diagnosis = classify(attrs(503, F.UC, UC_DETAILS, cluster_tls=True))
+        assert diagnosis is not None
+        assert dict(diagnosis.evidence)["tls"] == "on"
+
+
+class TestFlagParsing:
+    def test_split_flags_keeps_known_names(self) -> None:
+        """A log's unknown flag name is returned apart; the known ones still count."""
+        assert F.split_flags("UH,XYZ") == (F.UH, ("XYZ",))
+
+    def test_unknown_bits_are_named_by_position(self) -> None:
+        """Bits above the table are named `bitN`."""
+        assert F.unknown_bits(F.UH | 1 << 40 | 1 << 31) == "bit31,bit40"
+        assert F.unknown_bits(F.ALL_FLAGS) == ""
+
+    def test_table_width_is_envoys(self) -> None:
+        """ALL_FLAGS covers exactly the enum entries quoted from Envoy's source."""
+        text = (Path(__file__).parent / "data" / "envoy_response_flags.txt").read_text()
+        enum = text.split("[enum]\n")[1].split("[names]")[0].split()
+        assert (1 << len(enum)) - 1 == F.ALL_FLAGS
+
+
+# For every reason, the nearest look-alike evidence that must NOT give it.
+NEAR_MISSES = [
+    pytest.param(
+        attrs(503, F.UO | F.URX, reset("overflow")),
+        "upstream_app_error",
+        id="app-not-on-local-reply",
+    ),
+    pytest.param(attrs(503, 0, "via_upstream"), "upstream_failure", id="app_error-is-not-envoy"),
+    pytest.param(attrs(503, F.UO, "via_upstream"), "circuit_open", id="circuit-not-on-app-503"),
+    pytest.param(attrs(429, F.URX, "via_upstream"), "rate_limited", id="rate-not-on-app-429"),
+    pytest.param(
+        attrs(503, 0, "via_upstream", cluster="PassthroughCluster"),
+        "host_not_in_mesh",
+        id="host-app",
+    ),
+    pytest.param(
+        attrs(503, F.UC, UC_DETAILS, cluster="InboundPassthroughCluster"),
+        "host_not_in_mesh",
+        id="host-inbound",
+    ),
+    pytest.param(
+        failed(tls(268435581, "CERTIFICATE_VERIFY_FAILED")), "upstream_cert_expired", id="expired"
+    ),
+    pytest.param(
+        failed(tls(268436501, "SSLV3_ALERT_CERTIFICATE_EXPIRED")),
+        "upstream_cert_expired",
+        id="expired-alert",
+    ),
+    pytest.param(
+        failed(tls(268435581, "CERTIFICATE_VERIFY_FAILED")), "upstream_san_mismatch", id="san"
+    ),
+    pytest.param(
+        failed(tls(268436498, "SSLV3_ALERT_BAD_CERTIFICATE")),
+        "upstream_cert_untrusted",
+        id="untrusted",
+    ),
+    pytest.param(
+        attrs(503, F.UC, UC_DETAILS, cluster_tls=True), "upstream_requires_mtls", id="mtls-on-tls"
+    ),
+    pytest.param(
+        failed(tls(268435581, "CERTIFICATE_VERIFY_FAILED")),
+        "client_cert_rejected",
+        id="client-cert",
+    ),
+    pytest.param(failed(HELLO_REFUSED_TFR, cluster_sni="x"), "sni_rejected", id="sni-with-sni"),
+    pytest.param(failed(HELLO_REFUSED_TFR), "upstream_requires_mtls", id="mtls-on-hello"),
+    pytest.param(
+        failed(tls(268436526, "TLSV1_ALERT_PROTOCOL_VERSION")), "alpn_mismatch", id="alpn"
+    ),
+    pytest.param(
+        failed(tls(268436576, "TLSV1_ALERT_NO_APPLICATION_PROTOCOL")),
+        "tls_version_mismatch",
+        id="ver",
+    ),
+    pytest.param(
+        failed(tls(268435581, "CERTIFICATE_VERIFY_FAILED")), "upstream_not_tls", id="not-tls"
+    ),
+    pytest.param(
+        failed("TLS error: Secret is not supplied by SDS"), "tls_handshake_rejected", id="sds"
+    ),
+    pytest.param(
+        failed(tls(268435703, "WRONG_VERSION_NUMBER")), "sds_secret_missing", id="sds-miss"
+    ),
+    pytest.param(attrs(503, F.UF, reset("connection_timeout")), "upstream_refused", id="refused"),
+    pytest.param(
+        failed("delayed connect error: Connection refused"),
+        "upstream_connect_timeout",
+        id="timeout",
+    ),
+    pytest.param(attrs(503, F.UH, "no_healthy_upstream"), "dns_failure", id="dns"),
+    pytest.param(attrs(503, F.NR, ""), "no_route", id="nr-503"),
+    pytest.param(attrs(404, F.NR, "route_not_found"), "cluster_not_found", id="nr-404"),
+    pytest.param(attrs(503, F.UO, reset("overflow")), "no_healthy_upstream", id="uh"),
+    pytest.param(attrs(503, F.UH, "no_healthy_upstream"), "circuit_open", id="circuit"),
+    pytest.param(
+        attrs(429, 0, "via_upstream", upstream_answered=True), "rate_limited", id="rl-app"
+    ),
+    pytest.param(attrs(401, 0, "via_upstream"), "ext_authz_denied", id="authz-app"),
+    pytest.param(
+        attrs(503, F.DI | F.UT, "response_timeout"), "fault_injected", id="delay-then-timeout"
+    ),
+    pytest.param(attrs(400, F.DPE, "http1.codec_error"), "invalid_request_headers", id="ih"),
+    pytest.param(attrs(502, F.UPE, reset("protocol_error")), "downstream_protocol_error", id="dpe"),
+    pytest.param(attrs(400, F.DPE, "http1.codec_error"), "protocol_mismatch", id="upe"),
+    pytest.param(attrs(408, F.SI, "stream_idle_timeout"), "upstream_timeout", id="ut"),
+    pytest.param(attrs(504, F.UT, "response_timeout"), "stream_idle_timeout", id="si"),
+    pytest.param(attrs(503, F.UC, UC_DETAILS), "upstream_connection_closed", id="closed-unknown"),
+    pytest.param(attrs(503, F.UC, UC_DETAILS), "upstream_reset", id="reset"),
+    pytest.param(attrs(503, F.UR, reset("remote_reset")), "client_disconnected", id="client"),
+    pytest.param(attrs(503, F.UH, "no_healthy_upstream"), "upstream_failure", id="failure"),
+]
+
+
+class TestNearMisses:
+    def test_every_reason_has_a_near_miss(self) -> None:
+        """The table below covers each reason of the catalogue."""
+        assert {case.values[1] for case in NEAR_MISSES} == set(HINTS)
+
+    @pytest.mark.parametrize(("evidence", "reason"), NEAR_MISSES)
+    def test_look_alike_does_not_get_the_reason(self, evidence: Evidence, reason: str) -> None:
+        """The nearest look-alike evidence is not given this reason."""
+        diagnosis = classify(evidence)
+        assert diagnosis is None or diagnosis.reason != reason

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import pytest
 from extproc import envoy_admin
 from extproc.diagnosis import AUTO_SNI, Evidence
 from extproc.envoy_admin import (
+    DUMP_PATHS,
+    PLAINTEXT,
     AdminUrlError,
     ClusterTls,
     ClusterTlsCache,
@@ -26,6 +29,9 @@ LAB_DUMP = json.loads(
 )
 TLS_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+# The cache's default runs the fetch in a process of its own; these tests replace the
+# fetch function, which only a thread of this process sees.
+THREADS = concurrent.futures.ThreadPoolExecutor(1)
 
 
 def istio_cluster(*, http2: bool) -> dict[str, object]:
@@ -53,14 +59,14 @@ def istio_cluster(*, http2: bool) -> dict[str, object]:
 
 class TestClusterTlsSettings:
     def test_lab_dump(self):
-        """The real dump gives SNI and ALPN per TLS cluster and None for plaintext ones."""
+        """The real dump gives SNI and ALPN per TLS cluster and PLAINTEXT for plaintext ones."""
         settings = cluster_tls_settings(clusters_in_dump(LAB_DUMP))
         assert settings == {
-            "PassthroughCluster": None,
-            "extproc": None,
+            "PassthroughCluster": PLAINTEXT,
+            "extproc": PLAINTEXT,
             "outbound|443|sni|pay.example.net": ClusterTls(sni="pay.example.net"),
             "outbound|443||pay.example.net": ClusterTls(),
-            "outbound|8080|v2|reviews.default.svc.cluster.local": None,
+            "outbound|8080|v2|reviews.default.svc.cluster.local": PLAINTEXT,
             "outbound|8080||search.default.svc.cluster.local": ClusterTls(
                 sni="outbound_.8080_._.search.default.svc.cluster.local",
                 alpn=("istio-http/1.1",),
@@ -128,10 +134,31 @@ class TestWithClusterTls:
         ev = with_cluster_tls(Evidence(cluster="c"), ClusterTls(alpn=("istio-http/1.1",)))
         assert (ev.cluster_sni, ev.cluster_alpn) == ("", ("istio-http/1.1",))
 
+    def test_plaintext_is_known_as_such(self):
+        """A plaintext cluster marks the evidence cluster_tls=False, with no SNI or ALPN."""
+        ev = with_cluster_tls(Evidence(cluster="c"), PLAINTEXT)
+        assert (ev.cluster_tls, ev.cluster_sni, ev.cluster_alpn) == (False, None, None)
+
+    def test_tls_is_known_as_such(self):
+        """A TLS cluster marks the evidence cluster_tls=True."""
+        assert with_cluster_tls(Evidence(cluster="c"), ClusterTls()).cluster_tls is True
+
     def test_unknown_leaves_evidence_alone(self):
         """No settings, no context: the fields stay None."""
         ev = Evidence(cluster="c")
         assert with_cluster_tls(ev, None) is ev
+
+
+class TestDumpPaths:
+    def test_only_the_cluster_fields_read_are_asked_for(self):
+        """Both cluster resources are fetched with a field mask, not whole."""
+        assert [p.split("&")[0] for p in DUMP_PATHS] == [
+            "/config_dump?resource=static_clusters",
+            "/config_dump?resource=dynamic_active_clusters",
+        ]
+        assert all(
+            "mask=cluster.name," in p and "cluster.transport_socket" in p for p in DUMP_PATHS
+        )
 
 
 class TestAdminBaseUrl:
@@ -157,7 +184,9 @@ class TestCache:
             return {"c": ClusterTls()} if len(calls) > 1 else {}
 
         monkeypatch.setattr(envoy_admin, "fetch_cluster_tls", fetch)
-        async with ClusterTlsCache("http://127.0.0.1:1", min_refresh_gap=0) as cache:
+        async with ClusterTlsCache(
+            "http://127.0.0.1:1", min_refresh_gap=0, executor=THREADS
+        ) as cache:
             assert cache.lookup("c") is None
             assert cache.lookup("c") is None  # one refresh in flight, not two
             for _ in range(10_000):  # the refresh runs in a thread: poll, yielding the loop
@@ -174,7 +203,7 @@ class TestCache:
             raise ConnectionRefusedError(111, "Connection refused")
 
         monkeypatch.setattr(envoy_admin, "fetch_cluster_tls", fetch)
-        async with ClusterTlsCache("http://127.0.0.1:1") as cache:
+        async with ClusterTlsCache("http://127.0.0.1:1", executor=THREADS) as cache:
             assert await cache.refresh() is False
             assert cache.lookup("c") is None
 
@@ -182,7 +211,9 @@ class TestCache:
         """Misses within the minimum gap after a refresh do not refresh again."""
         calls = []
         monkeypatch.setattr(envoy_admin, "fetch_cluster_tls", lambda url, t: calls.append(1) or {})
-        async with ClusterTlsCache("http://127.0.0.1:1", min_refresh_gap=3600) as cache:
+        async with ClusterTlsCache(
+            "http://127.0.0.1:1", min_refresh_gap=3600, executor=THREADS
+        ) as cache:
             for _ in range(5):
                 assert cache.lookup("unknown") is None
         assert calls == [1]
