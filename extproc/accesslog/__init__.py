@@ -19,6 +19,7 @@ Pure: no grpc or protobuf, like `diagnosis`.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from extproc.accesslog import formats, scan
@@ -116,7 +117,7 @@ def read_text(text: str) -> Reading:
 
 
 def _from_fields(
-    form: str, fields: dict[str, object], logged: frozenset[str], text: str
+    form: str, fields: Mapping[str, object], logged: frozenset[str], text: str
 ) -> Reading:
     """A reading from a known format's fields (keyed like Istio's JSON encoding)."""
     values = {key: _text(value) for key, value in fields.items()}

@@ -17,7 +17,7 @@ formats from their sources (see each row). JSON lines are mapped by key aliases 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -106,7 +106,7 @@ TEXT_FORMATS: tuple[TextFormat, ...] = (
         "istio",
         "Istio's default text format (istio/istio pilot/pkg/model/telemetry_logging.go, "
         "EnvoyTextLogFormat, 7790f42)",
-        f'{_HEAD} response_code_details connection_termination_details'
+        f"{_HEAD} response_code_details connection_termination_details"
         f' "upstream_transport_failure_reason" {_ISTIO_TAIL} route_name',
     ),
     text_format(
@@ -234,29 +234,35 @@ def _status_index(toks: list[tuple[str, bool]]) -> int | None:
 
 
 def _fits(kind: Kind, token: tuple[str, bool]) -> bool:
+    """Whether a token can be a field of this kind (quoted where quoted, digits, flags)."""
     text, quoted = token
-    match kind:
-        case Kind.TIME:
-            return not quoted and text.startswith("[") and text.endswith("]")
-        case Kind.REQUEST | Kind.QUOTED | Kind.FREE:
-            return quoted
-        case Kind.STATUS:
-            return not quoted and text.isascii() and text.isdigit() and len(text) <= 3
-        case Kind.NUMBER:
-            return not quoted and (text == "-" or (text.isascii() and text.isdigit()))
-        case Kind.FLAGS:
-            return not quoted and is_flags_token(text)
-        case Kind.BARE:
-            return not quoted
-    return False  # pragma: no cover
+    return quoted == (kind in _QUOTED_KINDS) and _SHAPES[kind](text)
 
 
-def is_flags_token(text: str) -> bool:
-    """`-`, or flag names joined by `,` (or `|`), every one of them known to Envoy."""
+def _is_number(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
+_QUOTED_KINDS = frozenset({Kind.REQUEST, Kind.QUOTED, Kind.FREE})
+_SHAPES: dict[Kind, Callable[[str], bool]] = {
+    Kind.TIME: lambda t: t.startswith("[") and t.endswith("]"),
+    Kind.REQUEST: lambda _: True,
+    Kind.QUOTED: lambda _: True,
+    Kind.FREE: lambda _: True,
+    Kind.STATUS: lambda t: _is_number(t) and len(t) <= 3,
+    Kind.NUMBER: lambda t: t == "-" or _is_number(t),
+    Kind.FLAGS: lambda t: is_flags_token(t),  # noqa: PLW0108 (defined below)
+    Kind.BARE: lambda _: True,
+}
+
+
+def is_flags_token(text: str, *, any_known: bool = False) -> bool:
+    """`-`, or flag names joined by `,` (or `|`), every one known to Envoy (or one, with
+    `any_known`: where flags stand for sure, an unknown name is a newer flag)."""
     if text == "-":
         return True
-    names = text.replace("|", ",").split(",")
-    return all(n in FLAG_NAMES or n.lower() in FLAG_NAMES for n in names)
+    known = [n in FLAG_NAMES or n.lower() in FLAG_NAMES for n in text.replace("|", ",").split(",")]
+    return any(known) if any_known else all(known)
 
 
 # --- JSON ------------------------------------------------------------------------------
@@ -283,7 +289,9 @@ JSON_ALIASES: dict[str, tuple[str, ...]] = {
         "x_envoy_upstream_service_time",
     ),
 }
-ENVOY_GATEWAY_KEYS = frozenset({":authority", "x-envoy-origin-path", "x-envoy-upstream-service-time"})
+ENVOY_GATEWAY_KEYS = frozenset(
+    {":authority", "x-envoy-origin-path", "x-envoy-upstream-service-time"}
+)
 # Keys only Istio's JSON encoding has together (its text format's fields, JSON-named).
 ISTIO_JSON_KEYS = frozenset({"response_code", "response_flags", "upstream_cluster", "authority"})
 
@@ -317,7 +325,7 @@ def read_json(body: str) -> JsonLine | None:
     }
     if ENVOY_GATEWAY_KEYS & obj.keys() and "response_code" in obj:
         form = "envoy-gateway-json"
-    elif ISTIO_JSON_KEYS <= obj.keys():
+    elif obj.keys() >= ISTIO_JSON_KEYS:
         form = "istio-json"
     else:
         form = "json"

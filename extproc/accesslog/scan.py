@@ -105,9 +105,7 @@ def _labelled(names: str, value: str) -> re.Pattern[str]:
     return re.compile(rf"""(?<![\w-])(?:{names}){_LABEL_END}({value})""", re.IGNORECASE)
 
 
-_TIME = re.compile(
-    r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(?:[.,]\d{1,9})?(?:Z|[+-]\d\d:?\d\d)?"
-)
+_TIME = re.compile(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(?:[.,]\d{1,9})?(?:Z|[+-]\d\d:?\d\d)?")
 _STATUS_PATTERNS = (
     _labelled("response_code|status_code|status|responsecode|code", r"\d{3}(?!\d)"),
     # After the request line or in a status line: `HTTP/1.1" 503`, `HTTP/2 503`.
@@ -124,13 +122,17 @@ _FLAGS_PATTERNS = (
 _FLAG_TOKEN = re.compile(r"(?<![\w.|/-])([A-Z]{2,5}(?:,[A-Z]{2,5}){0,8})(?![\w.|/-])")
 _DETAILS_PATTERNS = (
     _labelled(
-        "response_code_details|status_details|code_details", r"[a-z][a-z0-9_]{0,80}(?:\{[^{}\s\"]{0,400}\})?"
+        "response_code_details|status_details|code_details",
+        r"[a-z][a-z0-9_]{0,80}(?:\{[^{}\s\"]{0,400}\})?",
     ),
     re.compile(rf"\b((?:{_DETAIL_NAMES})(?:\{{[^{{}}\s\"]{{0,400}}\}}|\[[^\[\]\s\"]{{0,200}}\])?)"),
     re.compile(r"\b(rbac_access_denied_matched_policy\[[^\[\]\s\"]{0,200}\])"),
 )
 _TFR_PATTERNS = (
-    _labelled("upstream_transport_failure_reason|transport_failure_reason", r"[^\"\n]{1,400}?(?=\"|$|\s\w{1,40}=)"),
+    _labelled(
+        "upstream_transport_failure_reason|transport_failure_reason",
+        r"[^\"\n]{1,400}?(?=\"|$|\s\w{1,40}=)",
+    ),
     re.compile(r"transport failure reason: ([^\n\"]{1,400})"),
     re.compile(r"(TLS[ _]error:[^\"\n]{0,400}?OPENSSL_internal:[^\"\s}]{1,200})"),
     re.compile(r"((?:delayed|immediate)[ _]connect[ _]error:[ _]?[\w ]{1,40}?)(?=[\"}|,]|$)"),
@@ -146,14 +148,13 @@ _HOST_PATTERNS = (
     re.compile(r"^> Host: (\S{1,253})", re.MULTILINE),
 )
 _UPSTREAM_HOST = _labelled("upstream_host|upstream_address", r"[^\s\"',]{1,253}")
-_SERVICE_TIME = _labelled(
-    "x-envoy-upstream-service-time|upstream_service_time", r"\d{1,12}|-|null"
-)
+_SERVICE_TIME = _labelled("x-envoy-upstream-service-time|upstream_service_time", r"\d{1,12}|-|null")
 _GRPC_STATUS = _labelled("grpc-status|grpc_status", r"\d{1,2}")
 _GRPC_ERROR = re.compile(
     r"(?:rpc error: code = (\w{2,20}) desc =|\b(\d{1,2}) ([A-Z_]{2,20}):|\b([A-Z_]{4,20}): upstream)"
 )
-_DR = re.compile(r"""(?:dr=\"?|/destination-rule/)([A-Za-z0-9.\-/]{1,253})""")
+# The doctor's own `dr="ns/name"` parameter (JSON-escaped in a JSON log), or Istio's metadata.
+_DR = re.compile(r"""(?:\bdr=\\?"?|/destination-rule/)([A-Za-z0-9.\-/]{1,253})""")
 _DR_NS = re.compile(r"/namespaces/([A-Za-z0-9.\-]{1,63})/destination-rule/([A-Za-z0-9.\-]{1,253})")
 
 # Envoy's local-reply bodies (recorded from Envoy 1.40; see tests/corpus/lines/), in
@@ -219,10 +220,11 @@ def _scan_status(text: str, found: Found) -> None:
 
 
 def _scan_flags(text: str, found: Found) -> None:
-    """Flags: labelled, else right after the status, else any token of flag names only."""
+    """Flags: labelled, else right after the status, else any token of known flag names only."""
     for pattern in _FLAGS_PATTERNS:
         for m in pattern.finditer(text):
-            if is_flags_token(m.group(1)):
+            # Where flags stand, one known name is enough: a newer Envoy may add others.
+            if is_flags_token(m.group(1), any_known=True):
                 found.flags = m.group(1)
                 return
     for m in _FLAG_TOKEN.finditer(text):
