@@ -18,7 +18,7 @@ from extproc.accesslog import read_text
 from extproc.accesslog.formats import TEXT_FORMATS, tokens
 from extproc.accesslog.scan import PATTERNS
 from extproc.accesslog.summary import MAX_LINE, lines_of, summarise
-from extproc.cli import main
+from extproc.cli import build_parser
 from extproc.diagnosis import classify
 
 CORPUS = Path(__file__).resolve().parents[1] / "corpus" / "lines"
@@ -29,6 +29,12 @@ def records(name: str) -> list[dict[str, object]]:
     loaded = yaml.safe_load((CORPUS / name).read_text(encoding="utf-8"))
     assert isinstance(loaded, list)
     return loaded
+
+
+def main(argv: list[str]) -> int:
+    """Run an `extproc` command without `cli.main`'s logging setup (it outlives capsys)."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
 
 
 def text_of(record: dict[str, object]) -> str:
