@@ -5,14 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import structlog
 
+from extproc.accesslog import Reading, read_text
+from extproc.accesslog.summary import MAX_LINE, Summary
 from extproc.annotate import diagnosis_headers
 from extproc.config import Direction, Policy, PolicyError, ServeConfig, TlsFiles, load_policy
 from extproc.diagnosis import Diagnosis, Evidence, classify
@@ -118,29 +122,132 @@ def _evidence_from_flags(args: argparse.Namespace) -> Evidence:
     )
 
 
-def _report(diagnosis: Diagnosis | None, as_json: bool) -> str:
-    if diagnosis is None:
-        if as_json:
-            return json.dumps({"reason": None})
-        return "no failure: Envoy delivered this response as the upstream sent it"
+def _report(diagnosis: Diagnosis | None, as_json: bool, reading: Reading | None = None) -> str:
+    """One diagnosis, as text or JSON; with a reading, how the text was read and what it lacked."""
+    read: dict[str, object] = {}
+    if reading is not None:
+        read = {"read_as": reading.form, "used": list(reading.used)}
+        if reading.missing:
+            read["missing_fields"] = list(reading.missing)
+        if reading.unknown_flags:
+            read["unknown_flags"] = list(reading.unknown_flags)
     if as_json:
+        if diagnosis is None:
+            return json.dumps({"reason": None, **read})
+        data = dict(diagnosis.evidence)
         return json.dumps(
-            {
-                "reason": diagnosis.reason,
-                "hint": diagnosis.hint,
-                "evidence": dict(diagnosis.evidence),
-            }
+            {"reason": diagnosis.reason, "hint": diagnosis.hint, "evidence": data, **read}
         )
-    evidence = " ".join(f"{k}={v}" for k, v in diagnosis.evidence)
-    header = "\n".join(f"{name}: {value}" for name, value in diagnosis_headers(diagnosis))
+    lines = [_how_read(reading)] if reading is not None else []
+    if reading is not None and not reading.is_log:
+        lines.append("no failure evidence found (no status, response flags or code details)")
+    elif diagnosis is None:
+        lines.append("no failure: Envoy delivered this response as the upstream sent it")
+    else:
+        evidence = " ".join(f"{k}={v}" for k, v in diagnosis.evidence)
+        header = "\n".join(f"{name}: {value}" for name, value in diagnosis_headers(diagnosis))
+        lines += [
+            f"reason:   {diagnosis.reason}",
+            f"hint:     {diagnosis.hint}",
+            f"evidence: {evidence}",
+            header,
+        ]
+    if reading is not None and reading.missing and (diagnosis is not None or not reading.is_log):
+        lines.append(_advice(reading.missing))
+    return "\n".join(lines)
+
+
+def _how_read(reading: Reading) -> str:
+    used = ", ".join(reading.used) or "nothing"
+    form = "searched for evidence" if reading.form == "scan" else f"{reading.form} format"
+    unknown = f"; unknown flags left out: {','.join(reading.unknown_flags)}"
+    return f"read as:  {form}; used {used}{unknown if reading.unknown_flags else ''}"
+
+
+def _advice(missing: Iterable[str]) -> str:
+    """Which access-log fields to add, and Istio's format that has them all."""
+    from extproc.accesslog import ISTIO_ACCESS_LOG_FORMAT
+
     return (
-        f"reason:   {diagnosis.reason}\nhint:     {diagnosis.hint}\nevidence: {evidence}\n{header}"
+        f"for a precise reason, log {', '.join(missing)}; in Istio, set "
+        "meshConfig.accessLogFormat to (or remove it for) the default format:\n"
+        f"  accessLogFormat: '{ISTIO_ACCESS_LOG_FORMAT}'"
     )
 
 
-def _diagnose(args: argparse.Namespace) -> int:
-    from extproc.accesslog import AccessLogError, parse_access_log_line
+def _summary_report(summary: Summary, as_json: bool) -> str:
+    """The whole-log summary: failures by reason and cluster, most frequent first."""
+    if as_json:
+        return json.dumps(summary.as_dict())
+    head = (
+        f"{summary.lines} lines: {summary.failures} failures, {summary.successes} not failures, "
+        f"{summary.not_log} without evidence"
+        + (f", {summary.truncated} cut at {MAX_LINE} bytes" if summary.truncated else "")
+    )
+    out = [head]
+    if summary.forms:
+        out.append("read as: " + ", ".join(f"{f} {n}" for f, n in summary.forms.most_common()))
+    for g in summary.ranked():
+        where = g.cluster or "-"
+        dr = f" dr={g.destination_rule}" if g.destination_rule else ""
+        seen = f" first {g.first_seen} last {g.last_seen}" if g.first_seen else ""
+        out += [f"\n{g.count:>7}  {g.reason}  cluster={where}{dr}{seen}", f"         {g.hint}"]
+    if summary.missing:
+        out.append("\n" + _advice(m for m, _ in summary.missing.most_common()))
+    return "\n".join(out)
 
+
+class _Progress:
+    """A one-line progress note on stderr, only when stderr is a terminal."""
+
+    def __init__(self) -> None:
+        self.enabled = sys.stderr.isatty()
+        self._next = 0.0
+
+    def __call__(self, read: int, lines: int) -> None:
+        now = time.monotonic()
+        if self.enabled and now >= self._next:
+            self._next = now + 0.5
+            print(f"\rread {read / 1e6:.1f} MB, {lines} lines", end="", file=sys.stderr)
+
+    def done(self) -> None:
+        if self.enabled and self._next:
+            print("\r\033[K", end="", file=sys.stderr)
+
+
+# `curl -v` output starts with its `*`, `>` or `<` lines: read it whole, as one text.
+_CURL_START = (b"* ", b"> ", b"< ", b"*   ")
+_PASTE_LIMIT = 1024 * 1024
+
+
+def _diagnose_stream(stream: BinaryIO, as_json: bool) -> None:
+    from extproc.accesslog.summary import lines_of, summarise
+
+    head = stream.peek(4096)[:4096] if hasattr(stream, "peek") else b""
+    if head.lstrip().startswith(_CURL_START):
+        text = stream.read(_PASTE_LIMIT).decode("utf-8", errors="replace")
+        reading = read_text(text)
+        print(_report(classify(reading.evidence), as_json, reading))
+        return
+    progress = _Progress()
+    summary = summarise(lines_of(stream, progress))
+    progress.done()
+    if summary.single is not None and summary.lines <= 1 + summary.not_log:
+        reading, diagnosis = summary.single
+        print(_report(diagnosis, as_json, reading))
+        return
+    print(_summary_report(summary, as_json))
+
+
+def _diagnose(args: argparse.Namespace) -> int:
+    try:
+        return _diagnose_text(args)
+    except BrokenPipeError:  # `| head`: the reader has seen enough
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (stays open until exit)
+        return 0
+
+
+def _diagnose_text(args: argparse.Namespace) -> int:
     if args.line is None:
         try:
             print(_report(classify(_evidence_from_flags(args)), args.json))
@@ -148,19 +255,12 @@ def _diagnose(args: argparse.Namespace) -> int:
             print(f"extproc diagnose: {exc}", file=sys.stderr)
             return 2
         return 0
-    lines = sys.stdin if args.line == "-" else [args.line]
-    status = 0
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            evidence = parse_access_log_line(line)
-        except (AccessLogError, UnknownFlagError) as exc:
-            print(f"extproc diagnose: line {number}: {exc}", file=sys.stderr)
-            status = 2
-            continue
-        print(_report(classify(evidence), args.json))
-    return status
+    if args.line == "-":
+        _diagnose_stream(sys.stdin.buffer, args.json)
+        return 0
+    reading = read_text(args.line)
+    print(_report(classify(reading.evidence), args.json, reading))
+    return 0
 
 
 def _missing_extra(command: str, exc: ImportError) -> int:
@@ -398,9 +498,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
 
     diag = sub.add_parser(
-        "diagnose", help="classify a failure from an Envoy access-log line or fields"
+        "diagnose",
+        help="explain a failure from an access-log line, a pasted error or a whole log",
     )
-    diag.add_argument("line", nargs="?", help="an access-log line; '-' reads lines from stdin")
+    diag.add_argument(
+        "line",
+        nargs="?",
+        metavar="TEXT",
+        help="an access-log line, local-reply body, gRPC error or curl -v output; "
+        "'-' reads a whole log (or a paste) from stdin and summarises it",
+    )
     diag.add_argument("--status", type=int, help="HTTP status (%%RESPONSE_CODE%%)")
     diag.add_argument(
         "--flags", default="", help="response flags, e.g. UF,URX (%%RESPONSE_FLAGS%%)"

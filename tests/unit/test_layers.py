@@ -14,7 +14,10 @@ PURE_MODULES = [
     "diagnosis.py",
     "flags.py",
     "annotate.py",
-    "accesslog.py",
+    "accesslog/__init__.py",
+    "accesslog/formats.py",
+    "accesslog/scan.py",
+    "accesslog/summary.py",
     "filter_config.py",
 ]
 FORBIDDEN = (

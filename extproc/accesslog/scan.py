@@ -1,0 +1,305 @@
+"""Evidence wherever it stands: the reader for lines in no known format, and pasted text.
+
+Strategy: each kind of evidence has its own small patterns, tried in order of trust
+(a labelled field such as `status=503` before a status guessed from its position), and
+the first that matches wins. Evidence has a grammar of its own that rarely occurs by
+chance: response code details (`upstream_reset_before_response_started{...}` or a name
+Envoy defines), flags made only of Envoy's flag names, BoringSSL's
+`OPENSSL_internal:REASON`, Istio's cluster names (`outbound|PORT|SUBSET|FQDN`). Envoy's
+local-reply bodies and gRPC client errors carry the reset reason in words; they are
+turned back into the code details Envoy would have logged.
+
+Every pattern has bounded repetition and no nested quantifier, so a search costs at most
+a constant per character of input: a test walks these patterns and checks it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from extproc.accesslog.formats import is_flags_token
+
+# Envoy's core response code details (envoy/stream_info/stream_info.h,
+# ResponseCodeDetailValues, envoyproxy/envoy 0034b6f), the ones a log line can show alone.
+CORE_DETAILS: tuple[str, ...] = (
+    "via_upstream",
+    "request_payload_too_large",
+    "response_payload_too_large",
+    "request_payload_exceeded_retry_buffer_limit",
+    "stream_idle_timeout",
+    "max_duration_timeout",
+    "request_overall_timeout",
+    "request_header_timeout",
+    "overload",
+    "low_version",
+    "missing_host_header",
+    "request_headers_failed_strict_check",
+    "missing_path_rejected",
+    "invalid_path",
+    "absolute_path_rejected",
+    "path_normalization_failed",
+    "upgrade_failed",
+    "websocket_handshake_unsuccessful",
+    "route_configuration_not_found",
+    "route_not_found",
+    "direct_response",
+    "cluster_not_found",
+    "maintenance_mode",
+    "drop_overload",
+    "unconditional_drop_overload",
+    "no_healthy_upstream",
+    "response_timeout",
+    "upstream_per_try_timeout",
+    "upstream_per_try_idle_timeout",
+    "upstream_max_stream_duration_reached",
+    "upstream_reset_before_response_started",
+    "upstream_reset_after_response_started",
+    "filter_chain_not_found",
+    "downstream_remote_disconnect",
+    "duration_timeout",
+    "downstream_header_timeout",
+    "admin_filter_response",
+    "internal_redirect",
+)
+# Details set by filters, as public threads show them (not checked against Envoy's source).
+FILTER_DETAILS: tuple[str, ...] = (
+    "ext_authz_denied",
+    "ext_authz_error",
+    "request_rate_limited",
+    "local_rate_limited",
+    "fault_filter_abort",
+    "cors_response",
+    "upstream_response_timeout",
+    "rbac_access_denied",
+)
+_DETAIL_NAMES = "|".join(sorted(CORE_DETAILS + FILTER_DETAILS, key=len, reverse=True))
+
+# gRPC status names (grpc/grpc doc/statuscodes.md), as clients print them.
+GRPC_CODES: dict[str, int] = {
+    "ok": 0,
+    "canceled": 1,
+    "cancelled": 1,
+    "unknown": 2,
+    "invalidargument": 3,
+    "deadlineexceeded": 4,
+    "notfound": 5,
+    "alreadyexists": 6,
+    "permissiondenied": 7,
+    "resourceexhausted": 8,
+    "failedprecondition": 9,
+    "aborted": 10,
+    "outofrange": 11,
+    "unimplemented": 12,
+    "internal": 13,
+    "unavailable": 14,
+    "dataloss": 15,
+    "unauthenticated": 16,
+}
+
+_LABEL_END = r"""["']?\s{0,3}[=:]\s{0,3}["']?"""
+
+
+def _labelled(names: str, value: str) -> re.Pattern[str]:
+    """A `name=value` / `"name": value` pattern; the value is group 1."""
+    return re.compile(rf"""(?<![\w-])(?:{names}){_LABEL_END}({value})""", re.IGNORECASE)
+
+
+_TIME = re.compile(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(?:[.,]\d{1,9})?(?:Z|[+-]\d\d:?\d\d)?")
+_STATUS_PATTERNS = (
+    _labelled("response_code|status_code|status|responsecode|code", r"\d{3}(?!\d)"),
+    # After the request line or in a status line: `HTTP/1.1" 503`, `HTTP/2 503`.
+    re.compile(r"\bHTTP/\d(?:\.\d)?\"?\s{1,3}(\d{3})\b"),
+    # A status followed by flags, wherever the line was cut: `503 UF,URX "-" ...`.
+    re.compile(r"(?<![\w.:/-])([1-5]\d\d)\s{1,3}(?=(?:[A-Z]{2,5},){0,8}[A-Z]{2,5}(?:\s|$))"),
+)
+# `- - -" 0` on a TCP proxy line: no HTTP status at all.
+_TCP_STATUS = re.compile(r"\"- - -\"\s{1,3}0\b")
+_FLAGS_PATTERNS = (
+    _labelled("response_flags|response_flag|flags", r"[A-Za-z,|-]{1,80}"),
+    re.compile(r"\b\d{3}\s{1,3}([A-Z][A-Z,|]{0,80}|-)(?=[\s\"',;]|$)"),
+)
+_FLAG_TOKEN = re.compile(r"(?<![\w.|/-])([A-Z]{2,5}(?:,[A-Z]{2,5}){0,8})(?![\w.|/-])")
+_DETAILS_PATTERNS = (
+    _labelled(
+        "response_code_details|status_details|code_details",
+        r"[a-z][a-z0-9_]{0,80}(?:\{[^{}\s\"]{0,400}\})?",
+    ),
+    re.compile(rf"\b((?:{_DETAIL_NAMES})(?:\{{[^{{}}\s\"]{{0,400}}\}}|\[[^\[\]\s\"]{{0,200}}\])?)"),
+    re.compile(r"\b(rbac_access_denied_matched_policy\[[^\[\]\s\"]{0,200}\])"),
+)
+_TFR_PATTERNS = (
+    _labelled(
+        "upstream_transport_failure_reason|transport_failure_reason",
+        r"[^\"\n]{1,400}?(?=\"|$|\s\w{1,40}=)",
+    ),
+    re.compile(r"transport failure reason: ([^\n\"]{1,400})"),
+    re.compile(r"(TLS[ _]error:[^\"\n]{0,400}?OPENSSL_internal:[^\"\s}]{1,200})"),
+    re.compile(r"((?:delayed|immediate)[ _]connect[ _]error:[ _]?[\w ]{1,40}?)(?=[\"}|,]|$)"),
+)
+_CLUSTER_PATTERNS = (
+    re.compile(r"(?<![\w.])((?:outbound|inbound)\|\d{0,5}\|[^|\s\"',]{0,253}\|[^\s\"',|]{0,253})"),
+    re.compile(r"\b((?:Inbound)?PassthroughCluster(?:Ipv[46])?|BlackHoleCluster)\b"),
+    _labelled("upstream_cluster|cluster_name|cluster", r"[^\s\"',]{1,253}"),
+)
+_ROUTE = _labelled("route_name|route", r"[^\s\"',]{1,253}")
+_HOST_PATTERNS = (
+    _labelled(":authority|authority|host", r"[^\s\"',]{1,253}"),
+    re.compile(r"^> Host: (\S{1,253})", re.MULTILINE),
+)
+_UPSTREAM_HOST = _labelled("upstream_host|upstream_address", r"[^\s\"',]{1,253}")
+_SERVICE_TIME = _labelled("x-envoy-upstream-service-time|upstream_service_time", r"\d{1,12}|-|null")
+_GRPC_STATUS = _labelled("grpc-status|grpc_status", r"\d{1,2}")
+_GRPC_ERROR = re.compile(
+    r"(?:rpc error: code = (\w{2,20}) desc =|\b(\d{1,2}) ([A-Z_]{2,20}):|\b([A-Z_]{4,20}): upstream)"
+)
+# The doctor's own `dr="ns/name"` parameter (JSON-escaped in a JSON log), or Istio's metadata.
+_DR = re.compile(r"""(?:\bdr=\\?"?|/destination-rule/)([A-Za-z0-9.\-/]{1,253})""")
+_DR_NS = re.compile(r"/namespaces/([A-Za-z0-9.\-]{1,63})/destination-rule/([A-Za-z0-9.\-]{1,253})")
+
+# Envoy's local-reply bodies (recorded from Envoy 1.40; see tests/corpus/lines/), in
+# words, and the code details that stand behind them.
+_RESET_BODY = re.compile(
+    r"upstream connect error or disconnect/reset before headers\."
+    r"(?:\s{0,3}(?:retried and the latest )?reset reason: ([a-z ]{1,40}))?"
+)
+_BODY_DETAILS: tuple[tuple[re.Pattern[str], str, int], ...] = (
+    (re.compile(r"\bno healthy upstream\b"), "no_healthy_upstream", 503),
+    (re.compile(r"\bupstream request timeout\b"), "response_timeout", 504),
+    (re.compile(r"\bRBAC: access denied\b"), "rbac_access_denied", 403),
+    (re.compile(r"\bfault filter abort\b"), "fault_filter_abort", 503),
+)
+
+
+@dataclass(slots=True)
+class Found:
+    """What the scanner found, field by field; '' or None where nothing was."""
+
+    status: int | None = None
+    flags: str = ""
+    details: str = ""
+    tfr: str = ""
+    cluster: str = ""
+    route: str = ""
+    host: str = ""
+    upstream_host: str = ""
+    service_time: str | None = None
+    grpc_status: int | None = None
+    time: str = ""
+    destination_rule: str = ""
+    used: list[str] = field(default_factory=list)
+
+
+def scan(text: str) -> Found:
+    """Every piece of evidence `text` holds, wherever it stands."""
+    found = Found()
+    _scan_status(text, found)
+    _scan_flags(text, found)
+    found.details = _first(_DETAILS_PATTERNS, text)
+    found.tfr = _first(_TFR_PATTERNS, text)
+    found.cluster = _first(_CLUSTER_PATTERNS, text)
+    found.route = _group(_ROUTE, text)
+    found.host = _first(_HOST_PATTERNS, text)
+    found.upstream_host = _group(_UPSTREAM_HOST, text)
+    service_time = _group(_SERVICE_TIME, text)
+    found.service_time = service_time or None
+    grpc = _group(_GRPC_STATUS, text)
+    found.grpc_status = int(grpc) if grpc else None
+    time = _TIME.search(text)
+    found.time = time.group(0) if time else ""
+    found.destination_rule = destination_rule(text)
+    _scan_pasted(text, found)
+    return found
+
+
+def _scan_status(text: str, found: Found) -> None:
+    if _TCP_STATUS.search(text):
+        return
+    status = _first(_STATUS_PATTERNS, text)
+    found.status = int(status) if status else None
+
+
+def _scan_flags(text: str, found: Found) -> None:
+    """Flags: labelled, else right after the status, else any token of known flag names only."""
+    for pattern in _FLAGS_PATTERNS:
+        for m in pattern.finditer(text):
+            # Where flags stand, one known name is enough: a newer Envoy may add others.
+            if is_flags_token(m.group(1), any_known=True):
+                found.flags = m.group(1)
+                return
+    for m in _FLAG_TOKEN.finditer(text):
+        if is_flags_token(m.group(1)):
+            found.flags = m.group(1)
+            return
+
+
+def _scan_pasted(text: str, found: Found) -> None:
+    """A local-reply body or a gRPC client error: the details Envoy would have logged."""
+    grpc = _GRPC_ERROR.search(text)
+    if grpc and found.grpc_status is None:
+        number, name = grpc.group(2), grpc.group(1) or grpc.group(3) or grpc.group(2)
+        code = int(number) if number else GRPC_CODES.get(name.replace("_", "").lower())
+        found.grpc_status = code
+    if found.details:
+        return
+    reset = _RESET_BODY.search(text)
+    if reset:
+        reason = (reset.group(1) or "").strip().replace(" ", "_")
+        found.details = "upstream_reset_before_response_started" + (
+            f"{{{reason}}}" if reason else ""
+        )
+        found.status = found.status or (None if found.grpc_status else 503)
+        return
+    for pattern, details, status in _BODY_DETAILS:
+        if pattern.search(text):
+            found.details = details
+            found.status = found.status or (None if found.grpc_status else status)
+            return
+
+
+def destination_rule(text: str) -> str:
+    """`namespace/name` of a DestinationRule named in the text (by Istio or the doctor)."""
+    m = _DR_NS.search(text)
+    if m:
+        return f"{m.group(1)}/{m.group(2)}"
+    m = _DR.search(text)
+    return m.group(1) if m else ""
+
+
+def _first(patterns: tuple[re.Pattern[str], ...], text: str) -> str:
+    for pattern in patterns:
+        value = _group(pattern, text)
+        if value:
+            return value
+    return ""
+
+
+def _group(pattern: re.Pattern[str], text: str) -> str:
+    m = pattern.search(text)
+    if not m:
+        return ""
+    value = m.group(1) or ""
+    return "" if value in ("-", "null") else value
+
+
+# Every compiled pattern of this module, for the linear-time check.
+PATTERNS: tuple[re.Pattern[str], ...] = (
+    _TIME,
+    *_STATUS_PATTERNS,
+    _TCP_STATUS,
+    *_FLAGS_PATTERNS,
+    _FLAG_TOKEN,
+    *_DETAILS_PATTERNS,
+    *_TFR_PATTERNS,
+    *_CLUSTER_PATTERNS,
+    _ROUTE,
+    *_HOST_PATTERNS,
+    _UPSTREAM_HOST,
+    _SERVICE_TIME,
+    _GRPC_STATUS,
+    _GRPC_ERROR,
+    _DR,
+    _DR_NS,
+    _RESET_BODY,
+    *(p for p, _, _ in _BODY_DETAILS),
+)
