@@ -330,9 +330,10 @@ def _render(args: argparse.Namespace) -> int:
                 print(f"extproc render {target}: skipped, it has no {mode} mode", file=sys.stderr)
                 continue
             chosen = replace(options, mode=mode)
+            files = render(target, chosen)  # refuses an impossible mode before any note
             for note in notes(target, chosen):
                 print(f"extproc render {target}: gated mode: {note}", file=sys.stderr)
-            for path, content in render(target, chosen).items():
+            for path, content in files.items():
                 if args.clusterwide == path.endswith("-clusterwide.yaml"):
                     sys.stdout.write(f"---\n{content}")
     except RenderError as exc:
