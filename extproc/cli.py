@@ -16,6 +16,11 @@ from extproc.annotate import diagnosis_headers
 from extproc.config import Policy, PolicyError, ServeConfig, TlsFiles, load_policy
 from extproc.diagnosis import Diagnosis, Evidence, classify
 from extproc.flags import UnknownFlagError, parse_flags
+from extproc.metrics import MAX_CLUSTER_LABEL_LIMIT
+
+# `--metrics-cluster-label` without a number: enough for a namespace's services, and at
+# most ~23 reasons x 50 clusters series.
+DEFAULT_CLUSTER_LABEL_LIMIT = 50
 
 
 class ConfigError(ValueError):
@@ -59,12 +64,20 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         raise ConfigError("--workers needs a fixed port: with port 0 each worker would get its own")
     if args.max_streams < 1:
         raise ConfigError(f"--max-streams must be at least 1, got {args.max_streams}")
+    if args.metrics_cluster_label is not None and not (
+        1 <= args.metrics_cluster_label <= MAX_CLUSTER_LABEL_LIMIT
+    ):
+        raise ConfigError(
+            f"--metrics-cluster-label must be 1 to {MAX_CLUSTER_LABEL_LIMIT}, "
+            f"got {args.metrics_cluster_label}"
+        )
     return ServeConfig(
         listen=args.listen,
         policy_path=Path(args.config) if args.config else None,
         grace=args.grace,
         tls=_tls_files(args),
         metrics_listen=args.metrics_listen,
+        metrics_cluster_label=args.metrics_cluster_label or 0,
         health_listen=args.health_listen,
         max_streams=args.max_streams,
         workers=args.workers,
@@ -193,7 +206,15 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _render(args: argparse.Namespace) -> int:
     try:
-        from extproc.render import RenderError, RenderMode, RenderOptions, notes, render, render_all
+        from extproc.render import (
+            TARGETS,
+            RenderError,
+            RenderMode,
+            RenderOptions,
+            notes,
+            render,
+            render_all,
+        )
     except ImportError as exc:
         return _missing_extra("render", exc)
     text = Path(args.config).read_text(encoding="utf-8") if args.config else ""
@@ -210,7 +231,7 @@ def _render(args: argparse.Namespace) -> int:
             envoy_listen=args.envoy_listen,
             upstream=args.upstream,
         )
-        targets = [args.target] if args.target != "all" else ["istio", "cilium", "envoy", "k8s"]
+        targets = [args.target] if args.target != "all" else list(TARGETS)
         for target in targets:
             for note in notes(target, options):
                 print(f"extproc render {target}: gated mode: {note}", file=sys.stderr)
@@ -237,7 +258,7 @@ def _add_render_parser(sub: Any) -> None:
         "render",
         help="print deployment manifests: Istio EnvoyFilter, Cilium, plain Envoy, Kubernetes",
     )
-    render.add_argument("target", choices=["istio", "cilium", "envoy", "k8s", "all"])
+    render.add_argument("target", choices=["istio", "cilium", "envoy", "k8s", "monitoring", "all"])
     render.add_argument(
         "--mode",
         choices=["gated", "always"],
@@ -338,6 +359,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-listen",
         metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics",
+    )
+    serve.add_argument(
+        "--metrics-cluster-label",
+        type=int,
+        nargs="?",
+        const=DEFAULT_CLUSTER_LABEL_LIMIT,
+        metavar="MAX",
+        help="label extproc_diagnoses_total with the upstream cluster, for the first MAX "
+        f"distinct clusters (default {DEFAULT_CLUSTER_LABEL_LIMIT}); later ones count as "
+        'cluster="other"',
     )
     serve.add_argument(
         "--health-listen",
