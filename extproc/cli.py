@@ -19,7 +19,7 @@ from extproc.flags import UnknownFlagError, parse_flags
 from extproc.metrics import MAX_CLUSTER_LABEL_LIMIT
 
 # `--metrics-cluster-label` without a number: enough for a namespace's services, and at
-# most ~23 reasons x 50 clusters series.
+# most (the catalogue's reasons) x 51 series.
 DEFAULT_CLUSTER_LABEL_LIMIT = 50
 
 
@@ -256,7 +256,8 @@ def _render(args: argparse.Namespace) -> int:
 def _add_render_parser(sub: Any) -> None:
     render = sub.add_parser(
         "render",
-        help="print deployment manifests: Istio EnvoyFilter, Cilium, plain Envoy, Kubernetes",
+        help="print deployment manifests: Istio EnvoyFilter, Cilium, plain Envoy, Kubernetes, "
+        "monitoring (Prometheus rules, Grafana dashboard)",
     )
     render.add_argument("target", choices=["istio", "cilium", "envoy", "k8s", "monitoring", "all"])
     render.add_argument(

@@ -6,7 +6,7 @@ import pytest
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from extproc.cli import DEFAULT_CLUSTER_LABEL_LIMIT, build_parser, main, serve_config
+from extproc.cli import DEFAULT_CLUSTER_LABEL_LIMIT, ConfigError, build_parser, serve_config
 from extproc.diagnosis import Diagnosis
 from extproc.metrics import MAX_CLUSTER_LABEL_LIMIT, Metrics
 
@@ -82,7 +82,8 @@ class TestCommandLine:
         assert serve_config(build_parser().parse_args(["serve"])).metrics_cluster_label == 0
 
     @pytest.mark.parametrize("value", ["0", str(MAX_CLUSTER_LABEL_LIMIT + 1)])
-    def test_bad_limit_exits_2_naming_the_flag(self, value, capsys):
-        """A limit outside 1..MAX is refused before the server starts, naming the flag."""
-        assert main(["serve", "--metrics-cluster-label", value]) == 2
-        assert "--metrics-cluster-label" in capsys.readouterr().err
+    def test_bad_limit_is_refused_naming_the_flag(self, value):
+        """A limit outside 1..MAX is a ConfigError (exit 2) before the server starts, naming the flag."""
+        args = build_parser().parse_args(["serve", "--metrics-cluster-label", value])
+        with pytest.raises(ConfigError, match="--metrics-cluster-label must be 1 to"):
+            serve_config(args)
