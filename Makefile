@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint unit deploy protos bench bench-tools clean
+.PHONY: run test lint unit deploy protos bench bench-tools test-tools clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,7 @@ run: $(STAMP)
 	$(BIN)/extproc demo
 
 ## test: lint, types, and every test tier (unit, in-process gRPC, real Envoy)
-test: lint $(STAMP)
+test: lint $(STAMP) test-tools
 	$(BIN)/pytest
 
 lint: $(STAMP)
@@ -27,7 +27,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 ## unit: the fast tiers only
-unit: $(STAMP)
+unit: $(STAMP) test-tools
 	$(BIN)/pytest -m "not envoy and not install"
 
 ## deploy: re-render deploy/ (Istio, Cilium, Envoy, Kubernetes) from extproc/render
@@ -53,6 +53,20 @@ bench-tools:
 	  fi; \
 	  sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
 	  $$sudo apt-get update -qq && $$sudo apt-get install -y -qq wrk nghttp2-client; \
+	fi
+
+# promtool and the Prometheus server (Debian package prometheus) for tests/monitoring,
+# installed with apt-get when missing.
+test-tools:
+	@if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then \
+	  if ! command -v apt-get >/dev/null; then \
+	    echo "make test: promtool and prometheus are missing and there is no apt-get;" \
+	      "install Prometheus (server and promtool) with your package manager" >&2; \
+	    exit 1; \
+	  fi; \
+	  sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	  $$sudo apt-get update -qq && \
+	    $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; \
 	fi
 
 clean:

@@ -21,6 +21,11 @@ from extproc.annotate import diagnosis_headers
 from extproc.config import Direction, Policy, PolicyError, ServeConfig, TlsFiles, load_policy
 from extproc.diagnosis import Diagnosis, Evidence, classify
 from extproc.flags import UnknownFlagError, parse_flags
+from extproc.metrics import MAX_CLUSTER_LABEL_LIMIT
+
+# `--metrics-cluster-label` without a number: enough for a namespace's services, and at
+# most (the catalogue's reasons) x 51 series.
+DEFAULT_CLUSTER_LABEL_LIMIT = 50
 
 
 class ConfigError(ValueError):
@@ -64,12 +69,20 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         raise ConfigError("--workers needs a fixed port: with port 0 each worker would get its own")
     if args.max_streams < 1:
         raise ConfigError(f"--max-streams must be at least 1, got {args.max_streams}")
+    if args.metrics_cluster_label is not None and not (
+        1 <= args.metrics_cluster_label <= MAX_CLUSTER_LABEL_LIMIT
+    ):
+        raise ConfigError(
+            f"--metrics-cluster-label must be 1 to {MAX_CLUSTER_LABEL_LIMIT}, "
+            f"got {args.metrics_cluster_label}"
+        )
     return ServeConfig(
         listen=args.listen,
         policy_path=Path(args.config) if args.config else None,
         grace=args.grace,
         tls=_tls_files(args),
         metrics_listen=args.metrics_listen,
+        metrics_cluster_label=args.metrics_cluster_label or 0,
         health_listen=args.health_listen,
         max_streams=args.max_streams,
         workers=args.workers,
@@ -355,9 +368,10 @@ def _render_to(out_dir: Path, files: dict[str, str], target: str) -> int:
 def _add_render_parser(sub: Any) -> None:
     render = sub.add_parser(
         "render",
-        help="print deployment manifests: Istio EnvoyFilter, Cilium, plain Envoy, Kubernetes",
+        help="print deployment manifests: Istio EnvoyFilter, Cilium, plain Envoy, Kubernetes, "
+        "monitoring (Prometheus rules, Grafana dashboard)",
     )
-    render.add_argument("target", choices=["istio", "cilium", "envoy", "k8s", "all"])
+    render.add_argument("target", choices=["istio", "cilium", "envoy", "k8s", "monitoring", "all"])
     render.add_argument(
         "--mode",
         choices=["gated", "always"],
@@ -470,6 +484,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-listen",
         metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics",
+    )
+    serve.add_argument(
+        "--metrics-cluster-label",
+        type=int,
+        nargs="?",
+        const=DEFAULT_CLUSTER_LABEL_LIMIT,
+        metavar="MAX",
+        help="label extproc_diagnoses_total with the upstream cluster, for the first MAX "
+        f"distinct clusters (default {DEFAULT_CLUSTER_LABEL_LIMIT}); later ones count as "
+        'cluster="other"',
     )
     serve.add_argument(
         "--health-listen",

@@ -212,6 +212,8 @@ class ServeConfig:
     grace: float = 10.0
     tls: TlsFiles | None = None
     metrics_listen: str | None = None
+    # > 0: the diagnoses counter gets a `cluster` label, for at most this many clusters.
+    metrics_cluster_label: int = 0
     # A plaintext port with only the health service, for probes that cannot speak TLS.
     health_listen: str | None = None
     # Streams beyond this get RESOURCE_EXHAUSTED at once; with failure_mode_allow Envoy

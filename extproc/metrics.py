@@ -2,14 +2,19 @@
 
 The hot path only calls `inc()`/`observe()` on pre-bound children: no label lookups, no
 allocation per message. Reason and action labels come from the catalogue and the rule
-table, so their number is bounded.
+table, so their number is bounded. The opt-in `cluster` label on the diagnoses counter
+comes from Envoy's config, not from the catalogue, so it is bounded here: the first
+`cluster_label_limit` distinct clusters keep their name, later ones are counted as
+`other` (and in `extproc_diagnoses_clusters_folded_total`).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from extproc.diagnosis import HINTS
+from extproc.diagnosis import HINTS, Diagnosis
 from extproc.headers import RULES
 
 MESSAGE_KINDS = (
@@ -22,6 +27,13 @@ MESSAGE_KINDS = (
 )
 # Processing one message takes microseconds; the buckets resolve that and show outliers.
 _BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 50e-3)
+# The cluster label's value for every cluster past the limit.
+OTHER_CLUSTER = "other"
+# The most distinct cluster names `--metrics-cluster-label` may keep, per server process.
+MAX_CLUSTER_LABEL_LIMIT = 1000
+# Envoy's cluster names are config, not client input, but a long one still costs memory in
+# every series it labels.
+_CLUSTER_CHARS = 200
 
 
 def _action_tokens() -> list[str]:
@@ -39,7 +51,14 @@ def _action_tokens() -> list[str]:
 class Metrics:
     """The server's metrics. One instance per server; tests read `registry`."""
 
-    def __init__(self) -> None:
+    def __init__(self, cluster_label_limit: int = 0) -> None:
+        """`cluster_label_limit` > 0 adds the `cluster` label to the diagnoses counter."""
+        if not 0 <= cluster_label_limit <= MAX_CLUSTER_LABEL_LIMIT:
+            raise ValueError(
+                f"the cluster label limit must be 0 (off) to {MAX_CLUSTER_LABEL_LIMIT}, "
+                f"got {cluster_label_limit}"
+            )
+        self.cluster_label_limit = cluster_label_limit
         self.registry = CollectorRegistry()
         r = self.registry
         self.streams = Counter(
@@ -63,10 +82,7 @@ class Metrics:
             registry=r,
         )
         self.seconds = {kind: seconds.labels(kind) for kind in MESSAGE_KINDS}
-        diagnoses = Counter(
-            "extproc_diagnoses", "failing responses diagnosed, by reason", ["reason"], registry=r
-        )
-        self.diagnoses = {reason: diagnoses.labels(reason) for reason in HINTS}
+        self._init_diagnoses()
         actions = Counter(
             "extproc_actions",
             "request changes by rule; report=true when only reported",
@@ -93,6 +109,50 @@ class Metrics:
             "extproc_policy_reloads", "policy reloads by result", ["result"], registry=r
         )
         self.reloads = {result: reloads.labels(result) for result in ("ok", "error")}
+
+    def _init_diagnoses(self) -> None:
+        r = self.registry
+        if not self.cluster_label_limit:
+            diagnoses = Counter(
+                "extproc_diagnoses",
+                "failing responses diagnosed, by reason",
+                ["reason"],
+                registry=r,
+            )
+            self.diagnoses = {reason: diagnoses.labels(reason) for reason in HINTS}
+            return
+        self._diagnoses_by_cluster = Counter(
+            "extproc_diagnoses",
+            "failing responses diagnosed, by reason and upstream cluster",
+            ["reason", "cluster"],
+            registry=r,
+        )
+        # (reason, cluster label) -> child; the clusters seen so far, in order, up to the limit.
+        self._cluster_children: dict[tuple[str, str], Any] = {}
+        self._clusters: set[str] = set()
+        self.clusters_folded = Counter(
+            "extproc_diagnoses_clusters_folded",
+            'diagnoses counted under cluster="other" because the cluster label limit was reached',
+            registry=r,
+        )
+
+    def count_diagnosis(self, diagnosis: Diagnosis) -> None:
+        if not self.cluster_label_limit:
+            self.diagnoses[diagnosis.reason].inc()
+            return
+        cluster = next((str(v) for k, v in diagnosis.evidence if k == "cluster"), "")
+        cluster = cluster[:_CLUSTER_CHARS]
+        if cluster not in self._clusters:
+            if len(self._clusters) < self.cluster_label_limit:
+                self._clusters.add(cluster)
+            else:
+                cluster = OTHER_CLUSTER
+                self.clusters_folded.inc()
+        key = (diagnosis.reason, cluster)
+        child = self._cluster_children.get(key)
+        if child is None:
+            child = self._cluster_children[key] = self._diagnoses_by_cluster.labels(*key)
+        child.inc()
 
     def count_action(self, token: str, report: bool) -> None:
         child = self.actions.get((token, report))

@@ -378,7 +378,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
             for applied in state.decision.applied:
                 self.metrics.count_action(applied.token, applied.report)
         elif kind == "response_headers" and state.diagnosis is not None:
-            self.metrics.diagnoses[state.diagnosis.reason].inc()
+            self.metrics.count_diagnosis(state.diagnosis)
             if any(key == "unknown_flags" for key, _ in state.diagnosis.evidence):
                 self.metrics.errors["unknown_flags"].inc()
 
@@ -476,7 +476,7 @@ def run(config: ServeConfig) -> None:
 async def serve(config: ServeConfig) -> None:
     """Serve until SIGTERM or SIGINT, reloading the policy on SIGHUP or change; then drain."""
     policy = load_policy(config.policy_path) if config.policy_path else Policy()
-    metrics = Metrics()
+    metrics = Metrics(config.metrics_cluster_label)
     servicer = ExternalProcessor(policy, metrics)
     server = ExtProcServer(
         policy, config.listen, config.grace, servicer=servicer, tls=config.tls,

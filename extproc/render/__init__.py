@@ -1,6 +1,6 @@
 """`extproc render`: the deployment manifests, from the same settings the server relies on.
 
-One module per target (`istio`, `cilium`, `envoy_bootstrap`, `k8s`); `envoy_config`
+One module per target (`istio`, `cilium`, `envoy_bootstrap`, `k8s`, `monitoring`); `envoy_config`
 builds and type-checks the Envoy parts they share, and `gate` says what gated mode sends
 to the server. `render` returns each target's files by their path in `deploy/`.
 """
@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from extproc.render import cilium, envoy_bootstrap, istio, k8s
+from extproc.render import cilium, envoy_bootstrap, istio, k8s, monitoring
 from extproc.render.gate import request_gate
 from extproc.render.options import RenderError, RenderMode, RenderOptions
 
@@ -27,7 +27,9 @@ __all__ = [
     "render_all",
 ]
 
-TARGETS = ("istio", "cilium", "envoy", "k8s")
+TARGETS = ("istio", "cilium", "envoy", "k8s", "monitoring")
+# Targets whose files do not depend on the mode.
+_MODELESS = ("k8s", "monitoring")
 
 # The modes each target renders in, its default first. cilium-envoy has no composite
 # filter, which gated mode needs (see extproc/render/cilium.py).
@@ -45,7 +47,8 @@ def modes(target: str) -> tuple[RenderMode, ...]:
 def render(target: str, options: RenderOptions) -> dict[str, str]:
     """The files of `target` in `options.mode`, by path relative to `deploy/`.
 
-    The k8s manifests do not depend on the mode; the others carry it in the file name.
+    The k8s and monitoring files do not depend on the mode; the others carry it in the
+    file name.
     """
     mode = options.mode
     match target:
@@ -62,6 +65,9 @@ def render(target: str, options: RenderOptions) -> dict[str, str]:
             docs = {f"envoy/{mode}.yaml": [envoy_bootstrap.render_bootstrap(options)]}
         case "k8s":
             docs = {f"k8s/{name}": [doc] for name, doc in k8s.render_manifests(options).items()}
+        case "monitoring":
+            files = monitoring.render_monitoring(options).items()
+            docs = {f"monitoring/{name}": [doc] for name, doc in files}
         case _:
             raise RenderError(f"unknown target {target!r} (known: {', '.join(TARGETS)})")
     return {path: _yaml(path, target, mode, content) for path, content in docs.items()}
@@ -78,7 +84,7 @@ def render_all(options: RenderOptions) -> dict[str, str]:
 
 def notes(target: str, options: RenderOptions) -> list[str]:
     """What gated mode cannot gate under this policy, for the operator (empty: nothing)."""
-    if options.mode is not RenderMode.GATED or target == "k8s":
+    if options.mode is not RenderMode.GATED or target in _MODELESS:
         return []
     contexts = (
         [(c, d) for c, d, _ in istio.CONTEXTS]
@@ -105,7 +111,7 @@ _Dumper.add_representer(str, _text)
 
 
 def _yaml(path: str, target: str, mode: RenderMode, documents: list[dict[str, Any]]) -> str:
-    mode_flag = "" if target == "k8s" else f" --mode {mode}"
+    mode_flag = "" if target in _MODELESS else f" --mode {mode}"
     header = (
         f"# deploy/{path}: rendered by `extproc render {target}{mode_flag}`.\n"
         "# Do not edit: change the options or extproc/render, then run `make deploy`.\n"
