@@ -18,6 +18,9 @@ from extproc.lab import validate
 from extproc.render import TARGETS, RenderMode, RenderOptions, modes, render
 
 from .envoys import VERSIONS, envoy_of
+
+# The targets whose files carry Envoy configuration (k8s and monitoring do not).
+ENVOY_TARGETS = tuple(t for t in TARGETS if t not in ("k8s", "monitoring"))
 from .placement import apply_envoy_filter, cilium_bootstrap
 
 pytestmark = pytest.mark.envoy
@@ -33,8 +36,7 @@ def fragments() -> list[tuple[str, RenderMode, str]]:
     suffixes = {"cilium": ("", "-clusterwide")}
     return [
         (target, mode, suffix)
-        for target in TARGETS
-        if target != "k8s"
+        for target in ENVOY_TARGETS
         for mode in modes(target)
         for suffix in suffixes.get(target, ("",))
     ]
@@ -67,10 +69,9 @@ class TestEnvoyAcceptsEveryFragment:
     def test_matrix_covers_every_rendered_file(self):
         """Every rendered Envoy file is in the matrix: a new target or mode cannot skip it."""
         files = {f"{t}/{m}{s}.yaml" for t, m, s in fragments()}
-        for target in TARGETS:
-            if target != "k8s":
-                for mode in modes(target):
-                    assert set(render(target, RenderOptions(mode=mode))) <= files
+        for target in ENVOY_TARGETS:
+            for mode in modes(target):
+                assert set(render(target, RenderOptions(mode=mode))) <= files
 
     def test_extproc_tls_cluster(self, tmp_path):
         """With --extproc-tls-ca the server's cluster speaks TLS, and Envoy accepts the context."""
