@@ -43,31 +43,29 @@ protos: $(STAMP)
 bench: $(STAMP) bench-tools
 	BENCH_COMMAND="make bench $(BENCH_ARGS)" $(BIN)/python -m bench $(BENCH_ARGS)
 
-# wrk and h2load (Debian package nghttp2-client), installed with apt-get when missing.
-bench-tools:
-	@if ! command -v wrk >/dev/null || ! command -v h2load >/dev/null; then \
+# $(call apt_tools,WHO,COMMANDS,PACKAGES): install the Debian PACKAGES with apt-get when one
+# of COMMANDS is missing (with sudo when not root); without apt-get, say what to install.
+define apt_tools
+	@missing=; for c in $(2); do command -v $$c >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ]; then \
 	  if ! command -v apt-get >/dev/null; then \
-	    echo "make bench: wrk and h2load are missing and there is no apt-get;" \
-	      "install wrk and h2load (nghttp2) with your package manager" >&2; \
-	    exit 1; \
-	  fi; \
-	  sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
-	  $$sudo apt-get update -qq && $$sudo apt-get install -y -qq wrk nghttp2-client; \
-	fi
-
-# promtool and the Prometheus server (Debian package prometheus) for tests/monitoring,
-# installed with apt-get when missing.
-test-tools:
-	@if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then \
-	  if ! command -v apt-get >/dev/null; then \
-	    echo "make test: promtool and prometheus are missing and there is no apt-get;" \
-	      "install Prometheus (server and promtool) with your package manager" >&2; \
+	    echo "make $(1): one of $(2) is missing and there is no apt-get;" \
+	      "install $(3) with your package manager" >&2; \
 	    exit 1; \
 	  fi; \
 	  sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
 	  $$sudo apt-get update -qq && \
-	    $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; \
+	    $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(3); \
 	fi
+endef
+
+# wrk and h2load (Debian package nghttp2-client) for `make bench`.
+bench-tools:
+	$(call apt_tools,bench,wrk h2load,wrk nghttp2-client)
+
+# promtool and the Prometheus server (Debian package prometheus) for tests/monitoring.
+test-tools:
+	$(call apt_tools,test,promtool prometheus,prometheus)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
