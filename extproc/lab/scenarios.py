@@ -146,6 +146,7 @@ MESH = Topology(
             App.KEEPALIVE_CLOSE,
             Tls(sni=f"outbound_.8080_._.{mesh_host('catalog')}", expect_san=spiffe_id(App.KEEPALIVE_CLOSE)),
         ),
+        Destination("drop", App.ECHO, drop_all=True),
         # TLS origination without SNI to a CDN-like front door.
         Destination(f"outbound|443||{_CDN}", App.SNI_REQUIRED, Tls(cert=None, alpn=()), destination_rule="cdn"),
     ),
@@ -167,6 +168,7 @@ MESH = Topology(
         Route("limited.demo", "echo", "limited", filters=(RouteFilter.RATE_LIMIT,)),
         Route("authz.demo", "echo", "authz", filters=(RouteFilter.EXT_AUTHZ,)),
         Route("fault.demo", "echo", "fault", filters=(RouteFilter.FAULT_ABORT,)),
+        Route("drop.demo", "drop", "drop"),
     ),
     # Istio's passthrough: plaintext to wherever the client meant to go, here `app`.
     passthrough_target="app",
@@ -387,6 +389,11 @@ SIGNATURE_SCENARIOS: tuple[Scenario, ...] = (
         "ext_authz_denied", "authz.demo", "/", "ext_authz_denied",
         "the ext_authz service answers 403 to the check", expected_status=403,
         evidence=('flags="UAEX"',),
+    ),
+    Scenario(
+        "drop_overload", "drop.demo", "/", "circuit_open",
+        "the control plane's load assignment drops every request (drop_overloads 100%)",
+        expected_status=503, evidence=('flags="UDO"',),
     ),
     Scenario(
         "fault_abort", "fault.demo", "/", "fault_injected",

@@ -197,6 +197,8 @@ class Destination:
     http2: bool = False
     # The cluster's retry circuit breaker (DestinationRule connectionPool maxRetries).
     max_retries: int | None = None
+    # The load assignment drops every request (EDS `drop_overloads` at 100%).
+    drop_all: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +264,7 @@ def cluster(
     metadata: dict[str, Any] | None = None,
     http2: bool = False,
     max_retries: int | None = None,
+    drop_all: bool = False,
 ) -> dict[str, Any]:
     """A STATIC cluster of one loopback endpoint, optionally originating TLS or HTTP/2."""
     config: dict[str, Any] = {
@@ -286,6 +289,9 @@ def cluster(
         }
     if max_retries is not None:
         config["circuit_breakers"] = {"thresholds": [{"max_retries": max_retries}]}
+    if drop_all:
+        drop = {"category": "lab", "drop_percentage": {"numerator": 100, "denominator": "HUNDRED"}}
+        config["load_assignment"]["policy"] = {"drop_overloads": [drop]}
     return config
 
 
@@ -682,6 +688,7 @@ def _client_cluster(d: Destination, addresses: Addresses, certs: MeshCerts) -> d
         metadata=metadata,
         http2=d.http2,
         max_retries=d.max_retries,
+        drop_all=d.drop_all,
     )
 
 

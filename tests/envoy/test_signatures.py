@@ -143,6 +143,8 @@ OBSERVED: dict[str, Observed] = {
     "cors_preflight": Observed(200, 0, "cors_response", ABSENT, "echo", "cors", code_attribute=False),
     "ext_authz_denied": Observed(403, F.UAEX, "ext_authz_denied", ABSENT, "echo", "authz"),
     "fault_abort": Observed(503, F.FI, "fault_filter_abort", ABSENT, "echo", "fault"),
+    # drop_overloads at 100% is unconditional (UDO); below it, DO and `drop_overload`.
+    "drop_overload": Observed(503, F.UDO, "unconditional_drop_overload", ABSENT, "drop", "drop"),
 }  # fmt: skip
 
 
