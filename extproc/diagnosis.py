@@ -536,10 +536,15 @@ def classify(ev: Evidence) -> Diagnosis | None:
 
 
 # `TLS_error:|268435703:SSL routines:OPENSSL_internal:WRONG_VERSION_NUMBER:TLS_error_end`
-# → `WRONG_VERSION_NUMBER`; with a detail after the reason, that is kept too.
+# → `WRONG_VERSION_NUMBER`; with a detail after the reason, that is kept too. Envoy joins
+# several queued errors with `|` (a handshake_failure alert in answer to the ClientHello:
+# `…:SSLV3_ALERT_HANDSHAKE_FAILURE|268435610:SSL routines:OPENSSL_internal:
+# HANDSHAKE_FAILURE_ON_CLIENT_HELLO:TLS_error_end`); each error's code, library and
+# function are dropped (`_TLS_NEXT_ERROR`).
 _TLS_PARTS = re.compile(
     r"TLS[ _]error:[\s_]*\|?[\s_]*(?:\d+:)?[^:|]*:[^:|]*:(?P<reason>.*?)(?::TLS_error_end|\}|$)"
 )
+_TLS_NEXT_ERROR = re.compile(r"\|\d+:[^:|]*:[^:|]*:")
 _DESTINATION_RULE = re.compile(r"/destination-rule/([A-Za-z0-9.\-]+)")
 _DESTINATION_RULE_NS = re.compile(r"/namespaces/([A-Za-z0-9.\-]+)/destination-rule/")
 
@@ -549,7 +554,7 @@ def transport_detail(ev: Evidence) -> str:
     source = ev.transport_failure_reason or ev.code_details
     m = _TLS_PARTS.search(source)
     if m:
-        return m.group("reason")
+        return _TLS_NEXT_ERROR.sub("|", m.group("reason"))
     if ev.transport_failure_reason:
         return ev.transport_failure_reason
     return ev.code_details

@@ -59,6 +59,7 @@ _USED_NAMES: tuple[tuple[str, str], ...] = (
     ("cluster", "upstream_cluster"),
     ("route", "route_name"),
     ("host", "authority"),
+    ("grpc", "grpc_status"),
 )
 _FLAG_BITS = {short: bit for bit, short, _ in RESPONSE_FLAGS} | {
     long.lower(): bit for bit, _, long in RESPONSE_FLAGS
@@ -135,6 +136,8 @@ def _from_fields(
         upstream_address=values.get("upstream_host", ""),
         route=values.get("route_name", ""),
         host=values.get("authority", ""),
+        # A JSON format may log `%GRPC_STATUS_NUMBER%` under this key (Istio's does not).
+        grpc_status=_status(values.get("grpc_status", "")),
         upstream_answered=answered,
         cluster_metadata=_metadata(dr),
         has_attributes="response_code_details" in logged,

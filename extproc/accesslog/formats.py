@@ -288,6 +288,8 @@ JSON_ALIASES: dict[str, tuple[str, ...]] = {
         "x-envoy-upstream-service-time",
         "x_envoy_upstream_service_time",
     ),
+    # `%GRPC_STATUS_NUMBER%`, where a format logs it (Istio's default does not).
+    "grpc_status": ("grpc_status", "grpc-status", "grpc_status_number"),
 }
 ENVOY_GATEWAY_KEYS = frozenset(
     {":authority", "x-envoy-origin-path", "x-envoy-upstream-service-time"}

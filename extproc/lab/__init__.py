@@ -17,6 +17,7 @@ from extproc.lab.envoy import (
     wait_for_port,
 )
 from extproc.lab.scenarios import (
+    ALL_SCENARIOS,
     DEMO_POLICY,
     EDGE_SCENARIOS,
     MESH,
@@ -41,6 +42,7 @@ from extproc.lab.topology import (
 from extproc.lab.upstreams import HttpUpstream, echo_upstream, status_upstream
 
 __all__ = [
+    "ALL_SCENARIOS",
     "DEMO_POLICY",
     "EDGE_SCENARIOS",
     "MESH",

@@ -77,7 +77,10 @@ def run_scenario(lab: Lab, scenario: Scenario, server: BackgroundServer | None =
     if scenario.policy is not None and server is None:
         raise ValueError(f"scenario {scenario.name} needs the server, to serve its own policy")
     with server.policy(scenario.policy) if server and scenario.policy else nullcontext():
-        response = lab.request(scenario.host, scenario.path, scenario.headers)
+        for _ in range(scenario.repeat):
+            response = lab.request(
+                scenario.host, scenario.path, scenario.headers, method=scenario.method
+            )
     diagnosis = response.header("x-extproc-diagnosis")
     reason = diagnosis.split(";", 1)[0] if diagnosis else None
     actions = tuple(

@@ -4,7 +4,9 @@
 incident was (see `topology.py` for the terms). `SCENARIOS` is the table the demo prints
 and the real-Envoy tests walk: first the mesh incidents, numbered as in the issue that
 collected them (`extproc demo --scenario 4`), then edge and hygiene cases, addressed by
-name (`extproc demo --scenario not_tls`).
+name (`extproc demo --scenario not_tls`). `SIGNATURE_SCENARIOS` are the rarer failures
+(and filter answers) that the real-Envoy tests check but the demo's table leaves out;
+`--scenario NAME` runs one of them too.
 """
 
 from __future__ import annotations
@@ -12,14 +14,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from extproc.config import Policy, policy_from_mapping
-from extproc.diagnosis import HINTS, NO_H2_HINT, PLAINTEXT_CLOSED_HINT, SNI_MISSING_HINT
+from extproc.diagnosis import (
+    HELLO_NO_SNI_HINT,
+    HELLO_REFUSED_HINT,
+    HINTS,
+    NO_H2_HINT,
+    PLAINTEXT_CLOSED_HINT,
+    RETRIED_APP_ERROR_HINT,
+    SNI_MISSING_HINT,
+)
 from extproc.lab.topology import (
+    CORS_ORIGIN,
     NOWHERE,
     App,
     Cert,
     Destination,
     Mode,
     Route,
+    RouteFilter,
     Tls,
     Topology,
     Workload,
@@ -66,6 +78,7 @@ def service(
 
 
 _PAY = "pay.example.net"
+_CDN = "cdn.example.net"
 _SERVICES = [
     service("app"),
     service("orders", NOWHERE),
@@ -98,6 +111,10 @@ MESH = Topology(
         Workload("shipping", app=App.FAILING),
         Workload("legacy", mode=Mode.PERMISSIVE),
         Workload("billing", cert=Cert.OTHER_CA),
+        # Failing apps behind routes that retry 5xx: attempts run out, or the retry
+        # circuit breaker (maxRetries 0) allows none.
+        Workload("payments", app=App.FAILING),
+        Workload("stock", app=App.FAILING),
     ),
     destinations=(
         *(d for d, _ in _SERVICES),
@@ -119,6 +136,19 @@ MESH = Topology(
         # Reached without a sidecar: the app itself, plaintext.
         Destination("echo", App.ECHO),
         Destination("not_tls", App.ECHO, tls=istio_mutual("echo")),
+        Destination(outbound("payments"), "payments", istio_mutual("payments")),
+        Destination(outbound("stock"), "stock", istio_mutual("stock"), max_retries=0),
+        # A gRPC app without a sidecar, over h2c.
+        Destination("grpc", App.GRPC_UNAVAILABLE, http2=True),
+        # mTLS straight to an app that closes kept-alive connections.
+        Destination(
+            outbound("catalog"),
+            App.KEEPALIVE_CLOSE,
+            Tls(sni=f"outbound_.8080_._.{mesh_host('catalog')}", expect_san=spiffe_id(App.KEEPALIVE_CLOSE)),
+        ),
+        Destination("drop", App.ECHO, drop_all=True),
+        # TLS origination without SNI to a CDN-like front door.
+        Destination(f"outbound|443||{_CDN}", App.SNI_REQUIRED, Tls(cert=None, alpn=()), destination_rule="cdn"),
     ),
     routes=(
         *(r for _, r in _SERVICES),
@@ -129,9 +159,20 @@ MESH = Topology(
         Route("echo.demo", "echo", "echo"),
         Route("not-tls.demo", "not_tls", "not_tls"),
         Route("api.demo", "echo", "api", prefix="/api/"),
+        Route(mesh_host("payments"), outbound("payments"), retry_on="5xx"),
+        Route(mesh_host("stock"), outbound("stock"), retry_on="5xx"),
+        Route("grpc.demo", "grpc", "grpc", retry_on="unavailable"),
+        Route(mesh_host("catalog"), outbound("catalog")),
+        Route(_CDN, f"outbound|443||{_CDN}", "cdn"),
+        Route("cors.demo", "echo", "cors", filters=(RouteFilter.CORS,)),
+        Route("limited.demo", "echo", "limited", filters=(RouteFilter.RATE_LIMIT,)),
+        Route("authz.demo", "echo", "authz", filters=(RouteFilter.EXT_AUTHZ,)),
+        Route("fault.demo", "echo", "fault", filters=(RouteFilter.FAULT_ABORT,)),
+        Route("drop.demo", "drop", "drop"),
     ),
     # Istio's passthrough: plaintext to wherever the client meant to go, here `app`.
     passthrough_target="app",
+    apps=(App.ECHO, App.FAILING, App.GRPC_UNAVAILABLE, App.KEEPALIVE_CLOSE, App.SNI_REQUIRED, App.AUTHZ_DENY),
 )  # fmt: skip
 
 
@@ -157,8 +198,14 @@ class Scenario:
     hint: str | None = None
     # Parameters the x-extproc-diagnosis header must carry, as written there.
     evidence: tuple[str, ...] = ()
-    # The reason without the cluster's TLS settings (the access log, no --envoy-admin).
+    # The reason without the cluster's TLS settings (the access log, no --envoy-admin),
+    # and its row's own hint, where it has one.
     offline_reason: str | None = None
+    offline_hint: str | None = None
+    method: str = "GET"
+    # Send the request this many times in a row; the last answer is the outcome (a rate
+    # limit allows the first; a kept-alive connection is reused by the second).
+    repeat: int = 1
 
     @property
     def expected_hint(self) -> str | None:
@@ -169,6 +216,12 @@ class Scenario:
     @property
     def reason_without_context(self) -> str | None:
         return self.offline_reason or self.expected_reason
+
+    @property
+    def hint_without_context(self) -> str | None:
+        if self.offline_reason is None:
+            return self.expected_hint
+        return self.offline_hint or HINTS[self.offline_reason]
 
     @property
     def label(self) -> str:
@@ -289,15 +342,75 @@ EDGE_SCENARIOS: tuple[Scenario, ...] = (
         expected_actions=("strip-echoed-envoy-headers", "strip-underscore-headers;report"),
         expected_status=200,
     ),
+    Scenario(
+        "retries_exhausted", mesh_host("payments"), "/", "upstream_app_error",
+        "the app answers 503 to the request and to both retries (retry_on 5xx)",
+        expected_status=503, hint=RETRIED_APP_ERROR_HINT, evidence=('flags="URX"',),
+    ),
+    Scenario(
+        "keepalive_race", mesh_host("catalog"), "/", "upstream_connection_closed",
+        "an mTLS app closes a kept-alive connection just as the sidecar reuses it",
+        repeat=2, expected_status=503, evidence=('flags="UC"', 'tls="on"'),
+        offline_reason="upstream_requires_mtls",
+    ),
+    Scenario(
+        "rate_limited", "limited.demo", "/", "rate_limited",
+        "a local rate limit of one request per hour; the client sends a second one",
+        repeat=2, expected_status=429, evidence=('flags="RL"',),
+    ),
+)  # fmt: skip
+
+SIGNATURE_SCENARIOS: tuple[Scenario, ...] = (
+    Scenario(
+        "grpc_unavailable", "grpc.demo", "/lab.App/Call", "upstream_app_error",
+        "a gRPC app answers UNAVAILABLE (14), also to both retries (retry_on unavailable)",
+        method="POST", headers=(("content-type", "application/grpc"), ("te", "trailers")),
+        expected_status=200, hint=RETRIED_APP_ERROR_HINT, evidence=("grpc=14", 'flags="URX"'),
+    ),
+    Scenario(
+        "retry_overflow", mesh_host("stock"), "/", "upstream_app_error",
+        "the app answers 503; the retry circuit breaker (maxRetries 0) allows no retry",
+        expected_status=503, hint=RETRIED_APP_ERROR_HINT, evidence=('flags="UO"',),
+    ),
+    Scenario(
+        "client_hello_no_sni", _CDN, "/", "sni_rejected",
+        "TLS origination without SNI to a front door that refuses a ClientHello without it",
+        expected_status=503, hint=HELLO_NO_SNI_HINT, evidence=('sni="none"',),
+        offline_reason="tls_handshake_rejected", offline_hint=HELLO_REFUSED_HINT,
+    ),
+    Scenario(
+        "cors_preflight", "cors.demo", "/", None,
+        "a CORS preflight the cors filter answers itself: not a failure",
+        method="OPTIONS",
+        headers=(("origin", CORS_ORIGIN), ("access-control-request-method", "GET")),
+        expected_status=200,
+    ),
+    Scenario(
+        "ext_authz_denied", "authz.demo", "/", "ext_authz_denied",
+        "the ext_authz service answers 403 to the check", expected_status=403,
+        evidence=('flags="UAEX"',),
+    ),
+    Scenario(
+        "drop_overload", "drop.demo", "/", "circuit_open",
+        "the control plane's load assignment drops every request (drop_overloads 100%)",
+        expected_status=503, evidence=('flags="UDO"',),
+    ),
+    Scenario(
+        "fault_abort", "fault.demo", "/", "fault_injected",
+        "a fault filter aborts every request with 503", expected_status=503,
+        evidence=('flags="FI"',),
+    ),
 )  # fmt: skip
 
 SCENARIOS: tuple[Scenario, ...] = MESH_INCIDENTS + EDGE_SCENARIOS
+# Everything the real-Envoy tests walk.
+ALL_SCENARIOS: tuple[Scenario, ...] = SCENARIOS + SIGNATURE_SCENARIOS
 
 
 def find_scenarios(label: str) -> tuple[Scenario, ...]:
     """The scenarios of an incident number, or the one with that name; raises KeyError."""
-    found = tuple(s for s in SCENARIOS if label in (s.label, s.name))
+    found = tuple(s for s in ALL_SCENARIOS if label in (s.label, s.name))
     if not found:
-        known = ", ".join(dict.fromkeys(s.label for s in SCENARIOS))
+        known = ", ".join(dict.fromkeys(s.label for s in ALL_SCENARIOS))
         raise KeyError(f"no scenario {label!r}; choose one of: {known}")
     return found

@@ -20,6 +20,14 @@ client --HTTP--> client sidecar Envoy (ext_proc filter, JSON access log)
                  apps: an echo app, a failing app (Python, in threads)
 ```
 
+Some apps are reached without a sidecar, each failing as a real server does (a gRPC app
+answering UNAVAILABLE, a TLS app closing kept-alive connections, a CDN-like front door
+refusing a ClientHello without SNI). Routes can carry what an Istio VirtualService or an
+EnvoyFilter adds: a retry policy, and the HTTP filters that answer for the upstream
+(CORS, local rate limit, ext_authz, fault injection). Those filters come after the
+ext_proc filter in the client sidecar's chain, so the doctor sees their answers, as in
+Istio's outbound chain.
+
 All server sidecars share one Envoy process: a listener per workload behaves like a pod's
 inbound listener, and one process starts in a tenth of a second. The builder functions
 (`cluster()`, `route()`, `upstream_tls()` ...) return Envoy's JSON shape, so each
@@ -32,7 +40,7 @@ import http.client
 import json
 import time
 from collections.abc import Callable, Iterable, Mapping
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -42,7 +50,14 @@ from typing import Any, Self, TypeVar
 from extproc.filter_config import annotation_guard_filter, ext_proc_cluster, ext_proc_filter
 from extproc.lab.certs import CertFiles, CertificateAuthority
 from extproc.lab.envoy import EnvoyProcess, free_ports, wait_for_port
-from extproc.lab.upstreams import HttpUpstream, echo_upstream, status_upstream
+from extproc.lab.upstreams import (
+    GrpcUnavailableUpstream,
+    HttpUpstream,
+    echo_upstream,
+    keepalive_close_upstream,
+    sni_required_upstream,
+    status_upstream,
+)
 
 LOOPBACK = "127.0.0.1"
 CLIENT_LISTENER = "client_sidecar"
@@ -80,6 +95,7 @@ ACCESS_LOG_FORMAT: dict[str, str] = {
     "upstream_cluster": "%UPSTREAM_CLUSTER%",
     "upstream_host": "%UPSTREAM_HOST%",
     "upstream_service_time": "%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)%",
+    "grpc_status": "%GRPC_STATUS_NUMBER%",
     "request_id": "%REQ(X-REQUEST-ID)%",
     "extproc_diagnosis": "%RESP(X-EXTPROC-DIAGNOSIS)%",
     "extproc_doctor": "%DYNAMIC_METADATA(extproc_doctor)%",
@@ -120,6 +136,21 @@ class App(StrEnum):
 
     ECHO = "echo"  # answers 200 with the request it got
     FAILING = "failing"  # answers 503 on its own
+    GRPC_UNAVAILABLE = "grpc-unavailable"  # h2c gRPC: every call ends UNAVAILABLE (14)
+    # TLS with a client certificate: answers once per connection, then closes it
+    # unanswered when the next request arrives (the keep-alive race).
+    KEEPALIVE_CLOSE = "keepalive-close"
+    SNI_REQUIRED = "sni-required"  # TLS: a handshake_failure alert to a hello without SNI
+    AUTHZ_DENY = "authz-deny"  # an HTTP ext_authz service that answers 403 to every check
+
+
+class RouteFilter(StrEnum):
+    """An HTTP filter that answers in the upstream's place on the routes that enable it."""
+
+    CORS = "cors"  # a CORS policy allowing CORS_ORIGIN: the filter answers preflights
+    RATE_LIMIT = "rate_limit"  # a local rate limit of one request per hour
+    EXT_AUTHZ = "ext_authz"  # external authorization by App.AUTHZ_DENY
+    FAULT_ABORT = "fault_abort"  # fault injection: abort every request with 503
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +193,12 @@ class Destination:
     tls: Tls | None = None
     # The DestinationRule Istio names in the cluster's metadata (`istio.config`).
     destination_rule: str = ""
+    # Speak HTTP/2 to the endpoint (a gRPC app; Istio: port name grpc/http2).
+    http2: bool = False
+    # The cluster's retry circuit breaker (DestinationRule connectionPool maxRetries).
+    max_retries: int | None = None
+    # The load assignment drops every request (EDS `drop_overloads` at 100%).
+    drop_all: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +211,9 @@ class Route:
     prefix: str = "/"
     # Only requests with this header value take the route (a VirtualService match).
     header: tuple[str, str] | None = None
+    # Envoy's retry_on conditions (`5xx`, `unavailable`); "" retries nothing.
+    retry_on: str = ""
+    filters: tuple[RouteFilter, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +238,14 @@ class Topology:
                 raise ValueError(f"route for {r.host!r}: unknown cluster {r.cluster!r}")
         if self.passthrough_target is not None and self.passthrough_target not in names:
             raise ValueError(f"unknown passthrough target {self.passthrough_target!r}")
+        if RouteFilter.EXT_AUTHZ in self.route_filters and App.AUTHZ_DENY not in self.apps:
+            raise ValueError(f"ext_authz on a route needs the app {App.AUTHZ_DENY.value!r}")
+
+    @property
+    def route_filters(self) -> tuple[RouteFilter, ...]:
+        """The filters some route enables, in the client sidecar's chain order."""
+        used = {f for r in self.routes for f in r.filters}
+        return tuple(f for f in RouteFilter if f in used)
 
 
 # --- Envoy config builders -------------------------------------------------------------
@@ -214,8 +262,11 @@ def cluster(
     *,
     tls: dict[str, Any] | None = None,
     metadata: dict[str, Any] | None = None,
+    http2: bool = False,
+    max_retries: int | None = None,
+    drop_all: bool = False,
 ) -> dict[str, Any]:
-    """A STATIC cluster of one loopback endpoint, optionally originating TLS."""
+    """A STATIC cluster of one loopback endpoint, optionally originating TLS or HTTP/2."""
     config: dict[str, Any] = {
         "name": name,
         "type": "STATIC",
@@ -229,6 +280,18 @@ def cluster(
         config["transport_socket"] = tls
     if metadata is not None:
         config["metadata"] = metadata
+    if http2:
+        config["typed_extension_protocol_options"] = {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        }
+    if max_retries is not None:
+        config["circuit_breakers"] = {"thresholds": [{"max_retries": max_retries}]}
+    if drop_all:
+        drop = {"category": "lab", "drop_percentage": {"numerator": 100, "denominator": "HUNDRED"}}
+        config["load_assignment"]["policy"] = {"drop_overloads": [drop]}
     return config
 
 
@@ -300,12 +363,29 @@ def route(
     prefix: str = "/",
     header: tuple[str, str] | None = None,
     add_headers: Mapping[str, str] | None = None,
+    retry_on: str = "",
+    filters: Iterable[RouteFilter] = (),
 ) -> dict[str, Any]:
-    """A named route sending a path prefix (and, optionally, a header value) to a cluster."""
+    """A named route sending a path prefix (and, optionally, a header value) to a cluster.
+
+    `retry_on` adds a retry policy (two retries, short back-off); each of `filters` gets
+    its per-route configuration, which turns it on for this route.
+    """
     match: dict[str, Any] = {"prefix": prefix}
     if header is not None:
         match["headers"] = [{"name": header[0], "string_match": {"exact": header[1]}}]
-    config: dict[str, Any] = {"name": name, "match": match, "route": {"cluster": cluster_name}}
+    action: dict[str, Any] = {"cluster": cluster_name}
+    if retry_on:
+        action["retry_policy"] = {
+            "retry_on": retry_on,
+            "num_retries": RETRIES,
+            "retry_back_off": {"base_interval": "0.002s", "max_interval": "0.005s"},
+        }
+    config: dict[str, Any] = {"name": name, "match": match, "route": action}
+    if filters:
+        config["typed_per_filter_config"] = {
+            ROUTE_FILTERS[f][0]["name"]: ROUTE_FILTERS[f][1] for f in filters
+        }
     if add_headers:
         config["request_headers_to_add"] = [
             {"header": {"key": key, "value": value}} for key, value in add_headers.items()
@@ -411,6 +491,67 @@ def json_access_log(path: Path) -> dict[str, Any]:
     }
 
 
+# How many times a route with `retry_on` retries.
+RETRIES = 2
+# The origin a CORS-enabled route allows.
+CORS_ORIGIN = "https://shop.example"
+EXT_AUTHZ_CLUSTER = "ext_authz"
+_HUNDRED_PERCENT = {"numerator": 100, "denominator": "HUNDRED"}
+_FILTERS_PREFIX = "type.googleapis.com/envoy.extensions.filters.http"
+_LOCAL_RATE_LIMIT = f"{_FILTERS_PREFIX}.local_ratelimit.v3.LocalRateLimit"
+_FAULT = f"{_FILTERS_PREFIX}.fault.v3.HTTPFault"
+
+# Each route filter: its entry in the HTTP filter chain, which does nothing on its own
+# (no CORS policy, no token bucket, no fault; ext_authz disabled), and the per-route
+# configuration that turns it on.
+ROUTE_FILTERS: dict[RouteFilter, tuple[dict[str, Any], dict[str, Any]]] = {
+    RouteFilter.CORS: (
+        {
+            "name": "envoy.filters.http.cors",
+            "typed_config": {"@type": f"{_FILTERS_PREFIX}.cors.v3.Cors"},
+        },
+        {
+            "@type": f"{_FILTERS_PREFIX}.cors.v3.CorsPolicy",
+            "allow_origin_string_match": [{"exact": CORS_ORIGIN}],
+            "allow_methods": "GET",
+        },
+    ),
+    RouteFilter.RATE_LIMIT: (
+        {
+            "name": "envoy.filters.http.local_ratelimit",
+            "typed_config": {"@type": _LOCAL_RATE_LIMIT, "stat_prefix": "lab_rate_limit"},
+        },
+        {
+            "@type": _LOCAL_RATE_LIMIT,
+            "stat_prefix": "lab_rate_limit",
+            "token_bucket": {"max_tokens": 1, "tokens_per_fill": 1, "fill_interval": "3600s"},
+            "filter_enabled": {"default_value": _HUNDRED_PERCENT, "runtime_key": "lab_rl_on"},
+            "filter_enforced": {"default_value": _HUNDRED_PERCENT, "runtime_key": "lab_rl_enf"},
+        },
+    ),
+    RouteFilter.EXT_AUTHZ: (
+        {
+            "name": "envoy.filters.http.ext_authz",
+            "disabled": True,
+            "typed_config": {
+                "@type": f"{_FILTERS_PREFIX}.ext_authz.v3.ExtAuthz",
+                "http_service": {
+                    "server_uri": {
+                        "uri": "http://ext-authz.lab",
+                        "cluster": EXT_AUTHZ_CLUSTER,
+                        "timeout": "1s",
+                    }
+                },
+            },
+        },
+        {"@type": f"{_FILTERS_PREFIX}.ext_authz.v3.ExtAuthzPerRoute", "check_settings": {}},
+    ),
+    RouteFilter.FAULT_ABORT: (
+        {"name": "envoy.filters.http.fault", "typed_config": {"@type": _FAULT}},
+        {"@type": _FAULT, "abort": {"http_status": 503, "percentage": _HUNDRED_PERCENT}},
+    ),
+}
+
 _ROUTER = {
     "name": "envoy.filters.http.router",
     "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
@@ -481,12 +622,13 @@ Addresses = Mapping[str, int]
 
 
 def server_bootstrap(topology: Topology, addresses: Addresses, certs: MeshCerts) -> dict[str, Any]:
-    """The server-side Envoy: one inbound listener per workload, one cluster per app."""
+    """The server-side Envoy: one inbound listener per workload, one cluster per app behind one."""
     listeners = [
         inbound_listener(w, addresses[w.name], certs.get(w.identity, w.cert, w.server_names))
         for w in topology.workloads
     ]
-    clusters = [cluster(inbound_cluster_name(app), addresses[app]) for app in topology.apps]
+    apps = dict.fromkeys(w.app for w in topology.workloads)
+    clusters = [cluster(inbound_cluster_name(app), addresses[app]) for app in apps]
     return {"static_resources": {"listeners": listeners, "clusters": clusters}}
 
 
@@ -508,6 +650,8 @@ def client_bootstrap(
             "allow_any", PASSTHROUGH_CLUSTER, add_headers={ORIGINAL_DST_HEADER: destination}
         )
         vhosts.append(virtual_host("*", allow_any, name="allow_any"))
+    if RouteFilter.EXT_AUTHZ in topology.route_filters:
+        clusters.append(cluster(EXT_AUTHZ_CLUSTER, addresses[App.AUTHZ_DENY]))
     listener = http_listener(
         CLIENT_LISTENER,
         0,
@@ -515,6 +659,7 @@ def client_bootstrap(
         http_filters=[
             ext_proc_filter(EXTPROC_CLUSTER, direction="outbound"),
             annotation_guard_filter(),
+            *(ROUTE_FILTERS[f][0] for f in topology.route_filters),
         ],
         access_log=access_log,
         direction="OUTBOUND",
@@ -536,14 +681,29 @@ def _client_cluster(d: Destination, addresses: Addresses, certs: MeshCerts) -> d
             expect_san=d.tls.expect_san,
         )
     metadata = destination_rule(d.destination_rule) if d.destination_rule else None
-    return cluster(d.cluster, addresses[d.target], tls=tls, metadata=metadata)
+    return cluster(
+        d.cluster,
+        addresses[d.target],
+        tls=tls,
+        metadata=metadata,
+        http2=d.http2,
+        max_retries=d.max_retries,
+        drop_all=d.drop_all,
+    )
 
 
 def _virtual_hosts(routes: Iterable[Route]) -> list[dict[str, Any]]:
     """One virtual host per Host, its routes in the order given."""
     by_host: dict[str, list[dict[str, Any]]] = {}
     for r in routes:
-        built = route(r.name or r.host, r.cluster, prefix=r.prefix, header=r.header)
+        built = route(
+            r.name or r.host,
+            r.cluster,
+            prefix=r.prefix,
+            header=r.header,
+            retry_on=r.retry_on,
+            filters=r.filters,
+        )
         by_host.setdefault(r.host, []).append(built)
     return [virtual_host(host, *built) for host, built in by_host.items()]
 
@@ -569,9 +729,23 @@ Headers = Mapping[str, str] | Iterable[tuple[str, str]]
 LogEntry = dict[str, Any]
 T = TypeVar("T")
 
-_APP_SERVERS: dict[App, Callable[[], HttpUpstream]] = {
-    App.ECHO: echo_upstream,
-    App.FAILING: lambda: status_upstream(503),
+
+def _app_cert(certs: MeshCerts, app: App) -> CertFiles:
+    return certs.get(spiffe_id(app.value), Cert.MESH)
+
+
+# Each app's server, given the lab's certificates (for the TLS ones).
+_APP_SERVERS: dict[
+    App, Callable[[MeshCerts], AbstractContextManager[HttpUpstream | GrpcUnavailableUpstream]]
+] = {
+    App.ECHO: lambda _: echo_upstream(),
+    App.FAILING: lambda _: status_upstream(503),
+    App.GRPC_UNAVAILABLE: lambda _: GrpcUnavailableUpstream(),
+    App.KEEPALIVE_CLOSE: lambda certs: keepalive_close_upstream(
+        _app_cert(certs, App.KEEPALIVE_CLOSE)
+    ),
+    App.SNI_REQUIRED: lambda certs: sni_required_upstream(_app_cert(certs, App.SNI_REQUIRED)),
+    App.AUTHZ_DENY: lambda _: status_upstream(403, b"denied by the authorization service"),
 }
 
 
@@ -636,14 +810,14 @@ class Lab:
 
     def __enter__(self) -> Self:
         with ExitStack() as stack:
+            certs = MeshCerts(self.workdir)
             ports = {
-                app.value: stack.enter_context(_APP_SERVERS[app]()).port
+                app.value: stack.enter_context(_APP_SERVERS[app](certs)).port
                 for app in self.topology.apps
             }
             names = [w.name for w in self.topology.workloads] + [NOWHERE]
             ports.update(zip(names, free_ports(len(names)), strict=True))
             addresses: Addresses = ports
-            certs = MeshCerts(self.workdir)
             server = stack.enter_context(
                 self._envoy("server", server_bootstrap(self.topology, addresses, certs))
             )

@@ -7,14 +7,15 @@ import io
 import pytest
 
 from extproc.diagnosis import HINTS
-from extproc.lab import SCENARIOS, BackgroundServer, Lab, Scenario, find_scenarios
+from extproc.lab import ALL_SCENARIOS, BackgroundServer, Lab, Scenario, find_scenarios
 from extproc.lab.demo import run_demo, run_scenario
 
 pytestmark = pytest.mark.envoy
 
 Doctor = tuple[Lab, BackgroundServer]
-FAILING = [s for s in SCENARIOS if s.expected_reason]
-NEEDS_CONTEXT = [s for s in SCENARIOS if s.offline_reason]
+FAILING = [s for s in ALL_SCENARIOS if s.expected_reason]
+NEEDS_CONTEXT = [s for s in ALL_SCENARIOS if s.offline_reason]
+HANDSHAKE_RESETS = [s for s in NEEDS_CONTEXT if s.offline_reason == "tls_handshake_rejected"]
 
 
 def ids(scenario: Scenario) -> str:
@@ -22,7 +23,7 @@ def ids(scenario: Scenario) -> str:
 
 
 class TestScenarios:
-    @pytest.mark.parametrize("scenario", SCENARIOS, ids=ids)
+    @pytest.mark.parametrize("scenario", ALL_SCENARIOS, ids=ids)
     def test_outcome(self, doctor: Doctor, scenario: Scenario) -> None:
         """Each request gets the expected reason, status and actions, and clean ones no diagnosis at all."""
         outcome = run_scenario(doctor[0], scenario, doctor[1])
@@ -52,7 +53,7 @@ class TestScenarios:
 
     def test_refused_is_never_an_mtls_reason(self, doctor: Doctor) -> None:
         """A refused port behind an mTLS cluster is diagnosed by the refusal, not by TLS."""
-        scenario = next(s for s in SCENARIOS if s.name == "refused")
+        scenario = next(s for s in ALL_SCENARIOS if s.name == "refused")
         diagnosis = run_scenario(doctor[0], scenario).response.header("x-extproc-diagnosis")
         assert diagnosis is not None
         assert diagnosis.startswith("upstream_refused;")
@@ -61,16 +62,45 @@ class TestScenarios:
 
 class TestWithoutEnvoyAdmin:
     @pytest.mark.parametrize("scenario", NEEDS_CONTEXT, ids=ids)
-    def test_handshake_reset_names_both_causes(
+    def test_reason_without_cluster_context(self, blind_doctor: Doctor, scenario: Scenario) -> None:
+        """Without the cluster's TLS settings, the reason and hint are the ones that cover every cause."""
+        outcome = run_scenario(blind_doctor[0], scenario)
+        assert outcome.reason == scenario.offline_reason
+        assert outcome.response.header("x-extproc-hint") == scenario.hint_without_context
+
+    @pytest.mark.parametrize("scenario", HANDSHAKE_RESETS, ids=ids)
+    def test_handshake_failure_names_the_candidate_causes(
         self, blind_doctor: Doctor, scenario: Scenario
     ) -> None:
-        """Without the cluster's TLS settings, an SNI or ALPN reset gets the reason whose hint names both."""
-        response = run_scenario(blind_doctor[0], scenario).response
-        assert (response.header("x-extproc-diagnosis") or "").startswith("tls_handshake_rejected;")
-        hint = response.header("x-extproc-hint")
-        assert hint == HINTS["tls_handshake_rejected"]
+        """An SNI or ALPN reset, or a refused ClientHello, gets a hint naming SNI and ALPN both."""
+        hint = run_scenario(blind_doctor[0], scenario).response.header("x-extproc-hint") or ""
         assert "SNI" in hint
         assert "ALPN" in hint
+
+    def test_keepalive_race_names_both_causes(self, blind_doctor: Doctor) -> None:
+        """A closed connection on a cluster of unknown transport: the hint names mTLS and keep-alive."""
+        scenario = next(s for s in ALL_SCENARIOS if s.name == "keepalive_race")
+        hint = run_scenario(blind_doctor[0], scenario).response.header("x-extproc-hint") or ""
+        assert hint == HINTS["upstream_requires_mtls"]
+        assert "mTLS" in hint
+        assert "keep-alive" in hint
+
+
+class TestEvidenceNamesTheRetries:
+    @pytest.mark.parametrize(
+        ("name", "flag"),
+        [("retries_exhausted", "URX"), ("retry_overflow", "UO"), ("grpc_unavailable", "URX")],
+    )
+    def test_app_error_after_retries(self, doctor: Doctor, name: str, flag: str) -> None:
+        """The upstream's own error, retried by the route, is the app's: the retry flag is in the evidence."""
+        scenario = next(s for s in ALL_SCENARIOS if s.name == name)
+        diagnosis = run_scenario(doctor[0], scenario, doctor[1]).response.header(
+            "x-extproc-diagnosis"
+        )
+        assert diagnosis is not None
+        assert diagnosis.startswith("upstream_app_error;")
+        assert f';flags="{flag}"' in diagnosis
+        assert 'detail="via_upstream"' in diagnosis
 
 
 class TestDemo:

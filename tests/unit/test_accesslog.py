@@ -296,3 +296,38 @@ def test_formats_are_distinct() -> None:
             toks = tokens(text_of(record))
             fits = [f.name for f in TEXT_FORMATS if _align(f, toks) is not None]
             assert fits == [record["form"]]
+
+
+# The lab client sidecar's JSON access-log line for a gRPC call that ended UNAVAILABLE
+# on every attempt (Envoy 1.40, `grpc_unavailable` in tests/envoy/test_signatures.py).
+GRPC_RETRIED_LINE = {
+    "method": "POST",
+    "path": "/lab.App/Call",
+    "authority": "grpc.demo",
+    "response_code": 200,
+    "response_flags": "URX",
+    "response_code_details": "via_upstream",
+    "upstream_transport_failure_reason": None,
+    "route_name": "grpc",
+    "upstream_cluster": "grpc",
+    "upstream_host": "127.0.0.1:38827",
+    "upstream_service_time": "1",
+    "grpc_status": 14,
+}
+
+
+class TestGrpcStatusField:
+    def test_logged_grpc_status_makes_the_retried_200_an_app_error(self) -> None:
+        """With %GRPC_STATUS_NUMBER% logged, an HTTP 200 with URX is the app's gRPC 14."""
+        reading = read_text(json.dumps(GRPC_RETRIED_LINE))
+        assert reading.evidence.grpc_status == 14
+        assert "grpc" in reading.used
+        diagnosis = classify(reading.evidence)
+        assert diagnosis is not None
+        assert diagnosis.reason == "upstream_app_error"
+        assert ("grpc", 14) in diagnosis.evidence
+
+    def test_without_grpc_status_the_200_is_left_alone(self) -> None:
+        """Istio's format logs no gRPC status: a 200 with URX may be a hedged success, so no reason."""
+        line = {k: v for k, v in GRPC_RETRIED_LINE.items() if k != "grpc_status"}
+        assert classify(read_text(json.dumps(line)).evidence) is None

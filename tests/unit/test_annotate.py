@@ -7,7 +7,6 @@ here and is used to check that what we write parses back to what we meant.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 
 import http_sfv
@@ -17,7 +16,6 @@ from hypothesis import strategies as st
 
 from extproc import flags as F
 from extproc.annotate import (
-    ACTIONS_HEADER,
     DIAGNOSIS_HEADER,
     HINT_HEADER,
     MAX_VALUE,
@@ -344,17 +342,13 @@ class TestDiagnosisHeaders:
             HINTS["upstream_not_tls"],
             (("status", 503), ("flags", "UF"), ("detail", "WRONG_VERSION_NUMBER")),
         )
+        # The header names are the contract in the README, spelled out here.
         assert diagnosis_headers(diagnosis) == (
             (
-                DIAGNOSIS_HEADER,
+                "x-extproc-diagnosis",
                 'upstream_not_tls;status=503;flags="UF";detail="WRONG_VERSION_NUMBER"',
             ),
-            (HINT_HEADER, HINTS["upstream_not_tls"]),
-        )
-        assert (DIAGNOSIS_HEADER, HINT_HEADER, ACTIONS_HEADER) == (
-            "x-extproc-diagnosis",
-            "x-extproc-hint",
-            "x-extproc-actions",
+            ("x-extproc-hint", HINTS["upstream_not_tls"]),
         )
 
     def test_classified_evidence_parses_back(self) -> None:
@@ -425,10 +419,12 @@ class TestDiagnosisHeaders:
     @settings(max_examples=300, deadline=None)
     @given(EVIDENCE)
     def test_any_evidence_renders_safely(self, ev: Evidence) -> None:
-        """For any evidence, classify does not crash and the headers hold only bytes 0x20-0x7E, bounded."""
+        """Any failure (any 5xx among them) is diagnosed, and its headers parse with http-sfv
+        back to its reason and evidence keys, visible ASCII and bounded."""
         diagnosis = classify(ev)
         if diagnosis is None:
             assert not is_envoy_failure(ev)
+            assert (ev.status or 0) < 500
             return
         headers = dict(diagnosis_headers(diagnosis))
         value, hint = headers[DIAGNOSIS_HEADER], headers[HINT_HEADER]
@@ -439,20 +435,6 @@ class TestDiagnosisHeaders:
         bare, params = parse_item(value)
         assert bare == diagnosis.reason
         assert [k for k, _ in params] == [k for k, _ in diagnosis.evidence]
-
-    @settings(max_examples=300, deadline=None)
-    @given(EVIDENCE.map(lambda ev: dataclasses.replace(ev, status=503)))
-    def test_any_failed_evidence_is_diagnosed(self, ev: Evidence) -> None:
-        """Any evidence with a 5xx status gets a diagnosis whose headers are safe and bounded."""
-        diagnosis = classify(ev)
-        assert diagnosis is not None
-        assert diagnosis.reason in HINTS
-        for _, value in diagnosis_headers(diagnosis):
-            assert visible(value)
-            assert "\r" not in value
-            assert "\n" not in value
-            assert "\x00" not in value
-        assert len(diagnosis_headers(diagnosis)[0][1]) <= DIAGNOSIS_BOUND
 
 
 class TestActionsHeader:

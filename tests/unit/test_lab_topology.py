@@ -10,6 +10,7 @@ from extproc.lab.scenarios import find_scenarios
 from extproc.lab.topology import (
     ISTIO_ALPN,
     MeshCerts,
+    RouteFilter,
     client_bootstrap,
     inbound_listener,
     outbound,
@@ -130,3 +131,31 @@ class TestDemoCommand:
         args = build_parser().parse_args(["demo", "--scenario", "11"])
         with pytest.raises(ConfigError, match=r"no scenario '11'; choose one of: 1, 2"):
             args.func(args)
+
+
+class TestRouteFilters:
+    def test_ext_authz_needs_its_service(self):
+        """A route with ext_authz in a lab without the authz app fails naming the app."""
+        with pytest.raises(ValueError, match=r"ext_authz on a route needs the app 'authz-deny'"):
+            Topology(
+                workloads=(),
+                destinations=(Destination("echo", "echo"),),
+                routes=(Route("a.demo", "echo", filters=(RouteFilter.EXT_AUTHZ,)),),
+            )
+
+    def test_filters_follow_ext_proc(self, tmp_path):
+        """The client chain is ext_proc, the annotation guard, the route filters in use, the router."""
+        config = client_bootstrap(
+            MESH, addresses(MESH), MeshCerts(tmp_path), ("127.0.0.1", 1), tmp_path / "log"
+        )
+        [listener] = config["static_resources"]["listeners"]
+        manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        assert [f["name"] for f in manager["http_filters"]] == [
+            "envoy.filters.http.ext_proc",
+            "extproc-doctor.annotation-guard",
+            "envoy.filters.http.cors",
+            "envoy.filters.http.local_ratelimit",
+            "envoy.filters.http.ext_authz",
+            "envoy.filters.http.fault",
+            "envoy.filters.http.router",
+        ]
