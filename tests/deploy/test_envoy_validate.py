@@ -18,10 +18,10 @@ from extproc.lab import validate
 from extproc.render import TARGETS, RenderMode, RenderOptions, modes, render
 
 from .envoys import VERSIONS, envoy_of
+from .placement import apply_envoy_filter, cilium_bootstrap
 
 # The targets whose files carry Envoy configuration (k8s and monitoring do not).
 ENVOY_TARGETS = tuple(t for t in TARGETS if t not in ("k8s", "monitoring"))
-from .placement import apply_envoy_filter, cilium_bootstrap
 
 pytestmark = pytest.mark.envoy
 
