@@ -273,6 +273,11 @@ HELLO_REFUSED_HINT = (
     "it found no usable server name (SNI), TLS version, cipher or ALPN in it; check what "
     "the upstream accepts."
 )
+DROP_OVERLOAD_HINT = (
+    "Envoy dropped the request by the cluster's drop_overload setting from the control "
+    "plane's load assignment, not by a circuit breaker: check what the control plane "
+    "sends for this cluster."
+)
 RETRIED_APP_ERROR_HINT = (
     "The upstream application answered with this error, also on each retry (see flags: "
     "URX retries exhausted, UO retry budget full); the mesh delivered its last answer."
@@ -361,7 +366,14 @@ CATALOGUE: tuple[Signature, ...] = (
     Signature("no_route", flags=F.NR, text=("route not found",)),
     Signature("cluster_not_found", flags=F.NC, text=("cluster not found",)),
     Signature("no_healthy_upstream", flags=F.UH, text=("no healthy upstream",)),
-    Signature("circuit_open", flags=F.UO | F.OM | F.DO | F.UDO, text=("overflow", "drop overload")),
+    # Drops come from the endpoints' load assignment (the control plane), not from a
+    # connectionPool: the reason stays circuit_open, the hint says where to look.
+    Signature(
+        "circuit_open",
+        flags=F.DO | F.UDO,
+        hint=DROP_OVERLOAD_HINT,
+    ),
+    Signature("circuit_open", flags=F.UO | F.OM, text=("overflow", "drop overload")),
     Signature("circuit_open", overloaded=True),
     # Filters that refused the request on purpose, before any upstream.
     Signature(

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from extproc.config import Policy, policy_from_mapping
 from extproc.diagnosis import (
+    DROP_OVERLOAD_HINT,
     HELLO_NO_SNI_HINT,
     HELLO_REFUSED_HINT,
     HINTS,
@@ -393,6 +394,7 @@ SIGNATURE_SCENARIOS: tuple[Scenario, ...] = (
     Scenario(
         "drop_overload", "drop.demo", "/", "circuit_open",
         "the control plane's load assignment drops every request (drop_overloads 100%)",
+        hint=DROP_OVERLOAD_HINT,
         expected_status=503, evidence=('flags="UDO"',),
     ),
     Scenario(
