@@ -167,7 +167,9 @@ def _operational_alerts() -> list[Alert]:
             f"{{{{ $value | humanize }}}}/s {{{{ $labels.error }}}} errors in {_WHERE}: "
             "bad_message is a client sending ProcessingRequests with no kind set; "
             "processing_failed is a bug in the server (its log has processing_failed "
-            "with the exception type). Requests continue unannotated.",
+            "with the exception type, message and stack); unknown_flags is an Envoy newer "
+            "than the server (response flags it does not know: upgrade extproc-doctor). "
+            "Requests continue unannotated.",
             (("severity", "warning"),),
         ),
         Alert(
