@@ -60,12 +60,24 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         load_policy(args.config)  # fail before binding anything
     if args.workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {args.workers}")
-    if args.workers > 1 and not args.listen.startswith("unix:") and args.listen.endswith(":0"):
-        raise ConfigError("--workers needs a fixed port: with port 0 each worker would get its own")
+    listen = None if args.listen == "none" else args.listen
+    if listen is None and not args.http_listen:
+        raise ConfigError("--listen none leaves nothing to serve: give --http-listen too")
+    for address in (listen, args.http_listen):
+        if (
+            args.workers > 1
+            and address
+            and not address.startswith("unix:")
+            and address.endswith(":0")
+        ):
+            raise ConfigError(
+                "--workers needs a fixed port: with port 0 each worker would get its own"
+            )
     if args.max_streams < 1:
         raise ConfigError(f"--max-streams must be at least 1, got {args.max_streams}")
     return ServeConfig(
-        listen=args.listen,
+        listen=listen,
+        http_listen=args.http_listen,
         policy_path=Path(args.config) if args.config else None,
         grace=args.grace,
         tls=_tls_files(args),
@@ -439,12 +451,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the ext_proc gRPC server")
+    serve = sub.add_parser("serve", help="run the ext_proc server (gRPC, and HTTP if asked)")
     serve.add_argument(
         "--listen",
         default="0.0.0.0:50051",
         metavar="HOST:PORT",
-        help="address to listen on, or unix:/path/to/socket (default: %(default)s)",
+        help="gRPC address, unix:/path/to/socket, or none for the HTTP lane alone "
+        "(default: %(default)s)",
+    )
+    serve.add_argument(
+        "--http-listen",
+        metavar="HOST:PORT",
+        help="also serve ext_proc's http_service protocol (JSON over HTTP/1.1; Envoy >= 1.37, "
+        "work in progress in Envoy) here, or on unix:PATH; GET /ready answers probes",
     )
     serve.add_argument(
         "--config", metavar="POLICY.yaml", help="policy file (default: built-in policy)"
@@ -457,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGTERM, how long in-flight streams may take to finish (default: %(default)s)",
     )
     serve.add_argument(
-        "--tls-cert", metavar="PEM", help="serve gRPC over TLS with this certificate chain"
+        "--tls-cert", metavar="PEM", help="serve gRPC (and the HTTP lane) over TLS with this chain"
     )
     serve.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
     serve.add_argument(

@@ -41,9 +41,10 @@ from extproc.diagnosis import Diagnosis
 from extproc.envoy_admin import ClusterTlsCache
 from extproc.filter_config import DIRECTION_METADATA, METADATA_NAMESPACE
 from extproc.headers import NO_CHANGE, Header, RequestDecision
+from extproc.http_lane import HttpLane, HttpProcessor
 from extproc.metrics import Metrics
 from extproc.reload import PolicyReloader
-from extproc.tls import ReloadingCredentials
+from extproc.tls import ReloadingCredentials, ReloadingSslContext
 
 log = structlog.get_logger("extproc")
 
@@ -386,42 +387,62 @@ def run(config: ServeConfig) -> None:
 
 
 async def serve(config: ServeConfig) -> None:
-    """Serve until SIGTERM or SIGINT, reloading the policy on SIGHUP or change; then drain."""
+    """Serve until SIGTERM or SIGINT, reloading the policy on SIGHUP or change; then drain.
+
+    The gRPC listener and the HTTP lane (either or both) share the loop, the policy, the
+    metrics and the clusters' TLS cache.
+    """
     policy = load_policy(config.policy_path) if config.policy_path else Policy()
     metrics = Metrics()
-    servicer = ExternalProcessor(policy, metrics)
-    server = ExtProcServer(
-        policy, config.listen, config.grace, servicer=servicer, tls=config.tls,
-        max_streams=config.max_streams, metrics=metrics, health_listen=config.health_listen,
-    )  # fmt: skip
+    processors: list[ExternalProcessor | HttpProcessor] = []
+    lanes: list[contextlib.AbstractAsyncContextManager[Any]] = []
+    if config.listen is not None:
+        servicer = ExternalProcessor(policy, metrics)
+        processors.append(servicer)
+        lanes.append(ExtProcServer(
+            policy, config.listen, config.grace, servicer=servicer, tls=config.tls,
+            max_streams=config.max_streams, metrics=metrics, health_listen=config.health_listen,
+        ))  # fmt: skip
+    if config.http_listen is not None:
+        processor = HttpProcessor(policy, metrics)
+        processors.append(processor)
+        context = ReloadingSslContext(config.tls).context if config.tls else None
+        lanes.append(HttpLane(processor, config.http_listen, config.grace, ssl_context=context))
     if config.metrics_listen:
         metrics.serve(config.metrics_listen)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    async with server, _reloading(config, servicer, metrics), _cluster_tls(config, servicer):
-        log.info("serving", listen=config.listen, port=server.port, policy=policy.source,
-                 mode=str(policy.mode), tls=config.tls is not None, metrics=config.metrics_listen)  # fmt: skip
+    async with contextlib.AsyncExitStack() as stack:
+        for lane in lanes:
+            await stack.enter_async_context(lane)
+        await stack.enter_async_context(_reloading(config, processors, metrics))
+        await stack.enter_async_context(_cluster_tls(config, processors))
+        ports = {type(lane).__name__: getattr(lane, "port", 0) for lane in lanes}
+        log.info("serving", listen=config.listen, http_listen=config.http_listen, ports=ports,
+                 policy=policy.source, mode=str(policy.mode), tls=config.tls is not None,
+                 metrics=config.metrics_listen)  # fmt: skip
         await stopping.wait()
         log.info("draining", grace_seconds=config.grace)
     log.info("stopped")
 
 
 @contextlib.asynccontextmanager
-async def _cluster_tls(config: ServeConfig, servicer: ExternalProcessor) -> AsyncIterator[None]:
+async def _cluster_tls(config: ServeConfig, processors: Sequence[Any]) -> AsyncIterator[None]:
     """Read the clusters' TLS settings from Envoy's admin endpoint while the server runs."""
     if config.envoy_admin is None:
         yield
         return
     async with ClusterTlsCache(config.envoy_admin) as cache:
-        servicer.cluster_tls = cache
+        for processor in processors:
+            processor.cluster_tls = cache
         yield
 
 
 @contextlib.asynccontextmanager
 async def _reloading(
-    config: ServeConfig, servicer: ExternalProcessor, metrics: Metrics
+    config: ServeConfig, processors: Sequence[Any], metrics: Metrics
 ) -> AsyncIterator[None]:
     """Reload the policy file on SIGHUP and on change, while the server runs."""
     if config.policy_path is None:
@@ -429,7 +450,8 @@ async def _reloading(
         return
 
     def apply(policy: Policy) -> None:
-        servicer.policy = policy
+        for processor in processors:
+            processor.policy = policy
 
     reloader = PolicyReloader(config.policy_path, apply, metrics)
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reloader.trigger)
