@@ -50,6 +50,7 @@ MAX_BODY = 16 * 1024 * 1024
 # never sends into a connection the server is closing.
 MESSAGE_SECONDS = 10.0
 IDLE_SECONDS = 300.0
+SWEEP_SECONDS = 1.0  # how often connections are checked against the two limits
 READY_PATH = b"/ready"
 
 _KINDS = frozenset(MESSAGE_KINDS)
@@ -356,6 +357,8 @@ class _Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
+        if close and b"connection: close" not in response[:256]:
+            response = response.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n", 1)
         transport.write(response)
         if close:
             transport.close()
@@ -422,7 +425,7 @@ class HttpLane:
 
     async def _sweep(self) -> None:
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(SWEEP_SECONDS)
             now = time.monotonic()
             for connection in list(self.connections):
                 connection.check(now)
