@@ -332,6 +332,7 @@ def _render(args: argparse.Namespace) -> int:
             envoy_listen=args.envoy_listen,
             upstream=args.upstream,
             direction=Direction(args.direction),
+            transport=args.transport,
         )
         if args.output_dir:
             return _render_to(Path(args.output_dir), render_all(options), args.target)
@@ -430,6 +431,14 @@ def _add_render_parser(sub: Any) -> None:
         choices=["edge", "outbound", "inbound"],
         default="edge",
         help="envoy: where the Envoy sits, which decides the header rules (default: %(default)s)",
+    )
+    render.add_argument(
+        "--transport",
+        choices=["grpc", "http"],
+        default="grpc",
+        help="how Envoy calls the server: gRPC, or ext_proc's http_service (JSON over "
+        "HTTP/1.1, two single-phase filters; Envoy >= 1.37, marked work in progress by "
+        "Envoy) (default: %(default)s)",
     )
     render.add_argument(
         "--output-dir",
