@@ -301,7 +301,7 @@ def _demo(args: argparse.Namespace) -> int:
     except KeyError as exc:
         raise ConfigError(exc.args[0]) from None
     policy = _policy(args.config) if args.config else None
-    return int(run_demo(policy, stay=not args.once, scenarios=chosen))
+    return int(run_demo(policy, stay=not args.once, scenarios=chosen, transport=args.transport))
 
 
 def _render(args: argparse.Namespace) -> int:
@@ -565,6 +565,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run only incident N (1-10) or the named edge case; see --list",
     )
     demo.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    demo.add_argument(
+        "--transport",
+        choices=["grpc", "http"],
+        default="grpc",
+        help="how the sidecar calls the server: gRPC or the HTTP lane (default: %(default)s)",
+    )
     demo.set_defaults(func=_demo)
     _add_render_parser(sub)
     return parser

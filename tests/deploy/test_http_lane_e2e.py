@@ -18,9 +18,9 @@ import yaml
 
 from extproc import http_lane
 from extproc.config import policy_from_mapping
+from extproc.http_lane import HttpLane, HttpProcessor
 from extproc.lab import BackgroundServer, EnvoyProcess, HttpUpstream
 from extproc.render import RenderMode, RenderOptions, render
-from extproc.http_lane import HttpLane, HttpProcessor
 
 from .test_gated_e2e import Gated, StatusByPath
 
@@ -112,3 +112,16 @@ class TestHttpLane:
         monkeypatch.setattr(http_lane.HttpProcessor, "answer", spy)
         lane.get("/503")
         assert seen and all(str(d) == "edge" for d in seen)
+
+
+def test_demo_runs_over_http():
+    """`extproc demo --transport http`: the mesh lab's incidents diagnose the same over the lane."""
+    import io
+
+    from extproc.lab.demo import run_demo
+    from extproc.lab.scenarios import find_scenarios
+
+    out = io.StringIO()
+    code = run_demo(stay=False, out=out, scenarios=find_scenarios("4"), transport="http")
+    assert code == 0, out.getvalue()
+    assert "upstream_requires_mtls" in out.getvalue()
