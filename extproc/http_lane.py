@@ -24,7 +24,7 @@ import math
 import ssl
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import httptools
 import orjson
@@ -279,8 +279,8 @@ class _Connection(asyncio.Protocol):
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, only alike.
+        self.transport = cast(asyncio.Transport, transport)
         self.active = time.monotonic()
         self.lane.connections.add(self)
 

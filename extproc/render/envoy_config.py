@@ -129,7 +129,7 @@ def doctor_filters(
         # both single-phase filters), so its response is diagnosed and carries
         # x-extproc-actions too.
         hygiene = ext_proc_filters(cluster, direction=direction, transport=transport)
-        gated.append(_gated_filter(HYGIENE_FILTER, gate.conditions, hygiene))
+        gated.append(gated_filter(HYGIENE_FILTER, gate.conditions, hygiene))
     # A separate filter, because a matcher tree is evaluated again at response time, when
     # the request headers include what later filters added (the router's
     # x-envoy-expected-rq-timeout-ms): request tests would then match every request.
@@ -137,7 +137,7 @@ def doctor_filters(
     diagnose = ext_proc_filter(
         cluster, request_headers=False, direction=direction, transport=transport
     )
-    gated.append(_gated_filter(DIAGNOSE_FILTER, responses, [diagnose]))
+    gated.append(gated_filter(DIAGNOSE_FILTER, responses, [diagnose]))
     return [typed(HttpFilter, f) for f in gated]
 
 
@@ -155,7 +155,7 @@ def without_annotations(route_config: dict[str, Any]) -> dict[str, Any]:
     return {**route_config, "response_headers_to_remove": list(ANNOTATION_HEADERS)}
 
 
-def _gated_filter(
+def gated_filter(
     name: str, conditions: tuple[Condition, ...], ext_proc: list[dict[str, Any]]
 ) -> dict[str, Any]:
     """A composite filter that creates the `ext_proc` filter(s) only when one of `conditions` holds."""
