@@ -379,7 +379,7 @@ def run(
                     unix=c.unix_socket,
                     transport=c.transport,
                 )
-            )  # fmt: skip
+            )
             for c in available
             if c.server is not None
         }
