@@ -420,7 +420,8 @@ async def serve(config: ServeConfig) -> None:
         await stack.enter_async_context(_reloading(config, processors, metrics))
         await stack.enter_async_context(_cluster_tls(config, processors))
         ports = {type(lane).__name__: getattr(lane, "port", 0) for lane in lanes}
-        log.info("serving", listen=config.listen, http_listen=config.http_listen, ports=ports,
+        log.info("serving", listen=config.listen, port=ports.get("ExtProcServer"),
+                 http_listen=config.http_listen, http_port=ports.get("HttpLane"),
                  policy=policy.source, mode=str(policy.mode), tls=config.tls is not None,
                  metrics=config.metrics_listen)  # fmt: skip
         await stopping.wait()
