@@ -23,6 +23,7 @@ from bench.report import (
     as_json,
     markdown,
     summarize,
+    svg_chart,
     targets,
 )
 from bench.runner import REPO, BenchError, Outcome, Settings, run
@@ -77,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     data["adapter_cpu_us_per_stream"] = costs = adapter.measure()
     text += "\n\n" + adapter.markdown(costs) + "\n"
     args.output_dir.mkdir(parents=True, exist_ok=True)
+    rows = summarize(outcome, {c.name: c.title for c in configs}, settings.connections,
+                     (REFERENCE_ENVOY, REFERENCE_NAIVE))  # fmt: skip
+    (args.output_dir / "latest.svg").write_text(svg_chart(rows, settings.connections))
+    text = text.replace("\n\n", "\n\n![the table as a chart](latest.svg)\n\n", 1)
     (args.output_dir / "latest.md").write_text(text)
     (args.output_dir / "latest.json").write_text(json.dumps(data, indent=2) + "\n")
     print(f"\n{text}\nwritten: {args.output_dir / 'latest.md'}, {args.output_dir / 'latest.json'}")

@@ -32,6 +32,7 @@ class Row:
     p99_n_ms: float
     streams_per_request: float
     cpu_us_per_stream: float | None
+    cpu_us_per_message: float | None
     peak_rss_mib: float | None
     vs_envoy: float | None
     vs_naive: float | None
@@ -96,6 +97,7 @@ def summarize(
             continue
         requests = sum(s.load.requests for s in many)
         per_stream = [c for s in many if (c := s.cpu_us_per_stream) is not None]
+        per_message = [c for s in many if (c := s.cpu_us_per_message) is not None]
         shares = [b for s in many if (b := s.busiest_share) is not None]
         rss = outcome.peak_rss_kib.get(name)
         rows.append(
@@ -109,6 +111,7 @@ def summarize(
                 p99_n_ms=median(s.load.p99_ms for s in many),
                 streams_per_request=sum(s.streams for s in many) / requests if requests else 0.0,
                 cpu_us_per_stream=median(per_stream) if per_stream else None,
+                cpu_us_per_message=median(per_message) if per_message else None,
                 peak_rss_mib=rss / 1024 if rss else None,
                 vs_envoy=_ratio(samples, name, envoy, connections) if envoy else None,
                 vs_naive=_ratio(samples, name, naive, connections) if naive else None,
@@ -133,6 +136,7 @@ def targets(rows: Sequence[Row], samples: Sequence[Sample]) -> list[Target]:
             Target("always-on: p50 at 1 connection minus the naive servicer's",
                    always.p50_1_ms - naive.p50_1_ms, 0.0, False, " ms")
         )  # fmt: skip
+    found += _http_targets(by_name, samples)
     if "gated-fail" in by_name and "envoy-fail" in by_name:
         delta = _paired_delta(samples, "gated-fail", "envoy-fail")
         found.append(
@@ -140,6 +144,52 @@ def targets(rows: Sequence[Row], samples: Sequence[Sample]) -> list[Target]:
                    delta, 1.0, False, " ms")
         )  # fmt: skip
     return found
+
+
+def _paired(samples: Sequence[Sample], name: str, reference: str, connections: int) -> float | None:
+    return _ratio(samples, name, reference, connections)
+
+
+def _http_targets(by_name: dict[str, Row], samples: Sequence[Sample]) -> list[Target]:
+    """Issue 12's targets: the HTTP lane, the bare gate, the proxied route, gRPC parity."""
+    found: list[Target] = []
+    n = max((s.connections for s in samples), default=1)
+    if {"always-http", "naive"} <= by_name.keys():
+        if (ratio := _paired(samples, "always-http", "naive", n)) is not None:
+            found.append(Target("http always-on, clean: throughput vs the naive grpc servicer",
+                                ratio, 1.5, True, "x"))  # fmt: skip
+        found.append(Target("http always-on: p50 at 1 connection vs the naive grpc servicer's",
+                            _p50_ratio(samples, "always-http", "naive"), 0.65, False, "x"))  # fmt: skip
+    if {"always-http", "naive-http"} <= by_name.keys() and (
+        ratio := _paired(samples, "always-http", "naive-http", n)
+    ) is not None:
+        found.append(Target("http always-on, clean: throughput vs naive-http", ratio, 0.85,
+                            True, "x"))  # fmt: skip
+    if {"always-http-fail", "envoy-fail"} <= by_name.keys():
+        found.append(Target("http diagnosis: failing p50 at 1 connection over no filter",
+                            _paired_delta(samples, "always-http-fail", "envoy-fail"), 0.6,
+                            False, " ms"))  # fmt: skip
+    if {"gated", "bare-gate", "envoy"} <= by_name.keys():
+        gated, bare = by_name["gated"].vs_envoy, by_name["bare-gate"].vs_envoy
+        if gated is not None and bare is not None:
+            found.append(Target("gated, clean: throughput vs Envoy alone, below the bare gate's",
+                                bare - gated, 0.05, False, ""))  # fmt: skip
+    if {"gated-proxied", "envoy-proxied"} <= by_name.keys() and (
+        ratio := _paired(samples, "gated-proxied", "envoy-proxied", n)
+    ) is not None:
+        found.append(Target("gated, clean, proxied route: throughput vs Envoy alone", ratio,
+                            0.93, True, ""))  # fmt: skip
+    if by_name.get("always") and (ratio := by_name["always"].vs_naive) is not None:
+        found.append(Target("grpc always-on: throughput vs the naive servicer", ratio, 1.0,
+                            True, "x"))  # fmt: skip
+    return found
+
+
+def _p50_ratio(samples: Sequence[Sample], name: str, reference: str) -> float:
+    """Median over rounds of p50(name) / p50(reference), one connection, same round."""
+    mine = {s.round: s.load.p50_ms for s in _runs(samples, name, 1)}
+    theirs = {s.round: s.load.p50_ms for s in _runs(samples, reference, 1)}
+    return median(mine[r] / theirs[r] for r in mine.keys() & theirs.keys() if theirs[r] > 0)
 
 
 def _paired_delta(samples: Sequence[Sample], name: str, reference: str) -> float:
@@ -158,7 +208,7 @@ def _table(rows: Sequence[Row], connections: int, unit: str, *, direct: bool) ->
     names = [
         "configuration", f"{unit}/s @{connections}", "vs Envoy alone", "vs naive",
         "p50 @1", "p99 @1", f"p50 @{connections}", f"p99 @{connections}",
-        "streams per request", "server CPU µs/stream", "server peak RSS",
+        "calls per request", "server CPU µs/call", "server CPU µs/message", "server peak RSS",
     ]  # fmt: skip
     if direct:
         del names[2]
@@ -175,6 +225,7 @@ def _table(rows: Sequence[Row], connections: int, unit: str, *, direct: bool) ->
             f"{r.p99_n_ms:.2f} ms",
             f"{r.streams_per_request:.2f}",
             _cell(r.cpu_us_per_stream, "{:.0f}".format),
+            _cell(r.cpu_us_per_message, "{:.0f}".format),
             _cell(r.peak_rss_mib, "{:.0f} MiB".format),
         ]
         if direct:
@@ -241,7 +292,48 @@ def as_json(
         "peak_rss_kib": outcome.peak_rss_kib,
         "skipped": outcome.skipped,
         "samples": [
-            {**asdict(s), "rps": s.load.rps, "cpu_us_per_stream": s.cpu_us_per_stream}
+            {
+                **asdict(s),
+                "rps": s.load.rps,
+                "cpu_us_per_stream": s.cpu_us_per_stream,
+                "cpu_us_per_message": s.cpu_us_per_message,
+            }
             for s in outcome.samples
         ],
     }
+
+
+def svg_chart(rows: Sequence[Row], connections: int) -> str:
+    """The table as a chart: one bar per row, req/s at `connections`, p50 at 1 connection
+    written beside it. Plain SVG, written by hand: no plotting dependency."""
+    bar_h, gap, left, width = 22, 8, 330, 420
+    top = 40
+    height = top + len(rows) * (bar_h + gap) + 20
+    peak = max((r.rps for r in rows), default=1.0) or 1.0
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 170}" height="{height}" '
+        'font-family="sans-serif" font-size="12">',
+        f'<text x="10" y="20" font-size="14" font-weight="bold">req/s at {connections} '
+        "connections (bar) and p50 at 1 connection</text>",
+    ]
+    for i, r in enumerate(rows):
+        y = top + i * (bar_h + gap)
+        w = max(1.0, r.rps / peak * width)
+        colour = (
+            "#4a7ebb"
+            if "http" in r.name
+            else "#999999"
+            if r.name.startswith(("envoy", "bare"))
+            else "#e08a2c"
+        )
+        out += [
+            f'<text x="{left - 8}" y="{y + 15}" text-anchor="end">{_escape(r.title)}</text>',
+            f'<rect x="{left}" y="{y}" width="{w:.1f}" height="{bar_h}" fill="{colour}"/>',
+            f'<text x="{left + w + 6:.1f}" y="{y + 15}">{r.rps:,.0f} · {r.p50_1_ms:.2f} ms</text>',
+        ]
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")

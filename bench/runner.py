@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -33,8 +34,9 @@ from typing import Any
 import grpc
 
 from bench import grpc_load
-from bench.configs import LISTENER, Config, Direct, Server, bootstrap
+from bench.configs import LISTENER, Config, Direct, Route, Server, bootstrap, upstream_bootstrap
 from bench.loadgen import LoadResult, available_tools, run_h2load, run_python, run_wrk
+from extproc.filter_config import GRPC, HTTP
 from extproc.lab.envoy import EnvoyProcess, free_port, free_ports
 from extproc.lab.health import NotServing, wait_serving
 from extproc.render.options import NAME
@@ -75,9 +77,17 @@ class Sample:
     # With several server processes: the busiest one's share of the run's server CPU.
     busiest_share: float | None = None
 
+    # ProcessingRequest messages per stream (two in an always-on gRPC stream, else one).
+    messages_per_stream: int = 1
+
     @property
     def cpu_us_per_stream(self) -> float | None:
         return self.cpu_seconds * 1e6 / self.streams if self.streams else None
+
+    @property
+    def cpu_us_per_message(self) -> float | None:
+        per_stream = self.cpu_us_per_stream
+        return None if per_stream is None else per_stream / self.messages_per_stream
 
 
 @dataclass(slots=True)
@@ -97,7 +107,13 @@ class ServerProcess:
     """
 
     def __init__(
-        self, server: Server, workdir: Path, *, workers: int = 1, unix: bool = False
+        self,
+        server: Server,
+        workdir: Path,
+        *,
+        workers: int = 1,
+        unix: bool = False,
+        transport: str = GRPC,
     ) -> None:
         self.kind = server
         stem = workdir / f"{server}-{id(self):x}"
@@ -109,7 +125,12 @@ class ServerProcess:
             f"{stem}.sock" if workers == 1 else f"{stem}.sock.{i}" for i in range(workers)
         ] if unix else []  # fmt: skip
         self.target = f"unix:{self.unix_paths[0]}" if unix else self.address
-        module = ["extproc", "serve"] if server is Server.OURS else ["bench.naive_servicer"]
+        self.http = transport == HTTP
+        module = {
+            Server.OURS: ["extproc", "serve"],
+            Server.NAIVE: ["bench.naive_servicer"],
+            Server.NAIVE_HTTP: ["bench.naive_http"],
+        }[server]
         args = ["--workers", str(workers)] if workers > 1 else []
         if server is Server.OURS:
             # The rendered Envoy is the edge, where annotations are off by default; the
@@ -117,7 +138,11 @@ class ServerProcess:
             policy = stem.with_suffix(".policy.yaml")
             policy.write_text("response_annotations: on\n")
             args += ["--config", str(policy)]
-        self.command = [sys.executable, "-m", *module, "--listen", self.listen, *args]
+        if self.http and server is Server.OURS:
+            listen = ["--listen", "none", "--http-listen", self.listen]
+        else:
+            listen = ["--listen", self.listen]
+        self.command = [sys.executable, "-m", *module, *listen, *args]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> ServerProcess:
@@ -160,10 +185,34 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")[-chars:]
 
     def wait_serving(self, timeout: float = 30.0) -> None:
-        """Every Unix socket, or the TCP address, answers SERVING (TCP workers share it)."""
+        """Every Unix socket, or the TCP address, answers SERVING (TCP workers share it);
+        an HTTP lane answers GET /ready."""
+        if self.http:
+            self._wait_http(timeout)
+            return
         targets = [f"unix:{path}" for path in self.unix_paths] or [self.address]
         for target in targets:
             self._wait_target(target, timeout)
+
+    def _wait_http(self, timeout: float) -> None:
+        host, _, port = self.address.rpartition(":")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise BenchError(f"{self.kind} server exited: {self.log_tail()}")
+            conn = http.client.HTTPConnection(host, int(port), timeout=1)
+            try:
+                conn.request("GET", "/ready")
+                if conn.getresponse().status == 200:
+                    return
+            except OSError:
+                time.sleep(0.1)
+            finally:
+                conn.close()
+        raise BenchError(
+            f"{self.kind} HTTP server not ready within {timeout:g}s: {self.log_tail()}"
+        )
 
     def _wait_target(self, target: str, timeout: float) -> None:
         assert self.proc is not None
@@ -222,13 +271,19 @@ class Deployment:
 def deployed(config: Config, server: ServerProcess | None) -> Iterator[Deployment]:
     """Start `config`'s Envoy in front of `server` (None: Envoy alone); stop it afterwards."""
     (refused,) = free_ports(1)  # nothing listens there: Envoy's connect is refused
-    envoy_config = bootstrap(
-        config,
-        extproc=server.address if server else None,
-        refused_port=refused,
-        unix_paths=server.unix_paths if server else (),
-    )
-    with EnvoyProcess(envoy_config) as envoy:
+    with ExitStack() as stack:
+        upstream_port = None
+        if config.route is Route.PROXIED:
+            upstream = stack.enter_context(EnvoyProcess(upstream_bootstrap()))
+            upstream_port = upstream.listener_ports()["upstream"]
+        envoy_config = bootstrap(
+            config,
+            extproc=server.address if server else None,
+            refused_port=refused,
+            unix_paths=server.unix_paths if server else (),
+            upstream_port=upstream_port,
+        )
+        envoy = stack.enter_context(EnvoyProcess(envoy_config))
         yield Deployment(config, envoy, server)
 
 
@@ -269,7 +324,8 @@ def measure(
     spent = [after - cpu_before.get(pid, 0.0) for pid, after in cpu_after.items()]
     cpu = sum(spent)
     busiest = max(spent) / cpu if len(spent) > 1 and cpu > 0 else None
-    return Sample(deployment.config.name, round_, connections, result, cpu, streams, busiest)
+    return Sample(deployment.config.name, round_, connections, result, cpu, streams, busiest,
+                  deployment.config.messages_per_stream)  # fmt: skip
 
 
 def measure_direct(
@@ -291,7 +347,7 @@ def measure_direct(
         p99_ms=done.p99_ms,
         errors=done.errors,
     )
-    return Sample(direct.name, round_, concurrency, result, cpu, done.streams)
+    return Sample(direct.name, round_, concurrency, result, cpu, done.streams, None, 2)
 
 
 def rotated(items: Sequence[Any], by: int) -> list[Any]:
@@ -316,7 +372,13 @@ def run(
         workdir = Path(tmp)
         behind_envoy = {
             c.name: stack.enter_context(
-                ServerProcess(c.server, workdir, workers=c.workers, unix=c.unix_socket)
+                ServerProcess(
+                    c.server,
+                    workdir,
+                    workers=c.workers,
+                    unix=c.unix_socket,
+                    transport=c.transport,
+                )
             )
             for c in available
             if c.server is not None

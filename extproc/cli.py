@@ -65,8 +65,19 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         load_policy(args.config)  # fail before binding anything
     if args.workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {args.workers}")
-    if args.workers > 1 and not args.listen.startswith("unix:") and args.listen.endswith(":0"):
-        raise ConfigError("--workers needs a fixed port: with port 0 each worker would get its own")
+    listen = None if args.listen == "none" else args.listen
+    if listen is None and not args.http_listen:
+        raise ConfigError("--listen none leaves nothing to serve: give --http-listen too")
+    for address in (listen, args.http_listen):
+        if (
+            args.workers > 1
+            and address
+            and not address.startswith("unix:")
+            and address.endswith(":0")
+        ):
+            raise ConfigError(
+                "--workers needs a fixed port: with port 0 each worker would get its own"
+            )
     if args.max_streams < 1:
         raise ConfigError(f"--max-streams must be at least 1, got {args.max_streams}")
     if args.metrics_cluster_label is not None and not (
@@ -77,7 +88,8 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
             f"got {args.metrics_cluster_label}"
         )
     return ServeConfig(
-        listen=args.listen,
+        listen=listen,
+        http_listen=args.http_listen,
         policy_path=Path(args.config) if args.config else None,
         grace=args.grace,
         tls=_tls_files(args),
@@ -302,7 +314,7 @@ def _demo(args: argparse.Namespace) -> int:
     except KeyError as exc:
         raise ConfigError(exc.args[0]) from None
     policy = _policy(args.config) if args.config else None
-    return int(run_demo(policy, stay=not args.once, scenarios=chosen))
+    return int(run_demo(policy, stay=not args.once, scenarios=chosen, transport=args.transport))
 
 
 def _render(args: argparse.Namespace) -> int:
@@ -333,6 +345,7 @@ def _render(args: argparse.Namespace) -> int:
             envoy_listen=args.envoy_listen,
             upstream=args.upstream,
             direction=Direction(args.direction),
+            transport=args.transport,
         )
         if args.output_dir:
             return _render_to(Path(args.output_dir), render_all(options), args.target)
@@ -435,6 +448,14 @@ def _add_render_parser(sub: Any) -> None:
         help="envoy: where the Envoy sits, which decides the header rules (default: %(default)s)",
     )
     render.add_argument(
+        "--transport",
+        choices=["grpc", "http"],
+        default="grpc",
+        help="how Envoy calls the server: gRPC, or ext_proc's http_service (JSON over "
+        "HTTP/1.1, two single-phase filters; Envoy >= 1.37, marked work in progress by "
+        "Envoy) (default: %(default)s)",
+    )
+    render.add_argument(
         "--output-dir",
         metavar="DIR",
         help="write every mode's files in the deploy/ layout under DIR instead of printing",
@@ -454,12 +475,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the ext_proc gRPC server")
+    serve = sub.add_parser("serve", help="run the ext_proc server (gRPC, and HTTP if asked)")
     serve.add_argument(
         "--listen",
         default="0.0.0.0:50051",
         metavar="HOST:PORT",
-        help="address to listen on, or unix:/path/to/socket (default: %(default)s)",
+        help="gRPC address, unix:/path/to/socket, or none for the HTTP lane alone "
+        "(default: %(default)s)",
+    )
+    serve.add_argument(
+        "--http-listen",
+        metavar="HOST:PORT",
+        help="also serve ext_proc's http_service protocol (JSON over HTTP/1.1; Envoy >= 1.37, "
+        "work in progress in Envoy) here, or on unix:PATH; GET /ready answers probes",
     )
     serve.add_argument(
         "--config", metavar="POLICY.yaml", help="policy file (default: built-in policy)"
@@ -472,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGTERM, how long in-flight streams may take to finish (default: %(default)s)",
     )
     serve.add_argument(
-        "--tls-cert", metavar="PEM", help="serve gRPC over TLS with this certificate chain"
+        "--tls-cert", metavar="PEM", help="serve gRPC (and the HTTP lane) over TLS with this chain"
     )
     serve.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
     serve.add_argument(
@@ -562,6 +590,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run only incident N (1-10) or the named edge case; see --list",
     )
     demo.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    demo.add_argument(
+        "--transport",
+        choices=["grpc", "http"],
+        default="grpc",
+        help="how the sidecar calls the server: gRPC or the HTTP lane (default: %(default)s)",
+    )
     demo.set_defaults(func=_demo)
     _add_render_parser(sub)
     return parser

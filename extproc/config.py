@@ -207,7 +207,10 @@ class TlsFiles:
 class ServeConfig:
     """How `extproc serve` runs, from the command line."""
 
-    listen: str = "0.0.0.0:50051"  # a server in a pod listens on all interfaces
+    # A server in a pod listens on all interfaces; None: no gRPC listener (HTTP lane only).
+    listen: str | None = "0.0.0.0:50051"
+    # The ext_proc `http_service` lane (extproc/http_lane.py), on the same event loop.
+    http_listen: str | None = None
     policy_path: Path | None = None
     grace: float = 10.0
     tls: TlsFiles | None = None

@@ -60,46 +60,111 @@ ANNOTATION_HEADERS: tuple[str, ...] = (DIAGNOSIS_HEADER, HINT_HEADER, ACTIONS_HE
 ANNOTATION_GUARD_FILTER = "extproc-doctor.annotation-guard"
 
 
+# The HTTP lane (`http_service`): the path Envoy POSTs to (the server accepts any), and
+# how long the cluster keeps an idle connection: shorter than the server's own idle limit
+# (`http_lane.IDLE_SECONDS`), so Envoy closes first and never writes into a closing one.
+HTTP_PATH = "/process"
+HTTP_IDLE_TIMEOUT = "60s"
+# The oldest Envoy whose response-phase `http_service` filter sends anything (design.md).
+HTTP_MIN_ENVOY = (1, 37)
+GRPC, HTTP = "grpc", "http"
+TRANSPORTS = (GRPC, HTTP)
+
+
 def ext_proc_filter(
     cluster_name: str,
     *,
     failure_mode_allow: bool = True,
     request_headers: bool = True,
+    response_headers: bool = True,
     direction: str | None = None,
+    transport: str = GRPC,
 ) -> dict[str, Any]:
     """The `envoy.filters.http.ext_proc` HTTP filter.
 
     With `request_headers=False` it sees only the response: the shape a filter takes
     when a response matcher creates it, after the request has gone upstream. `direction`
-    (edge, outbound, inbound) travels to the server as gRPC metadata on each stream.
+    (edge, outbound, inbound) travels to the server as gRPC metadata on each stream, or
+    as a header of each POST over HTTP.
+
+    Over HTTP (`transport="http"`) a filter must have one phase only: one with both
+    loses the second answer (design.md), so `ext_proc_filters` renders two. The response
+    phase reads what the request phase carried in our namespace (`forwarding_namespaces`).
     """
-    grpc_service: dict[str, Any] = {"envoy_grpc": {"cluster_name": cluster_name}}
-    if direction is not None:
-        grpc_service["initial_metadata"] = [{"key": DIRECTION_METADATA, "value": direction}]
+    if transport == HTTP and request_headers and response_headers:
+        raise ValueError("an http_service ext_proc filter takes one header phase")
+    service_key, service = _service(cluster_name, direction, transport)
+    metadata_options: dict[str, Any] = {"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}}
+    if transport == HTTP and response_headers:
+        metadata_options["forwarding_namespaces"] = {"untyped": [METADATA_NAMESPACE]}
     return {
         "name": EXT_PROC_FILTER,
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-            "grpc_service": grpc_service,
+            service_key: service,
             "failure_mode_allow": failure_mode_allow,
             "message_timeout": MESSAGE_TIMEOUT,
             "processing_mode": {
                 "request_header_mode": "SEND" if request_headers else "SKIP",
-                "response_header_mode": "SEND",
+                "response_header_mode": "SEND" if response_headers else "SKIP",
                 "request_body_mode": "NONE",
                 "response_body_mode": "NONE",
                 "request_trailer_mode": "SKIP",
                 "response_trailer_mode": "SKIP",
             },
             "request_attributes": list(REQUEST_ATTRIBUTES) if request_headers else [],
-            "response_attributes": list(RESPONSE_ATTRIBUTES),
+            "response_attributes": list(RESPONSE_ATTRIBUTES) if response_headers else [],
             # The Host rewrite changes :authority, a routing header, and stripping echoed
             # x-envoy-* headers needs allow_envoy: without them Envoy ignores those
             # mutations silently.
             "mutation_rules": {"allow_all_routing": True, "allow_envoy": True},
-            "metadata_options": {"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},
+            "metadata_options": metadata_options,
         },
     }
+
+
+def ext_proc_filters(
+    cluster_name: str,
+    *,
+    failure_mode_allow: bool = True,
+    direction: str | None = None,
+    transport: str = GRPC,
+) -> list[dict[str, Any]]:
+    """The doctor's always-on filters: one over gRPC, two single-phase ones over HTTP."""
+    if transport == GRPC:
+        return [ext_proc_filter(cluster_name, failure_mode_allow=failure_mode_allow,
+                                direction=direction)]  # fmt: skip
+    return [
+        ext_proc_filter(cluster_name, failure_mode_allow=failure_mode_allow,
+                        response_headers=False, direction=direction, transport=HTTP),
+        ext_proc_filter(cluster_name, failure_mode_allow=failure_mode_allow,
+                        request_headers=False, direction=direction, transport=HTTP),
+    ]  # fmt: skip
+
+
+def _service(
+    cluster_name: str, direction: str | None, transport: str
+) -> tuple[str, dict[str, Any]]:
+    """The filter's `grpc_service`, or its `http_service` (ext_proc's JSON protocol)."""
+    if transport == GRPC:
+        grpc_service: dict[str, Any] = {"envoy_grpc": {"cluster_name": cluster_name}}
+        if direction is not None:
+            grpc_service["initial_metadata"] = [{"key": DIRECTION_METADATA, "value": direction}]
+        return "grpc_service", grpc_service
+    if transport != HTTP:
+        raise ValueError(f"unknown transport {transport!r}: {' or '.join(TRANSPORTS)}")
+    http_service: dict[str, Any] = {
+        "http_uri": {
+            "uri": f"http://{cluster_name}{HTTP_PATH}",
+            "cluster": cluster_name,
+            "timeout": MESSAGE_TIMEOUT,
+        }
+    }
+    if direction is not None:
+        http_service["request_headers_to_add"] = [
+            {"header": {"key": DIRECTION_METADATA, "value": direction}}
+        ]
+    return "http_service", {"http_service": http_service}
 
 
 def annotation_guard_filter() -> dict[str, Any]:
@@ -122,20 +187,28 @@ def annotation_guard_filter() -> dict[str, Any]:
     }
 
 
-def _http2_only() -> dict[str, Any]:
-    """Cluster protocol options: gRPC needs HTTP/2 to the server."""
+def _protocol(transport: str = GRPC) -> dict[str, Any]:
+    """Cluster protocol options: gRPC needs HTTP/2 to the server; the HTTP lane speaks
+    HTTP/1.1 and Envoy closes idle connections before the server would."""
+    if transport == GRPC:
+        options: dict[str, Any] = {"explicit_http_config": {"http2_protocol_options": {}}}
+    else:
+        options = {
+            "explicit_http_config": {"http_protocol_options": {}},
+            "common_http_protocol_options": {"idle_timeout": HTTP_IDLE_TIMEOUT},
+        }
     return {
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
             "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-            "explicit_http_config": {"http2_protocol_options": {}},
+            **options,
         }
     }
 
 
 def ext_proc_cluster(
-    name: str, host: str, port: int, *, tls_ca: str | None = None
+    name: str, host: str, port: int, *, tls_ca: str | None = None, transport: str = GRPC
 ) -> dict[str, Any]:
-    """A cluster for the ext_proc server: gRPC needs HTTP/2 to the server.
+    """A cluster for the ext_proc server: HTTP/2 for gRPC, HTTP/1.1 for the HTTP lane.
 
     An IP address is STATIC; a name is STRICT_DNS, so a headless Service's name resolves
     to every ready pod and Envoy spreads streams over them (one ClusterIP would pin a
@@ -146,7 +219,7 @@ def ext_proc_cluster(
         "name": name,
         "type": discovery_type(host),
         "connect_timeout": "1s",
-        "typed_extension_protocol_options": _http2_only(),
+        "typed_extension_protocol_options": _protocol(transport),
         "load_assignment": {
             "cluster_name": name,
             "endpoints": [
@@ -163,11 +236,13 @@ def ext_proc_cluster(
         },
     }
     if tls_ca is not None:
-        cluster["transport_socket"] = _upstream_tls(host, tls_ca)
+        cluster["transport_socket"] = _upstream_tls(host, tls_ca, transport)
     return cluster
 
 
-def ext_proc_pipe_cluster(name: str, paths: Sequence[str]) -> dict[str, Any]:
+def ext_proc_pipe_cluster(
+    name: str, paths: Sequence[str], *, transport: str = GRPC
+) -> dict[str, Any]:
     """A cluster for a server co-located with Envoy on Unix sockets (`serve --listen unix:PATH`).
 
     With `--workers N` the server listens on PATH.0 .. PATH.N-1: list them all.
@@ -177,12 +252,12 @@ def ext_proc_pipe_cluster(name: str, paths: Sequence[str]) -> dict[str, Any]:
         "name": name,
         "type": "STATIC",
         "connect_timeout": "1s",
-        "typed_extension_protocol_options": _http2_only(),
+        "typed_extension_protocol_options": _protocol(transport),
         "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}]},
     }
 
 
-def _upstream_tls(sni: str, ca_file: str) -> dict[str, Any]:
+def _upstream_tls(sni: str, ca_file: str, transport: str = GRPC) -> dict[str, Any]:
     return {
         "name": "envoy.transport_sockets.tls",
         "typed_config": {
@@ -191,7 +266,7 @@ def _upstream_tls(sni: str, ca_file: str) -> dict[str, Any]:
             "common_tls_context": {
                 # gRPC over TLS negotiates h2 by ALPN; a server that insists on it
                 # would otherwise reset the handshake.
-                "alpn_protocols": ["h2"],
+                "alpn_protocols": ["h2"] if transport == GRPC else ["http/1.1"],
                 "validation_context": {
                     "trusted_ca": {"filename": ca_file},
                     "match_typed_subject_alt_names": [

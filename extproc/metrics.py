@@ -10,12 +10,13 @@ comes from Envoy's config, not from the catalogue, so it is bounded here: the fi
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from extproc.diagnosis import HINTS, Diagnosis
-from extproc.headers import RULES
+from extproc.headers import RULES, Applied
 
 MESSAGE_KINDS = (
     "request_headers",
@@ -24,6 +25,19 @@ MESSAGE_KINDS = (
     "response_body",
     "request_trailers",
     "response_trailers",
+)
+TRANSPORTS = ("grpc", "http")
+# Errors an adapter counts: bad_message (no kind set), processing_failed (answered with a
+# plain continue), unknown_flags (a diagnosed response with flag bits this version does
+# not know); the HTTP lane adds what its envelope can get wrong.
+ERRORS = (
+    "bad_message",
+    "processing_failed",
+    "unknown_flags",
+    "bad_json",
+    "too_large",
+    "bad_request",
+    "timeout",
 )
 # Processing one message takes microseconds; the buckets resolve that and show outliers.
 _BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 50e-3)
@@ -71,17 +85,27 @@ class Metrics:
             multiprocess_mode="livesum",  # summed over live workers under --workers
         )
         messages = Counter(
-            "extproc_messages", "ProcessingRequest messages by kind", ["kind"], registry=r
+            "extproc_messages",
+            "ProcessingRequest messages by kind and transport (grpc, http)",
+            ["kind", "transport"],
+            registry=r,
         )
-        self.messages = {kind: messages.labels(kind) for kind in MESSAGE_KINDS}
         seconds = Histogram(
             "extproc_processing_seconds",
-            "time to answer one message, from parse to response, by kind",
-            ["kind"],
+            "time to answer one message, from parse to response, by kind and transport",
+            ["kind", "transport"],
             buckets=_BUCKETS,
             registry=r,
         )
-        self.seconds = {kind: seconds.labels(kind) for kind in MESSAGE_KINDS}
+        # Children per transport; `messages` and `seconds` are gRPC's, as before.
+        self.by_transport = {
+            t: (
+                {kind: messages.labels(kind, t) for kind in MESSAGE_KINDS},
+                {kind: seconds.labels(kind, t) for kind in MESSAGE_KINDS},
+            )
+            for t in TRANSPORTS
+        }
+        self.messages, self.seconds = self.by_transport["grpc"]
         self._init_diagnoses()
         actions = Counter(
             "extproc_actions",
@@ -97,18 +121,29 @@ class Metrics:
         }
         errors = Counter(
             "extproc_errors",
-            "messages that could not be processed, by kind of error",
-            ["error"],
+            "messages that could not be processed, by kind of error and transport",
+            ["error", "transport"],
             registry=r,
         )
-        # unknown_flags: a diagnosed response whose flags had bits this version does not know.
-        self.errors = {
-            e: errors.labels(e) for e in ("bad_message", "processing_failed", "unknown_flags")
-        }
+        self.errors_by_transport = {t: {e: errors.labels(e, t) for e in ERRORS} for t in TRANSPORTS}
+        self.errors = self.errors_by_transport["grpc"]
         reloads = Counter(
             "extproc_policy_reloads", "policy reloads by result", ["result"], registry=r
         )
         self.reloads = {result: reloads.labels(result) for result in ("ok", "error")}
+
+    def count_request(self, applied: Iterable[Applied]) -> None:
+        """What the request phase did (one per rule that acted)."""
+        for entry in applied:
+            self.count_action(entry.token, entry.report)
+
+    def count_response(self, diagnosis: Diagnosis | None, transport: str = "grpc") -> None:
+        """What the response phase found."""
+        if diagnosis is None:
+            return
+        self._count_diagnosis(diagnosis)
+        if any(key == "unknown_flags" for key, _ in diagnosis.evidence):
+            self.errors_by_transport[transport]["unknown_flags"].inc()
 
     def _init_diagnoses(self) -> None:
         r = self.registry
@@ -136,7 +171,7 @@ class Metrics:
             registry=r,
         )
 
-    def count_diagnosis(self, diagnosis: Diagnosis) -> None:
+    def _count_diagnosis(self, diagnosis: Diagnosis) -> None:
         if not self.cluster_label_limit:
             self.diagnoses[diagnosis.reason].inc()
             return

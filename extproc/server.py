@@ -13,9 +13,8 @@ import contextlib
 import math
 import signal
 import time
-import traceback
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -28,32 +27,30 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from extproc import flags as F
+
 try:
     import uvloop
 except ImportError:  # not on every platform; the server runs on asyncio's loop then
     uvloop = None  # type: ignore[assignment]
 
-from extproc import flags as F
-from extproc.annotate import (
-    ACTIONS_HEADER,
-    MAX_VALUE,
-    actions_header,
-    diagnosis_headers,
-    printable,
-)
+from extproc import core
 from extproc.config import Direction, Policy, ServeConfig, TlsFiles, load_policy
-from extproc.diagnosis import Diagnosis, Evidence, classify, is_envoy_failure
+from extproc.core import Answer, Carried
+from extproc.diagnosis import Diagnosis
 from extproc.envoy_admin import ClusterTlsCache
-from extproc.filter_config import ANNOTATION_HEADERS, DIRECTION_METADATA, METADATA_NAMESPACE
-from extproc.headers import NO_CHANGE, Header, RequestDecision, decide, resolve_direction
+from extproc.filter_config import DIRECTION_METADATA, METADATA_NAMESPACE
+from extproc.headers import NO_CHANGE, Header, RequestDecision
+from extproc.http_lane import HttpLane, HttpProcessor
 from extproc.metrics import Metrics
 from extproc.reload import PolicyReloader
-from extproc.tls import ReloadingCredentials
+from extproc.tls import ReloadingCredentials, ReloadingSslContext
 
 log = structlog.get_logger("extproc")
 
-ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
+ATTRIBUTES_KEY = core.ATTRIBUTES_KEY
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name
+TRANSPORT = "grpc"
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _APPEND = base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD
@@ -79,11 +76,8 @@ class StreamState:
     cluster_tls: ClusterTlsCache | None = None
     # Where the rendered filter says it sits (x-extproc-direction), if it says.
     declared: Direction | None = None
-    # Where the filter sits, once the request headers told (None: not yet known).
-    direction: Direction | None = None
-
-
-_DECLARED = {str(d): d for d in (Direction.EDGE, Direction.OUTBOUND, Direction.INBOUND)}
+    # What the response phase needs from the request phase.
+    carried: Carried = core.NOTHING_CARRIED
 
 
 def declared_direction(metadata: Sequence[tuple[str, str | bytes]] | None) -> Direction | None:
@@ -93,7 +87,7 @@ def declared_direction(metadata: Sequence[tuple[str, str | bytes]] | None) -> Di
     """
     for key, value in metadata or ():
         if key == DIRECTION_METADATA:
-            return _DECLARED.get(value if isinstance(value, str) else value.decode("latin-1"))
+            return core.declared_direction(value)
     return None
 
 
@@ -115,15 +109,7 @@ def _header_option(name: str, value: str, action: int) -> base_pb2.HeaderValueOp
     )
 
 
-def _mutation(
-    overwrite: Sequence[Header], append: Sequence[Header] = (), remove: Sequence[str] = ()
-) -> pb.HeaderMutation:
-    options = [_header_option(n, v, _OVERWRITE) for n, v in overwrite]
-    options += [_header_option(n, v, _APPEND) for n, v in append]
-    return pb.HeaderMutation(set_headers=options, remove_headers=list(remove))
-
-
-def _metadata(fields: dict[str, str | int]) -> struct_pb2.Struct:
+def _metadata(fields: Mapping[str, str | int]) -> struct_pb2.Struct:
     """Our dynamic metadata namespace holding flat string and number fields."""
     meta = struct_pb2.Struct()
     namespace = meta.fields[METADATA_NAMESPACE].struct_value.fields
@@ -133,6 +119,25 @@ def _metadata(fields: dict[str, str | int]) -> struct_pb2.Struct:
         else:
             namespace[key].number_value = value
     return meta
+
+
+def encode(kind: str, answer: Answer) -> pb.ProcessingResponse:
+    """The core's answer to a headers message as a ProcessingResponse."""
+    response = pb.ProcessingResponse()
+    common = getattr(response, kind).response
+    common.SetInParent()
+    if answer.clear_route_cache:
+        common.clear_route_cache = True
+    if answer.mutates or kind == "response_headers":
+        mutation = common.header_mutation
+        mutation.SetInParent()
+        options = [_header_option(n, v, _OVERWRITE) for n, v in answer.overwrite]
+        options += [_header_option(n, v, _APPEND) for n, v in answer.append]
+        mutation.set_headers.extend(options)
+        mutation.remove_headers.extend(answer.remove)
+    if answer.metadata is not None:
+        response.dynamic_metadata.CopyFrom(_metadata(answer.metadata))
+    return response
 
 
 def _attributes(request: pb.ProcessingRequest) -> Any:
@@ -161,127 +166,49 @@ def _number(fields: Any, key: str, limit: int) -> int | None:
     return int(number) if 0 <= number <= limit else None
 
 
-def _code_of(raw: bytes | None) -> int | None:
-    """A status or grpc-status header value, if it is one."""
-    return int(raw) if raw is not None and len(raw) <= 3 and raw.isdigit() else None
-
-
 def on_request_headers(
     policy: Policy, request: pb.ProcessingRequest, state: StreamState
 ) -> pb.ProcessingResponse:
-    listener = _number(_attributes(request), "xds.listener_direction", 2)
-    direction = state.direction = resolve_direction(policy, listener, state.declared)
-    decision = decide(policy, header_pairs(request.request_headers), declared=direction)
-    state.decision = decision
-    if not decision.applied:
+    listener = _number(_attributes(request), core.LISTENER_ATTRIBUTE, 2)
+    outcome = core.on_request(
+        policy, header_pairs(request.request_headers), listener, state.declared
+    )
+    state.decision, state.carried = outcome.decision, outcome.carried
+    if outcome.answer is None:
         return CONTINUE["request_headers"]
-    common = pb.CommonResponse(clear_route_cache=decision.clear_route_cache)
-    if decision.changes:
-        common.header_mutation.CopyFrom(
-            _mutation(decision.overwrite, decision.append, decision.remove)
-        )
-    return pb.ProcessingResponse(
-        request_headers=pb.HeadersResponse(response=common),
-        dynamic_metadata=_metadata({"actions": actions_header(decision.applied)}),
-    )
-
-
-_RESPONSE_SIGNS = frozenset(
-    {":status", "grpc-status", "x-envoy-upstream-service-time", "x-envoy-overloaded",
-     *ANNOTATION_HEADERS}
-)  # fmt: skip
-
-
-def _triage(request: pb.ProcessingRequest) -> tuple[Evidence, Any, tuple[str, ...]]:
-    """Just enough evidence to tell whether Envoy failed the response, the attributes, and
-    the x-extproc-* headers the upstream sent (forged: only the doctor writes them).
-
-    Only the few response headers and two attributes that decide it are read, so a
-    clean response costs no more than that.
-    """
-    signs = {h.key: h.raw_value or h.value.encode() for h in request.response_headers.headers.headers
-             if h.key in _RESPONSE_SIGNS}  # fmt: skip
-    forged = tuple(name for name in ANNOTATION_HEADERS if name in signs)
-    status, grpc_status = _code_of(signs.get(":status")), _code_of(signs.get("grpc-status"))
-    answered = "x-envoy-upstream-service-time" in signs
-    overloaded = "x-envoy-overloaded" in signs
-    fields = _attributes(request)
-    if fields is None:
-        return Evidence(status=status, grpc_status=grpc_status, upstream_answered=answered,
-                        overloaded=overloaded), None, forged  # fmt: skip
-    # A newer Envoy's flag bits this table does not know are kept as evidence, not matched.
-    flags = _number(fields, "response.flags", F.MAX_FLAGS_VALUE) or 0
-    evidence = Evidence(
-        status=status if status is not None else _number(fields, "response.code", 999),
-        flags=flags & F.ALL_FLAGS,
-        unknown_flags=F.unknown_bits(flags),
-        code_details=_text(fields, "response.code_details"),
-        grpc_status=grpc_status,
-        upstream_answered=answered,
-        overloaded=overloaded,
-        has_attributes=True,
-    )
-    return evidence, fields, forged
-
-
-def _complete(evidence: Evidence, fields: Any, host: str) -> Evidence:
-    """The triaged evidence with the rest of the attributes and the request's Host."""
-    if fields is None:
-        return replace(evidence, host=host)
-    return replace(
-        evidence,
-        transport_failure_reason=_text(fields, "upstream.transport_failure_reason"),
-        cluster=_text(fields, "xds.cluster_name"),
-        upstream_address=_text(fields, "upstream.address"),
-        route=_text(fields, "xds.route_name"),
-        cluster_metadata=_text(fields, "xds.cluster_metadata"),
-        host=host or _text(fields, "request.host"),
-    )
+    return encode("request_headers", outcome.answer)
 
 
 def on_response_headers(
     policy: Policy, request: pb.ProcessingRequest, state: StreamState
 ) -> pb.ProcessingResponse:
-    applied = state.decision.applied
-    triaged, fields, forged = _triage(request)
-    failed = is_envoy_failure(triaged)
-    if not failed and not applied and not forged:
+    # Triage reads only the few response headers and three attributes that decide it.
+    signs = {h.key: h.raw_value or h.value.encode() for h in request.response_headers.headers.headers
+             if h.key in core.RESPONSE_SIGNS}  # fmt: skip
+    forged = core.forged_of(signs)
+    fields = _attributes(request)
+    if fields is None:
+        triaged = core.triage(signs, has_attributes=False)
+    else:
+        triaged = core.triage(
+            signs, has_attributes=True,
+            flags=_number(fields, core.FLAGS_ATTRIBUTE, F.MAX_FLAGS_VALUE),
+            code=_number(fields, core.CODE_ATTRIBUTE, 999),
+            details=_text(fields, core.DETAILS_ATTRIBUTE),
+        )  # fmt: skip
+    carried = state.carried
+    if not core.needs_answer(triaged, forged, carried):
         return CONTINUE["response_headers"]
-    diagnosis = None
-    if failed or applied:
-        evidence = _complete(triaged, fields, state.decision.host)
-        if state.cluster_tls is not None and failed:
-            evidence = state.cluster_tls.enrich(evidence)
-        diagnosis = state.diagnosis = classify(evidence)
-    if diagnosis is None and not applied and not forged:
+    texts = None if fields is None else {f: _text(fields, key) for f, key in core.COMPLETION}
+    outcome = core.on_response(
+        policy, core.complete(triaged, texts, carried.host), forged, carried,
+        listener=_number(fields, core.LISTENER_ATTRIBUTE, 2), declared=state.declared,
+        cluster_tls=state.cluster_tls,
+    )  # fmt: skip
+    state.diagnosis = outcome.diagnosis
+    if outcome.answer is None:
         return CONTINUE["response_headers"]
-    direction = state.direction or resolve_direction(
-        policy, _number(fields, "xds.listener_direction", 2), state.declared
-    )
-    headers: list[Header] = []
-    show = policy.shows_annotations(direction)
-    if applied and show:
-        headers.append((ACTIONS_HEADER, actions_header(applied)))
-    response = pb.ProcessingResponse()
-    if diagnosis is not None:
-        if show:
-            headers.extend(diagnosis_headers(diagnosis))
-        fields = _diagnosis_fields(diagnosis)
-        response.dynamic_metadata.CopyFrom(_metadata(fields))
-        log.warning("upstream_failure", **fields)
-    # What the upstream sent under our names goes, unless our own value replaces it.
-    written = {name for name, _ in headers}
-    remove = [name for name in forged if name not in written]
-    response.response_headers.response.header_mutation.CopyFrom(_mutation(headers, (), remove))
-    return response
-
-
-def _diagnosis_fields(diagnosis: Diagnosis) -> dict[str, str | int]:
-    """The diagnosis for access logs and our own log: every string escaped as in the header."""
-    fields: dict[str, str | int] = {"reason": diagnosis.reason, "hint": diagnosis.hint}
-    for key, value in diagnosis.evidence:
-        fields[key] = printable(value, MAX_VALUE) if isinstance(value, str) else value
-    return fields
+    return encode("response_headers", outcome.answer)
 
 
 def handle(
@@ -303,22 +230,11 @@ def handle(
             return CONTINUE[kind]
 
 
-REDACTED = "<redacted>"
-
-
 def error_fields(exc: BaseException, request: pb.ProcessingRequest) -> dict[str, str]:
-    """An exception for the log: its type, its message and its stack, with every header
-    value of `request` cut out of the message (a message may quote the value that broke
-    it: a cookie, a token). The stack lists code locations only, never local values."""
-    message = str(exc)
-    values = {v for part in ("request_headers", "response_headers") if request.HasField(part)
-              for _, v in header_pairs(getattr(request, part))}  # fmt: skip
-    for value in sorted(values, key=len, reverse=True):
-        for form in (value, repr(value)[1:-1]):
-            if len(form) >= 3 and form in message:
-                message = message.replace(form, REDACTED)
-    stack = "".join(traceback.format_list(traceback.extract_tb(exc.__traceback__)))
-    return {"error": type(exc).__name__, "message": message, "stack": stack}
+    """`core.error_fields` with every header value of `request` as the values to cut out."""
+    values = [v for part in ("request_headers", "response_headers") if request.HasField(part)
+              for _, v in header_pairs(getattr(request, part))]  # fmt: skip
+    return core.error_fields(exc, values)
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
@@ -375,12 +291,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
 
     def _count_outcome(self, kind: str, state: StreamState) -> None:
         if kind == "request_headers":
-            for applied in state.decision.applied:
-                self.metrics.count_action(applied.token, applied.report)
-        elif kind == "response_headers" and state.diagnosis is not None:
-            self.metrics.count_diagnosis(state.diagnosis)
-            if any(key == "unknown_flags" for key, _ in state.diagnosis.evidence):
-                self.metrics.errors["unknown_flags"].inc()
+            self.metrics.count_request(state.decision.applied)
+        elif kind == "response_headers":
+            self.metrics.count_response(state.diagnosis)
 
 
 class ExtProcServer:
@@ -474,42 +387,63 @@ def run(config: ServeConfig) -> None:
 
 
 async def serve(config: ServeConfig) -> None:
-    """Serve until SIGTERM or SIGINT, reloading the policy on SIGHUP or change; then drain."""
+    """Serve until SIGTERM or SIGINT, reloading the policy on SIGHUP or change; then drain.
+
+    The gRPC listener and the HTTP lane (either or both) share the loop, the policy, the
+    metrics and the clusters' TLS cache.
+    """
     policy = load_policy(config.policy_path) if config.policy_path else Policy()
     metrics = Metrics(config.metrics_cluster_label)
-    servicer = ExternalProcessor(policy, metrics)
-    server = ExtProcServer(
-        policy, config.listen, config.grace, servicer=servicer, tls=config.tls,
-        max_streams=config.max_streams, metrics=metrics, health_listen=config.health_listen,
-    )  # fmt: skip
+    processors: list[ExternalProcessor | HttpProcessor] = []
+    lanes: list[contextlib.AbstractAsyncContextManager[Any]] = []
+    if config.listen is not None:
+        servicer = ExternalProcessor(policy, metrics)
+        processors.append(servicer)
+        lanes.append(ExtProcServer(
+            policy, config.listen, config.grace, servicer=servicer, tls=config.tls,
+            max_streams=config.max_streams, metrics=metrics, health_listen=config.health_listen,
+        ))  # fmt: skip
+    if config.http_listen is not None:
+        processor = HttpProcessor(policy, metrics)
+        processors.append(processor)
+        context = ReloadingSslContext(config.tls).context if config.tls else None
+        lanes.append(HttpLane(processor, config.http_listen, config.grace, ssl_context=context))
     if config.metrics_listen:
         metrics.serve(config.metrics_listen)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    async with server, _reloading(config, servicer, metrics), _cluster_tls(config, servicer):
-        log.info("serving", listen=config.listen, port=server.port, policy=policy.source,
-                 mode=str(policy.mode), tls=config.tls is not None, metrics=config.metrics_listen)  # fmt: skip
+    async with contextlib.AsyncExitStack() as stack:
+        for lane in lanes:
+            await stack.enter_async_context(lane)
+        await stack.enter_async_context(_reloading(config, processors, metrics))
+        await stack.enter_async_context(_cluster_tls(config, processors))
+        ports = {type(lane).__name__: getattr(lane, "port", 0) for lane in lanes}
+        log.info("serving", listen=config.listen, port=ports.get("ExtProcServer"),
+                 http_listen=config.http_listen, http_port=ports.get("HttpLane"),
+                 policy=policy.source, mode=str(policy.mode), tls=config.tls is not None,
+                 metrics=config.metrics_listen)  # fmt: skip
         await stopping.wait()
         log.info("draining", grace_seconds=config.grace)
     log.info("stopped")
 
 
 @contextlib.asynccontextmanager
-async def _cluster_tls(config: ServeConfig, servicer: ExternalProcessor) -> AsyncIterator[None]:
+async def _cluster_tls(config: ServeConfig, processors: Sequence[Any]) -> AsyncIterator[None]:
     """Read the clusters' TLS settings from Envoy's admin endpoint while the server runs."""
     if config.envoy_admin is None:
         yield
         return
     async with ClusterTlsCache(config.envoy_admin) as cache:
-        servicer.cluster_tls = cache
+        for processor in processors:
+            processor.cluster_tls = cache
         yield
 
 
 @contextlib.asynccontextmanager
 async def _reloading(
-    config: ServeConfig, servicer: ExternalProcessor, metrics: Metrics
+    config: ServeConfig, processors: Sequence[Any], metrics: Metrics
 ) -> AsyncIterator[None]:
     """Reload the policy file on SIGHUP and on change, while the server runs."""
     if config.policy_path is None:
@@ -517,7 +451,8 @@ async def _reloading(
         return
 
     def apply(policy: Policy) -> None:
-        servicer.policy = policy
+        for processor in processors:
+            processor.policy = policy
 
     reloader = PolicyReloader(config.policy_path, apply, metrics)
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reloader.trigger)

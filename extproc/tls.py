@@ -1,4 +1,4 @@
-"""TLS for the gRPC listener, with certificates re-read when their files change.
+"""TLS for the gRPC and HTTP listeners, with certificates re-read when their files change.
 
 gRPC asks `_fetch` before each new connection's handshake; it answers None (no change)
 after one `stat` per file, so connections keep their cost and a rotated certificate
@@ -86,3 +86,43 @@ class ReloadingCredentials:
         self.reloads += 1
         log.info("tls_reloaded", cert=str(self.files.cert))
         return config
+
+
+class ReloadingSslContext:
+    """The HTTP lane's TLS: an `ssl.SSLContext` that follows the files, as the gRPC one does.
+
+    Before each handshake (`sni_callback`, called for every ClientHello) one `stat` per
+    file tells whether they changed; new files are checked, then the handshake switches
+    to a context built from them. Raises TlsError at start if they are unusable.
+    """
+
+    def __init__(self, files: TlsFiles) -> None:
+        self.files = files
+        self._paths = [p for p in (files.cert, files.key, files.client_ca) if p is not None]
+        self._stamps = [_stamp(p) for p in self._paths]
+        self._current = self._build()
+        self.context = self._build()
+        self.context.sni_callback = self._choose
+        self.reloads = 0
+
+    def _build(self) -> ssl.SSLContext:
+        _read(self.files)  # names the file that is wrong
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.files.cert, self.files.key)
+        if self.files.client_ca is not None:
+            context.load_verify_locations(self.files.client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+    def _choose(self, sock: ssl.SSLObject, _name: str | None, _context: ssl.SSLContext) -> None:
+        try:
+            stamps = [_stamp(p) for p in self._paths]
+            if stamps != self._stamps:
+                self._current = self._build()
+                self._stamps = stamps
+                self.reloads += 1
+                log.info("tls_reloaded", cert=str(self.files.cert))
+        except (OSError, ssl.SSLError, TlsError) as exc:
+            log.error("tls_reload_failed", problem=str(exc))
+        sock.context = self._current

@@ -73,7 +73,9 @@ class Supervisor:
     def _start(self, index: int) -> None:
         config = replace(
             self.config,
-            listen=worker_listen(self.config.listen, index, self.workers),
+            listen=self.config.listen and worker_listen(self.config.listen, index, self.workers),
+            http_listen=self.config.http_listen
+            and worker_listen(self.config.http_listen, index, self.workers),
             metrics_listen=None,
             workers=1,
         )

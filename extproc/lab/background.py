@@ -14,20 +14,25 @@ from typing import Any, Self, TypeVar
 
 from extproc.config import Policy
 from extproc.envoy_admin import ClusterTlsCache
+from extproc.http_lane import HttpLane, HttpProcessor
 from extproc.server import ExternalProcessor, ExtProcServer
 
 T = TypeVar("T")
 
 
 class BackgroundServer:
-    """Runs an `ExtProcServer` from a daemon thread; `port` is valid inside the `with`.
+    """Runs an `ExtProcServer` or an `HttpLane` from a daemon thread; `port` is valid inside the `with`.
 
     With `envoy_admin` (an Envoy admin base URL), the server reads the clusters' TLS
     settings from it, as `extproc serve --envoy-admin` does.
     """
 
     def __init__(
-        self, server: ExtProcServer, *, envoy_admin: str | None = None, timeout: float = 10.0
+        self,
+        server: ExtProcServer | HttpLane,
+        *,
+        envoy_admin: str | None = None,
+        timeout: float = 10.0,
     ) -> None:
         self.server = server
         self._envoy_admin = envoy_admin
@@ -74,7 +79,9 @@ class BackgroundServer:
             self._processor().cluster_tls = cache
         await self._stack.enter_async_context(self.server)
 
-    def _processor(self) -> ExternalProcessor:
+    def _processor(self) -> ExternalProcessor | HttpProcessor:
+        if isinstance(self.server, HttpLane):
+            return self.server.processor
         servicer = self.server.servicer
         if not isinstance(servicer, ExternalProcessor):
             raise TypeError(f"a {type(servicer).__name__} has no policy or cluster context")

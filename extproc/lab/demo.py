@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import TextIO
 
 from extproc.config import Policy
+from extproc.filter_config import GRPC, HTTP
+from extproc.http_lane import HttpLane, HttpProcessor
 from extproc.lab.background import BackgroundServer
 from extproc.lab.envoy import free_port
 from extproc.lab.scenarios import DEMO_POLICY, MESH, SCENARIOS, Scenario
@@ -54,20 +56,27 @@ def split_list(value: str | None) -> tuple[str, ...]:
 
 @contextmanager
 def running_doctor(
-    workdir: Path, policy: Policy = DEMO_POLICY, *, envoy_admin: bool = True
+    workdir: Path,
+    policy: Policy = DEMO_POLICY,
+    *,
+    envoy_admin: bool = True,
+    transport: str = GRPC,
 ) -> Iterator[tuple[Lab, BackgroundServer]]:
     """The mesh lab with the real server in its path, reading the client sidecar's admin.
 
     The Envoys start first, pointed at a free port, so the server can be given their
-    admin address; the ext_proc filter fails open until the server is up.
+    admin address; the ext_proc filter fails open until the server is up. `transport`:
+    gRPC, or the HTTP lane (`serve --http-listen`).
     """
     port = free_port()
+    address = f"{LOOPBACK}:{port}"
+    lane = (
+        HttpLane(HttpProcessor(policy), address) if transport == HTTP
+        else ExtProcServer(policy, address)
+    )  # fmt: skip
     with (
-        Lab((LOOPBACK, port), workdir, MESH) as lab,
-        BackgroundServer(
-            ExtProcServer(policy, f"{LOOPBACK}:{port}"),
-            envoy_admin=lab.admin_url if envoy_admin else None,
-        ) as server,
+        Lab((LOOPBACK, port), workdir, MESH, transport=transport) as lab,
+        BackgroundServer(lane, envoy_admin=lab.admin_url if envoy_admin else None) as server,
     ):
         yield lab, server
 
@@ -152,13 +161,14 @@ def run_demo(
     stay: bool = True,
     out: TextIO = sys.stdout,
     scenarios: Iterable[Scenario] | None = None,
+    transport: str = GRPC,
 ) -> int:
     """Start the lab and the server; print the table; wait for Ctrl-C if `stay`."""
     policy = policy or DEMO_POLICY
     chosen = tuple(scenarios or SCENARIOS)
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="extproc-demo-")))
-        lab, server = stack.enter_context(running_doctor(workdir, policy))
+        lab, server = stack.enter_context(running_doctor(workdir, policy, transport=transport))
         outcomes = [run_scenario(lab, s, server) for s in chosen]
         print(render_table(outcomes), file=out)
         example = next((o for o in outcomes if o.scenario.name == EXAMPLE), None)

@@ -47,7 +47,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
-from extproc.filter_config import annotation_guard_filter, ext_proc_cluster, ext_proc_filter
+from extproc.filter_config import (
+    GRPC,
+    annotation_guard_filter,
+    ext_proc_cluster,
+    ext_proc_filters,
+)
 from extproc.lab.certs import CertFiles, CertificateAuthority
 from extproc.lab.envoy import EnvoyProcess, free_ports, wait_for_port
 from extproc.lab.upstreams import (
@@ -638,10 +643,14 @@ def client_bootstrap(
     certs: MeshCerts,
     extproc_address: tuple[str, int],
     access_log: Path,
+    *,
+    transport: str = GRPC,
 ) -> dict[str, Any]:
-    """The client sidecar: its clusters and routes, the ext_proc filter, the access log."""
+    """The client sidecar: its clusters and routes, the ext_proc filter(s), the access log.
+
+    `transport`: gRPC, or the HTTP lane (two single-phase `http_service` filters)."""
     clusters = [_client_cluster(d, addresses, certs) for d in topology.destinations]
-    clusters.append(ext_proc_cluster(EXTPROC_CLUSTER, *extproc_address))
+    clusters.append(ext_proc_cluster(EXTPROC_CLUSTER, *extproc_address, transport=transport))
     vhosts = _virtual_hosts(topology.routes)
     if topology.passthrough_target is not None:
         clusters.append(original_dst_cluster(PASSTHROUGH_CLUSTER))
@@ -657,7 +666,7 @@ def client_bootstrap(
         0,
         vhosts,
         http_filters=[
-            ext_proc_filter(EXTPROC_CLUSTER, direction="outbound"),
+            *ext_proc_filters(EXTPROC_CLUSTER, direction="outbound", transport=transport),
             annotation_guard_filter(),
             *(ROUTE_FILTERS[f][0] for f in topology.route_filters),
         ],
@@ -766,8 +775,10 @@ class Lab:
         topology: Topology,
         *,
         ready_timeout: float = 20.0,
+        transport: str = GRPC,
     ) -> None:
         self.extproc_address = extproc_address
+        self.transport = transport
         self.workdir = workdir
         self.topology = topology
         self.access_log_path = workdir / "access.log"
@@ -822,8 +833,9 @@ class Lab:
                 self._envoy("server", server_bootstrap(self.topology, addresses, certs))
             )
             client_config = client_bootstrap(
-                self.topology, addresses, certs, self.extproc_address, self.access_log_path
-            )
+                self.topology, addresses, certs, self.extproc_address, self.access_log_path,
+                transport=self.transport,
+            )  # fmt: skip
             client = stack.enter_context(self._envoy("client", client_config))
             for workload in self.topology.workloads:
                 wait_for_port(LOOPBACK, addresses[workload.name], timeout=self._ready_timeout)

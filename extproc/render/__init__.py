@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from extproc.filter_config import GRPC, TRANSPORTS
 from extproc.render import cilium, envoy_bootstrap, istio, k8s, monitoring
 from extproc.render.gate import request_gate
 from extproc.render.options import RenderError, RenderMode, RenderOptions
@@ -47,22 +48,23 @@ def modes(target: str) -> tuple[RenderMode, ...]:
 def render(target: str, options: RenderOptions) -> dict[str, str]:
     """The files of `target` in `options.mode`, by path relative to `deploy/`.
 
-    The k8s and monitoring files do not depend on the mode; the others carry it in the
-    file name.
+    The k8s and monitoring files depend on neither the mode nor the transport (the server
+    listens on both); the others carry them in the file name (`always-http.yaml`).
     """
     mode = options.mode
+    name = str(mode) if options.transport == GRPC else f"{mode}-{options.transport}"
     match target:
         case "istio":
-            docs = {f"istio/{mode}.yaml": [istio.render_envoy_filter(options)]}
+            docs = {f"istio/{name}.yaml": [istio.render_envoy_filter(options)]}
         case "cilium":
             docs = {
-                f"cilium/{mode}.yaml": [cilium.render_envoy_config(options, clusterwide=False)],
-                f"cilium/{mode}-clusterwide.yaml": [
+                f"cilium/{name}.yaml": [cilium.render_envoy_config(options, clusterwide=False)],
+                f"cilium/{name}-clusterwide.yaml": [
                     cilium.render_envoy_config(options, clusterwide=True)
                 ],
             }
         case "envoy":
-            docs = {f"envoy/{mode}.yaml": [envoy_bootstrap.render_bootstrap(options)]}
+            docs = {f"envoy/{name}.yaml": [envoy_bootstrap.render_bootstrap(options)]}
         case "k8s":
             docs = {f"k8s/{name}": [doc] for name, doc in k8s.render_manifests(options).items()}
         case "monitoring":
@@ -70,15 +72,19 @@ def render(target: str, options: RenderOptions) -> dict[str, str]:
             docs = {f"monitoring/{name}": [doc] for name, doc in files}
         case _:
             raise RenderError(f"unknown target {target!r} (known: {', '.join(TARGETS)})")
-    return {path: _yaml(path, target, mode, content) for path, content in docs.items()}
+    return {
+        path: _yaml(path, target, mode, options.transport, content)
+        for path, content in docs.items()
+    }
 
 
 def render_all(options: RenderOptions) -> dict[str, str]:
-    """Every target in every mode: the whole `deploy/` directory."""
+    """Every target in every mode and transport: the whole `deploy/` directory."""
     files: dict[str, str] = {}
     for target in TARGETS:
-        for mode in modes(target):
-            files.update(render(target, replace(options, mode=mode)))
+        for transport in TRANSPORTS if target != "k8s" else (GRPC,):
+            for mode in modes(target):
+                files.update(render(target, replace(options, mode=mode, transport=transport)))
     return files
 
 
@@ -110,8 +116,12 @@ def _text(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
 _Dumper.add_representer(str, _text)
 
 
-def _yaml(path: str, target: str, mode: RenderMode, documents: list[dict[str, Any]]) -> str:
+def _yaml(
+    path: str, target: str, mode: RenderMode, transport: str, documents: list[dict[str, Any]]
+) -> str:
     mode_flag = "" if target in _MODELESS else f" --mode {mode}"
+    if transport != GRPC and target not in _MODELESS:
+        mode_flag += f" --transport {transport}"
     header = (
         f"# deploy/{path}: rendered by `extproc render {target}{mode_flag}`.\n"
         "# Do not edit: change the options or extproc/render, then run `make deploy`.\n"

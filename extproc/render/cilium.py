@@ -111,7 +111,7 @@ def resources(options: RenderOptions, *, clusterwide: bool) -> list[dict[str, An
     """The Envoy resources, each with its `@type` as Cilium expects."""
     host, port = options.extproc_target(in_cluster=True)
     server_name = extproc_cluster_name(options, clusterwide=clusterwide)
-    server = extproc_cluster(server_name, host, port, options.extproc_tls_ca)
+    server = extproc_cluster(server_name, host, port, options.extproc_tls_ca, options.transport)
     backend = {"name": backend_cluster_name(options), "type": "EDS", "connect_timeout": "5s"}
     return [
         {
@@ -130,7 +130,7 @@ def resources(options: RenderOptions, *, clusterwide: bool) -> list[dict[str, An
 def _listener(options: RenderOptions, server_cluster: str) -> dict[str, Any]:
     where = direction(options)
     gate = request_gate(options.policy, where)
-    doctor = doctor_filters(options.mode, server_cluster, gate, where)
+    doctor = doctor_filters(options.mode, server_cluster, gate, where, options.transport)
     manager = http_connection_manager(LISTENER, doctor, rds={"route_config_name": ROUTE})
     return {"name": LISTENER, "filter_chains": [{"filters": [manager]}]}
 

@@ -47,14 +47,17 @@ def render_bootstrap(options: RenderOptions) -> dict[str, Any]:
     """The whole bootstrap, typed."""
     host, port = options.extproc_target(in_cluster=False)
     gate = request_gate(options.policy, options.direction)
-    filters = [*doctor_filters(options.mode, NAME, gate, options.direction), annotation_guard()]
+    filters = [
+        *doctor_filters(options.mode, NAME, gate, options.direction, options.transport),
+        annotation_guard(),
+    ]
     bootstrap = {
         "admin": {"address": _address("127.0.0.1", ADMIN_PORT)},
         "static_resources": {
             "listeners": [_listener(options, filters)],
             "clusters": [
                 _upstream_cluster(*host_port(options.upstream, "--upstream")),
-                extproc_cluster(NAME, host, port, options.extproc_tls_ca),
+                extproc_cluster(NAME, host, port, options.extproc_tls_ca, options.transport),
             ],
         },
     }

@@ -37,9 +37,11 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
 from extproc.config import Direction
 from extproc.filter_config import (
     ANNOTATION_HEADERS,
+    GRPC,
     annotation_guard_filter,
     ext_proc_cluster,
     ext_proc_filter,
+    ext_proc_filters,
 )
 from extproc.render.gate import (
     RESPONSE_CONDITIONS,
@@ -85,9 +87,11 @@ def typed(kind: type[M], value: dict[str, Any]) -> dict[str, Any]:
     return message.to_dict(casing=betterproto2.Casing.SNAKE)
 
 
-def extproc_cluster(name: str, host: str, port: int, tls_ca: str | None) -> dict[str, Any]:
-    """The ext_proc server's cluster (HTTP/2, optionally TLS), typed."""
-    return typed(Cluster, ext_proc_cluster(name, host, port, tls_ca=tls_ca))
+def extproc_cluster(
+    name: str, host: str, port: int, tls_ca: str | None, transport: str = GRPC
+) -> dict[str, Any]:
+    """The ext_proc server's cluster (HTTP/2 for gRPC, HTTP/1.1 for http; optionally TLS), typed."""
+    return typed(Cluster, ext_proc_cluster(name, host, port, tls_ca=tls_ca, transport=transport))
 
 
 def router_filter() -> dict[str, Any]:
@@ -101,30 +105,40 @@ def router_filter() -> dict[str, Any]:
 
 
 def doctor_filters(
-    mode: RenderMode, cluster: str, gate: RequestGate, direction: Direction
+    mode: RenderMode,
+    cluster: str,
+    gate: RequestGate,
+    direction: Direction,
+    transport: str = GRPC,
 ) -> list[dict[str, Any]]:
     """The HTTP filters to put before the router: ext_proc itself, or ext_proc behind matchers.
 
     Each ext_proc filter tells the server where it sits (`direction`) in its stream's gRPC
-    metadata: the listener's `traffic_direction` cannot tell an Istio gateway from a sidecar.
+    metadata (a header of each POST over HTTP): the listener's `traffic_direction` cannot
+    tell an Istio gateway from a sidecar. Over HTTP each ext_proc filter has one phase
+    (`filter_config.ext_proc_filters`).
     """
     if direction is Direction.AUTO:
         raise RenderError("a rendered filter must say where it sits: edge, outbound or inbound")
     if mode is RenderMode.ALWAYS or gate.every_request:
-        return [typed(HttpFilter, ext_proc_filter(cluster, direction=direction))]
-    filters = []
+        filters = ext_proc_filters(cluster, direction=direction, transport=transport)
+        return [typed(HttpFilter, f) for f in filters]
+    gated = []
     if gate.conditions:
-        # At request time, a request that needs hygiene gets the full filter, so its
-        # response is diagnosed and carries x-extproc-actions too.
-        hygiene = ext_proc_filter(cluster, direction=direction)
-        filters.append(_gated_filter(HYGIENE_FILTER, gate.conditions, hygiene))
+        # At request time, a request that needs hygiene gets the full filter (over HTTP
+        # both single-phase filters), so its response is diagnosed and carries
+        # x-extproc-actions too.
+        hygiene = ext_proc_filters(cluster, direction=direction, transport=transport)
+        gated.append(gated_filter(HYGIENE_FILTER, gate.conditions, hygiene))
     # A separate filter, because a matcher tree is evaluated again at response time, when
     # the request headers include what later filters added (the router's
     # x-envoy-expected-rq-timeout-ms): request tests would then match every request.
     responses = tuple(condition for _, condition in RESPONSE_CONDITIONS)
-    diagnose = ext_proc_filter(cluster, request_headers=False, direction=direction)
-    filters.append(_gated_filter(DIAGNOSE_FILTER, responses, diagnose))
-    return [typed(HttpFilter, f) for f in filters]
+    diagnose = ext_proc_filter(
+        cluster, request_headers=False, direction=direction, transport=transport
+    )
+    gated.append(gated_filter(DIAGNOSE_FILTER, responses, [diagnose]))
+    return [typed(HttpFilter, f) for f in gated]
 
 
 def annotation_guard() -> dict[str, Any]:
@@ -141,10 +155,10 @@ def without_annotations(route_config: dict[str, Any]) -> dict[str, Any]:
     return {**route_config, "response_headers_to_remove": list(ANNOTATION_HEADERS)}
 
 
-def _gated_filter(
-    name: str, conditions: tuple[Condition, ...], ext_proc: dict[str, Any]
+def gated_filter(
+    name: str, conditions: tuple[Condition, ...], ext_proc: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    """A composite filter that creates `ext_proc` only when one of `conditions` holds."""
+    """A composite filter that creates the `ext_proc` filter(s) only when one of `conditions` holds."""
     return {
         "name": name,
         "typed_config": {
@@ -161,17 +175,20 @@ def _gated_filter(
 
 
 def _field_matcher(
-    conditions: tuple[Condition, ...], filter_config: dict[str, Any]
+    conditions: tuple[Condition, ...], filters: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    execute = f"{_TYPE}envoy.extensions.filters.http.composite.v3.ExecuteFilterAction"
+    """One filter runs as the action's `typed_config`; two (the HTTP lane's phases) as its
+    `filter_chain`, which Envoy has had since before 1.37, the HTTP lane's minimum."""
+    execute: dict[str, Any] = {
+        "@type": f"{_TYPE}envoy.extensions.filters.http.composite.v3.ExecuteFilterAction"
+    }
+    if len(filters) == 1:
+        execute["typed_config"] = filters[0]
+    else:
+        execute["filter_chain"] = {"typed_config": filters}
     return {
         "predicate": _any_of(conditions),
-        "on_match": {
-            "action": {
-                "name": "ext-proc",
-                "typed_config": {"@type": execute, "typed_config": filter_config},
-            }
-        },
+        "on_match": {"action": {"name": "ext-proc", "typed_config": execute}},
     }
 
 

@@ -54,7 +54,7 @@ def render_envoy_filter(options: RenderOptions) -> dict[str, Any]:
         "match": {"context": "ANY"},
         "patch": {
             "operation": "ADD",
-            "value": extproc_cluster(NAME, host, port, options.extproc_tls_ca),
+            "value": extproc_cluster(NAME, host, port, options.extproc_tls_ca, options.transport),
         },
     }
     return {
@@ -79,7 +79,10 @@ def _filter_patches(
 ) -> list[dict[str, Any]]:
     """One patch per filter, keeping the filters' order: INSERT_FIRST or INSERT_BEFORE the router."""
     gate = request_gate(options.policy, direction)
-    filters = [*doctor_filters(options.mode, NAME, gate, direction), annotation_guard()]
+    filters = [
+        *doctor_filters(options.mode, NAME, gate, direction, options.transport),
+        annotation_guard(),
+    ]
     hcm: dict[str, Any] = {"name": "envoy.filters.network.http_connection_manager"}
     if first:
         # Each INSERT_FIRST lands before the previous one: insert in reverse.

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from extproc.render.options import GRPC_PORT, NAME, POLICY_FILE, RenderOptions
+from extproc.render.options import GRPC_PORT, HTTP_PORT, NAME, POLICY_FILE, RenderOptions
 
 API_VERSION = "kustomize.config.k8s.io/v1beta1"
 POLICY_DIR = "/etc/extproc-doctor"
@@ -144,6 +144,7 @@ def _args(options: RenderOptions) -> list[str]:
     args = [
         "serve",
         "--listen", f"0.0.0.0:{GRPC_PORT}",
+        "--http-listen", f"0.0.0.0:{HTTP_PORT}",
         "--health-listen", f"0.0.0.0:{HEALTH_PORT}",
         "--metrics-listen", f"0.0.0.0:{METRICS_PORT}",
         "--config", f"{POLICY_DIR}/{POLICY_FILE}",
@@ -165,6 +166,7 @@ def _container(options: RenderOptions) -> dict[str, Any]:
         "args": _args(options),
         "ports": [
             {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
+            {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
             {"name": "health", "containerPort": HEALTH_PORT, "protocol": "TCP"},
             {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
         ],
@@ -184,15 +186,20 @@ def _container(options: RenderOptions) -> dict[str, Any]:
 
 
 def _service(options: RenderOptions) -> dict[str, Any]:
-    port = {
-        "name": "grpc",
-        "port": GRPC_PORT,
-        "targetPort": "grpc",
-        "protocol": "TCP",
-        "appProtocol": "grpc",
-    }
+    ports = [
+        {
+            "name": "grpc",
+            "port": GRPC_PORT,
+            "targetPort": "grpc",
+            "protocol": "TCP",
+            "appProtocol": "grpc",
+        },
+        # The HTTP lane (`--transport http` manifests): ext_proc's http_service over HTTP/1.1.
+        {"name": "http", "port": HTTP_PORT, "targetPort": "http", "protocol": "TCP",
+         "appProtocol": "http"},
+    ]  # fmt: skip
     return _resource("v1", "Service", options) | {
-        "spec": {"clusterIP": "None", "selector": dict(LABELS), "ports": [port]}
+        "spec": {"clusterIP": "None", "selector": dict(LABELS), "ports": ports}
     }
 
 

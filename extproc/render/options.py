@@ -9,12 +9,14 @@ from importlib.metadata import version
 
 from extproc.authority import parse_authority
 from extproc.config import Direction, Policy
+from extproc.filter_config import GRPC, HTTP, TRANSPORTS
 
 # Kubernetes names: a DNS-1123 label.
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
 NAME = "extproc-doctor"
 GRPC_PORT = 50051
+HTTP_PORT = 50080  # the HTTP lane (`serve --http-listen`), served beside gRPC
 POLICY_FILE = "policy.yaml"
 
 
@@ -63,6 +65,8 @@ class RenderOptions:
     direction: Direction = Direction.EDGE
     # Cilium: the Service's traffic comes from outside the cluster (the edge), not from pods.
     cilium_edge: bool = False
+    # How Envoy calls the server: gRPC (the default), or ext_proc's http_service lane.
+    transport: str = GRPC
 
     def __post_init__(self) -> None:
         if not _LABEL.fullmatch(self.namespace):
@@ -74,6 +78,8 @@ class RenderOptions:
         host_port(self.envoy_listen, "--envoy-listen")
         host_port(self.upstream, "--upstream")
         self.cilium_backend()  # validates
+        if self.transport not in TRANSPORTS:
+            raise RenderError(f"--transport: expected grpc or http, got {self.transport!r}")
         if self.direction is Direction.AUTO:
             raise RenderError("--direction: expected edge, outbound or inbound, got auto")
 
@@ -81,9 +87,10 @@ class RenderOptions:
         """Where Envoy reaches the server."""
         if self.extproc_address is not None:
             return host_port(self.extproc_address, "--extproc-address")
+        port = HTTP_PORT if self.transport == HTTP else GRPC_PORT
         if in_cluster:
-            return f"{NAME}.{self.namespace}.svc.cluster.local", GRPC_PORT
-        return "127.0.0.1", GRPC_PORT
+            return f"{NAME}.{self.namespace}.svc.cluster.local", port
+        return "127.0.0.1", port
 
     def cilium_backend(self) -> tuple[str, str, int]:
         """(namespace, name, port) of the Cilium service."""

@@ -92,9 +92,10 @@ class TestTargets:
             t.name: t
             for t in targets(summarize(outcome(), TITLES, 64, ("envoy", "naive")), samples)
         }
-        assert len(found) == 4
+        assert len(found) == 5
         verdicts = {name.split(":")[0]: t.verdict() for name, t in found.items()}
         assert verdicts["gated, clean traffic"] == "met"
+        assert verdicts["grpc always-on"] == "met"  # 1.2x the naive servicer, bar 1.0x
         assert verdicts["a diagnosis"] == "missed by 0.20 ms"
 
     def test_lower_is_better_targets(self):
@@ -111,7 +112,7 @@ class TestOutput:
         text = markdown(rows, [], targets(rows, result.samples), result, META)
         assert text.startswith("Command: `make bench`")
         assert "| ours, always-on | 3,600 | 0.06 | 1.20x |" in text
-        assert text.count("\n| ") == 1 + len(TITLES) + 1 + 4
+        assert text.count("\n| ") == 1 + len(TITLES) + 1 + 5
 
     def test_json_round_trips_with_every_sample(self):
         """The JSON document is serializable and keeps every raw sample."""

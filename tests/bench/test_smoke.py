@@ -18,7 +18,20 @@ from bench.runner import Settings, run
 
 pytestmark = pytest.mark.envoy
 
-ALWAYS_ROWS = {"envoy", "naive", "always", "gated", "gated-fail", "envoy-fail"}
+ALWAYS_ROWS = {
+    "envoy",
+    "naive",
+    "always",
+    "gated",
+    "gated-fail",
+    "envoy-fail",
+    "naive-http",
+    "always-http",
+    "always-http-fail",
+    "bare-gate",
+    "envoy-proxied",
+    "gated-proxied",
+}
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +66,16 @@ class TestHarness:
         """Always-on and failing gated rows open streams and cost CPU; clean gated and Envoy alone open none."""
         _, data = report
         rows = {r["name"]: r for r in data["rows"]}
-        for name in ("naive", "always", "gated-fail"):
+        for name in ("naive", "always", "gated-fail", "naive-http", "always-http",
+                     "always-http-fail"):  # fmt: skip
             assert rows[name]["streams_per_request"] > 0
             assert rows[name]["cpu_us_per_stream"] > 0
+            assert rows[name]["cpu_us_per_message"] > 0
             assert rows[name]["peak_rss_mib"] > 0
-        for name in ("envoy", "gated", "envoy-fail"):
+        # Over HTTP each phase is its own POST: two calls per request.
+        assert rows["always-http"]["streams_per_request"] == pytest.approx(2, abs=0.1)
+        for name in ("envoy", "gated", "envoy-fail", "bare-gate", "envoy-proxied",
+                     "gated-proxied"):  # fmt: skip
             assert rows[name]["streams_per_request"] == 0
             assert rows[name]["cpu_us_per_stream"] is None
 
@@ -68,8 +86,11 @@ class TestHarness:
         assert text.startswith("Command: `python -m bench --rounds 1")
         for row in data["rows"] + data["direct"]:
             assert f"| {row['title']} |" in text
-        assert len(data["targets"]) == 4
+        assert len(data["targets"]) == 11
         assert all(f"| {t['name']} |" in text for t in data["targets"])
+        assert "![the table as a chart](latest.svg)" in text
+        svg = (out / "latest.svg").read_text()
+        assert svg.startswith("<svg") and all(row["title"] in svg for row in data["rows"])
 
 
 class TestPythonFallback:

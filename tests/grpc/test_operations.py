@@ -54,14 +54,17 @@ class TestMetrics:
         m = server.metrics
         assert sample(m, "extproc_streams_total") == 2
         assert sample(m, "extproc_streams_active") == 0
-        assert sample(m, "extproc_messages_total", kind="request_headers") == 2
-        assert sample(m, "extproc_messages_total", kind="response_headers") == 2
+        assert sample(m, "extproc_messages_total", kind="request_headers", transport="grpc") == 2
+        assert sample(m, "extproc_messages_total", kind="response_headers", transport="grpc") == 2
         assert sample(m, "extproc_diagnoses_total", reason="upstream_refused") == 1
         assert (
             sample(m, "extproc_actions_total", action="strip-underscore-headers", report="false")
             == 1
         )
-        assert sample(m, "extproc_processing_seconds_count", kind="response_headers") == 2
+        assert (
+            sample(m, "extproc_processing_seconds_count", kind="response_headers", transport="grpc")
+            == 2
+        )
 
     async def test_bad_message_is_counted(self):
         """A message with no kind set counts as an error."""
@@ -76,7 +79,10 @@ class TestMetrics:
             await call.write(request_headers([(":authority", "a")]))
             await call.read()
             await call.done_writing()
-        assert sample(server.metrics, "extproc_errors_total", error="bad_message") == 1
+        assert (
+            sample(server.metrics, "extproc_errors_total", error="bad_message", transport="grpc")
+            == 1
+        )
 
     async def test_http_endpoint(self):
         """--metrics-listen serves the text format with the documented names."""

@@ -11,6 +11,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from structlog.testing import capture_logs
 
+from extproc import core as core_module
 from extproc import server as server_module
 from extproc.config import Policy, policy_from_mapping
 from extproc.server import ExternalProcessor, ExtProcServer
@@ -173,7 +174,7 @@ class TestErrorsThatCanBeActedOn:
         def broken(*args, **kwargs):
             raise ValueError(f"cannot use header value {secret!r} nor {'x' * 2}")
 
-        monkeypatch.setattr(server_module, "decide", broken)
+        monkeypatch.setattr(core_module, "decide", broken)
         processor = ExternalProcessor(Policy())
         request = request_headers([(":authority", "a"), ("cookie", secret)])
         with capture_logs() as logs:
@@ -187,6 +188,6 @@ class TestErrorsThatCanBeActedOn:
         assert "test_trust.py" in event["stack"]
         assert "broken" in event["stack"]
         sample = processor.metrics.registry.get_sample_value(
-            "extproc_errors_total", {"error": "processing_failed"}
+            "extproc_errors_total", {"error": "processing_failed", "transport": "grpc"}
         )
         assert sample == 1.0

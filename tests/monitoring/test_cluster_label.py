@@ -31,7 +31,7 @@ class TestClusterLabel:
     def test_off_by_default(self):
         """Without the option the counter has the reason label only."""
         metrics = Metrics()
-        metrics.count_diagnosis(diagnosis("no_route", "outbound|80||a"))
+        metrics.count_response(diagnosis("no_route", "outbound|80||a"))
         assert samples(metrics, "extproc_diagnoses_total")[(("reason", "no_route"),)] == 1
         assert samples(metrics, "extproc_diagnoses_clusters_folded_total") == {}
 
@@ -39,7 +39,7 @@ class TestClusterLabel:
         """With a limit of 2, the third and fourth distinct clusters count as `other`, and as folded."""
         metrics = Metrics(cluster_label_limit=2)
         for cluster in ("a", "b", "a", "c", "d", "b"):
-            metrics.count_diagnosis(diagnosis("upstream_refused", cluster))
+            metrics.count_response(diagnosis("upstream_refused", cluster))
         got = samples(metrics, "extproc_diagnoses_total")
         assert got == {
             (("cluster", "a"), ("reason", "upstream_refused")): 2,
@@ -52,7 +52,7 @@ class TestClusterLabel:
         """Ten thousand distinct clusters make at most limit + 1 cluster values."""
         metrics = Metrics(cluster_label_limit=5)
         for i in range(10_000):
-            metrics.count_diagnosis(diagnosis("upstream_reset", f"outbound|80||svc-{i}"))
+            metrics.count_response(diagnosis("upstream_reset", f"outbound|80||svc-{i}"))
         clusters = {dict(k)["cluster"] for k in samples(metrics, "extproc_diagnoses_total")}
         assert len(clusters) == 6 and "other" in clusters
         assert samples(metrics, "extproc_diagnoses_clusters_folded_total") == {(): 9_995}
@@ -60,7 +60,7 @@ class TestClusterLabel:
     def test_no_cluster_in_the_evidence(self):
         """A diagnosis without a cluster (no attributes) counts under an empty cluster."""
         metrics = Metrics(cluster_label_limit=1)
-        metrics.count_diagnosis(diagnosis("upstream_failure", None))
+        metrics.count_response(diagnosis("upstream_failure", None))
         assert samples(metrics, "extproc_diagnoses_total") == {
             (("cluster", ""), ("reason", "upstream_failure")): 1
         }

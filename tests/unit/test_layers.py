@@ -9,6 +9,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "extproc"
 PURE_MODULES = [
+    "core.py",
     "config.py",
     "headers.py",
     "diagnosis.py",
@@ -57,3 +58,32 @@ class TestPureDecisionLogic:
             if any(m.startswith("envoy.service.ext_proc") for m in imported_modules(p))
         )
         assert users == ["server.py"]
+
+    def test_core_knows_no_wire_format(self):
+        """The core takes and returns plain data: no protobuf, no JSON, no HTTP parser.
+
+        Each adapter owns its codec; the core is what both share.
+        """
+        imported = imported_modules(PACKAGE / "core.py")
+        wire = ("json", "orjson", "msgspec", "httptools", "grpc", "google", "envoy", "asyncio")
+        assert sorted(m for m in imported if m.split(".")[0] in wire) == []
+
+    def test_adapters_share_the_core(self):
+        """Each adapter calls the core for both phases instead of deciding itself."""
+        for adapter in ("server.py", "http.py"):
+            path = PACKAGE / adapter
+            if not path.exists():
+                continue
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+            called = {
+                node.func.attr
+                for node in ast.walk(tree)
+                if isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "core"
+            }
+            assert {"on_request", "on_response", "needs_answer", "triage"} <= called, adapter
+            imported = imported_modules(path)
+            assert "extproc.headers" not in imported or adapter == "server.py"
+            assert "extproc.diagnosis" not in imported or adapter == "server.py"

@@ -1,0 +1,290 @@
+"""The transport-neutral core: plain data in, plain data out, for both adapters.
+
+The gRPC adapter (`extproc.server`) and the HTTP adapter (`extproc.http`) parse a
+`ProcessingRequest` their own way (protobuf, JSON), read the few fields the core needs
+with their own accessors, call the functions here, and serialise the `Answer`. Nothing
+here imports grpc, protobuf or a JSON library (tests/unit/test_layers.py).
+
+The two phases of one HTTP request share a `Carried`: over gRPC it is a local of the
+stream; over HTTP the phases are separate requests, so the request phase writes it into
+our dynamic metadata namespace (`CARRIED_KEYS`) and the response-phase filter forwards
+it back (`metadata_options.forwarding_namespaces`). The server keeps no state between them.
+
+The clean response, the common case, is decided by `needs_answer` on triaged evidence
+(status, grpc-status, three attributes) before anything else is read; the adapters then
+answer with a continue they built once.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+import structlog
+
+from extproc import flags as F
+from extproc.annotate import ACTIONS_HEADER, MAX_VALUE, actions_header, diagnosis_headers, printable
+from extproc.config import Direction, Policy
+from extproc.diagnosis import Diagnosis, Evidence, classify, is_envoy_failure
+from extproc.filter_config import ANNOTATION_HEADERS
+from extproc.headers import Header, RequestDecision, decide, resolve_direction
+
+log = structlog.get_logger("extproc")
+
+# The attributes Envoy sends under the ext_proc filter's name.
+ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
+
+# Response headers that triage reads; the rest of a clean response is never looked at.
+RESPONSE_SIGNS = frozenset(
+    {":status", "grpc-status", "x-envoy-upstream-service-time", "x-envoy-overloaded",
+     *ANNOTATION_HEADERS}
+)  # fmt: skip
+
+# (Evidence field, attribute) read once a response needs an answer: one table for both
+# adapters' completion. A carried Host wins over `request.host`.
+COMPLETION: tuple[tuple[str, str], ...] = (
+    ("transport_failure_reason", "upstream.transport_failure_reason"),
+    ("cluster", "xds.cluster_name"),
+    ("upstream_address", "upstream.address"),
+    ("route", "xds.route_name"),
+    ("cluster_metadata", "xds.cluster_metadata"),
+    ("host", "request.host"),
+)
+LISTENER_ATTRIBUTE = "xds.listener_direction"
+FLAGS_ATTRIBUTE = "response.flags"
+CODE_ATTRIBUTE = "response.code"
+DETAILS_ATTRIBUTE = "response.code_details"
+
+# The keys of our metadata namespace that carry the request phase to the response phase.
+CARRIED_ACTIONS = "actions"
+CARRIED_HOST = "request_host"
+CARRIED_DIRECTION = "direction"
+
+DECLARED = {str(d): d for d in (Direction.EDGE, Direction.OUTBOUND, Direction.INBOUND)}
+
+
+def declared_direction(value: str | bytes | None) -> Direction | None:
+    """The direction a rendered filter declared (x-extproc-direction); unknown: None."""
+    if value is None:
+        return None
+    return DECLARED.get(value if isinstance(value, str) else value.decode("latin-1"))
+
+
+@dataclass(frozen=True, slots=True)
+class Carried:
+    """What the response phase needs from the request phase of the same HTTP request."""
+
+    actions: str = ""  # the x-extproc-actions value; "" when the request was not changed
+    host: str = ""  # the authority the request was routed with, after any rewrite
+    direction: Direction | None = None  # where the filter sits, as the request phase saw it
+
+
+NOTHING_CARRIED = Carried()
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """Changes to one message's headers, and the fields for our metadata namespace."""
+
+    overwrite: tuple[Header, ...] = ()
+    append: tuple[Header, ...] = ()
+    remove: tuple[str, ...] = ()
+    clear_route_cache: bool = False
+    metadata: Mapping[str, str | int] | None = None
+
+    @property
+    def mutates(self) -> bool:
+        return bool(self.overwrite or self.append or self.remove)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutcome:
+    """The request phase: the decision (for metrics), what to carry, and the answer (None: continue)."""
+
+    decision: RequestDecision
+    carried: Carried
+    answer: Answer | None
+
+
+def on_request(
+    policy: Policy,
+    headers: Iterable[Header],
+    listener: int | None = None,
+    declared: Direction | None = None,
+) -> RequestOutcome:
+    """The request headers' answer. The metadata carries the phase only when something changed:
+    otherwise the response phase has all it needs from its own attributes."""
+    direction = resolve_direction(policy, listener, declared)
+    decision = decide(policy, list(headers), declared=direction)
+    if not decision.applied:
+        return RequestOutcome(decision, Carried("", decision.host, direction), None)
+    actions = actions_header(decision.applied)
+    answer = Answer(
+        overwrite=decision.overwrite,
+        append=decision.append,
+        remove=decision.remove,
+        clear_route_cache=decision.clear_route_cache,
+        metadata={
+            CARRIED_ACTIONS: actions,
+            # A Host that is not printable ASCII stays behind: the response phase then
+            # reads `request.host` (metadata strings must be UTF-8).
+            CARRIED_HOST: decision.host if _header_safe(decision.host) else "",
+            CARRIED_DIRECTION: str(direction),
+        },
+    )
+    return RequestOutcome(decision, Carried(actions, decision.host, direction), answer)
+
+
+def carried_from(fields: Mapping[str, object] | None) -> Carried:
+    """The Carried the request phase wrote into our metadata namespace (HTTP lane).
+
+    Values of the wrong type count as absent: a peer could send anything.
+    """
+    if not fields:
+        return NOTHING_CARRIED
+    actions, host = fields.get(CARRIED_ACTIONS), fields.get(CARRIED_HOST)
+    direction = fields.get(CARRIED_DIRECTION)
+    return Carried(
+        actions if isinstance(actions, str) and _header_safe(actions) else "",
+        host if isinstance(host, str) else "",
+        declared_direction(direction) if isinstance(direction, str) else None,
+    )
+
+
+def _header_safe(value: str) -> bool:
+    """Whether a carried value may go into a response header as it is: our own
+    `actions_header` output always is; anything else in the namespace is dropped."""
+    return len(value) <= 8 * MAX_VALUE and value.isascii() and value.isprintable()
+
+
+def code_of(raw: bytes | None) -> int | None:
+    """A status or grpc-status header value, if it is one."""
+    return int(raw) if raw is not None and len(raw) <= 3 and raw.isdigit() else None
+
+
+def forged_of(signs: Mapping[str, bytes]) -> tuple[str, ...]:
+    """The x-extproc-* headers an upstream sent (only the doctor writes them)."""
+    return tuple(name for name in ANNOTATION_HEADERS if name in signs)
+
+
+def triage(
+    signs: Mapping[str, bytes],
+    *,
+    has_attributes: bool,
+    flags: int | None = None,
+    code: int | None = None,
+    details: str = "",
+) -> Evidence:
+    """Just enough evidence to tell whether Envoy failed the response.
+
+    `signs`: the response headers named in `RESPONSE_SIGNS`; `flags`, `code`, `details`:
+    the three attributes, already range-checked by the adapter.
+    """
+    status, grpc_status = code_of(signs.get(":status")), code_of(signs.get("grpc-status"))
+    answered = "x-envoy-upstream-service-time" in signs
+    overloaded = "x-envoy-overloaded" in signs
+    if not has_attributes:
+        return Evidence(status=status, grpc_status=grpc_status, upstream_answered=answered,
+                        overloaded=overloaded)  # fmt: skip
+    # A newer Envoy's flag bits this table does not know are kept as evidence, not matched.
+    bits = flags or 0
+    return Evidence(
+        status=status if status is not None else code,
+        flags=bits & F.ALL_FLAGS,
+        unknown_flags=F.unknown_bits(bits),
+        code_details=details,
+        grpc_status=grpc_status,
+        upstream_answered=answered,
+        overloaded=overloaded,
+        has_attributes=True,
+    )
+
+
+def needs_answer(triaged: Evidence, forged: tuple[str, ...], carried: Carried) -> bool:
+    """False for the common case: a clean response to an unchanged request, nothing forged."""
+    return bool(carried.actions or forged or is_envoy_failure(triaged))
+
+
+def complete(evidence: Evidence, texts: Mapping[str, str] | None, host: str) -> Evidence:
+    """The triaged evidence with the `COMPLETION` fields, by Evidence field (the adapter
+    reads them), and the carried Host, which wins over `request.host`."""
+    if texts is None:
+        return replace(evidence, host=host)
+    fields: dict[str, Any] = {f: texts.get(f, "") for f, _ in COMPLETION}
+    if host:
+        fields["host"] = host
+    return replace(evidence, **fields)
+
+
+class ClusterTls(Protocol):
+    def enrich(self, ev: Evidence) -> Evidence: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseOutcome:
+    diagnosis: Diagnosis | None
+    answer: Answer | None
+
+
+def on_response(
+    policy: Policy,
+    evidence: Evidence,
+    forged: tuple[str, ...],
+    carried: Carried,
+    *,
+    listener: int | None = None,
+    declared: Direction | None = None,
+    cluster_tls: ClusterTls | None = None,
+) -> ResponseOutcome:
+    """The response headers' answer, once `needs_answer` said there is one; `evidence` complete."""
+    failed = is_envoy_failure(evidence)
+    diagnosis = None
+    if failed or carried.actions:
+        if cluster_tls is not None and failed:
+            evidence = cluster_tls.enrich(evidence)
+        diagnosis = classify(evidence)
+    if diagnosis is None and not carried.actions and not forged:
+        return ResponseOutcome(None, None)
+    direction = carried.direction or resolve_direction(policy, listener, declared)
+    headers: list[Header] = []
+    show = policy.shows_annotations(direction)
+    if carried.actions and show:
+        headers.append((ACTIONS_HEADER, carried.actions))
+    metadata = None
+    if diagnosis is not None:
+        if show:
+            headers.extend(diagnosis_headers(diagnosis))
+        metadata = diagnosis_fields(diagnosis)
+        log.warning("upstream_failure", **metadata)
+    # What the upstream sent under our names goes, unless our own value replaces it.
+    written = {name for name, _ in headers}
+    remove = tuple(name for name in forged if name not in written)
+    return ResponseOutcome(diagnosis, Answer(overwrite=tuple(headers), remove=remove,
+                                             metadata=metadata))  # fmt: skip
+
+
+def diagnosis_fields(diagnosis: Diagnosis) -> dict[str, str | int]:
+    """The diagnosis for access logs and our own log: every string escaped as in the header."""
+    fields: dict[str, str | int] = {"reason": diagnosis.reason, "hint": diagnosis.hint}
+    for key, value in diagnosis.evidence:
+        fields[key] = printable(value, MAX_VALUE) if isinstance(value, str) else value
+    return fields
+
+
+REDACTED = "<redacted>"
+
+
+def error_fields(exc: BaseException, values: Iterable[str]) -> dict[str, str]:
+    """An exception for the log: its type, its message and its stack, with every header
+    value of the message being processed (`values`) cut out of the message (a message
+    may quote the value that broke it: a cookie, a token). The stack lists code
+    locations only, never local values."""
+    message = str(exc)
+    for value in sorted(set(values), key=len, reverse=True):
+        for form in (value, repr(value)[1:-1]):
+            if len(form) >= 3 and form in message:
+                message = message.replace(form, REDACTED)
+    stack = "".join(traceback.format_list(traceback.extract_tb(exc.__traceback__)))
+    return {"error": type(exc).__name__, "message": message, "stack": stack}
