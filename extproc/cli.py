@@ -46,8 +46,8 @@ def configure_logging(level: str = "info") -> None:
     )
 
 
-def _policy(path: str | None) -> Policy:
-    return load_policy(path) if path else Policy()
+def _policy(path: str | None, *, read_secrets: bool = True) -> Policy:
+    return load_policy(path, read_secrets=read_secrets) if path else Policy()
 
 
 def _tls_files(args: argparse.Namespace) -> TlsFiles | None:
@@ -338,7 +338,8 @@ def _render(args: argparse.Namespace) -> int:
             **({"image": args.image} if args.image else {}),
             extproc_address=args.extproc_address,
             extproc_tls_ca=args.extproc_tls_ca,
-            policy=_policy(args.config),
+            # The files a policy names (the reveal token) live where the server runs.
+            policy=_policy(args.config, read_secrets=False),
             policy_text=text,
             cilium_service=args.cilium_service,
             cilium_edge=args.cilium_edge,

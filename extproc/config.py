@@ -71,11 +71,20 @@ class Policy:
     protected_rewrite: Action = Action.STRIP
     direction: Direction = Direction.AUTO
     response_annotations: Exposure = Exposure.AUTO
+    # The secret an operator sends in `x-extproc-reveal` to see the annotations where
+    # they are hidden (the edge); read from `reveal_token_file`. Never printed.
+    reveal_token: bytes = field(default=b"", repr=False)
+    reveal_token_file: str = ""
     source: str = "<defaults>"
 
     @property
     def enforcing(self) -> bool:
         return self.mode is Mode.ENFORCE
+
+    @property
+    def reveal_header(self) -> Action:
+        """The reveal rule: strip `x-extproc-reveal` when a token file is configured."""
+        return Action.STRIP if self.reveal_token_file or self.reveal_token else Action.KEEP
 
     def shows_annotations(self, direction: Direction) -> bool:
         """Whether x-extproc-* headers reach the client of a filter sitting at `direction`."""
@@ -106,6 +115,37 @@ def _exposure(value: object) -> Exposure:
         return Exposure.ON if value else Exposure.OFF
     converted: Exposure = _enum(Exposure)(value)
     return converted
+
+
+# A reveal token shorter than this is too easy to guess from the Internet.
+MIN_REVEAL_TOKEN = 16
+
+
+def _reveal_token_file(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected the path of a file holding the token, got {value!r}")
+    return value
+
+
+def read_reveal_token(path: str, relative_to: Path | None = None) -> bytes:
+    """The token in `path` (surrounding whitespace removed), or ValueError saying what is wrong.
+
+    The message never quotes the file's content.
+    """
+    file = Path(path)
+    if relative_to is not None and not file.is_absolute():
+        file = relative_to / file
+    try:
+        token = file.read_bytes().strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read {file}: {exc.strerror or exc}") from None
+    if len(token) < MIN_REVEAL_TOKEN:
+        raise ValueError(f"the token in {file} is shorter than {MIN_REVEAL_TOKEN} bytes")
+    if not all(0x21 <= byte <= 0x7E for byte in token):
+        raise ValueError(
+            f"the token in {file} must be visible ASCII (it travels in a header value)"
+        )
+    return token
 
 
 def _bool(value: object) -> bool:
@@ -144,10 +184,13 @@ _KEYS: dict[str, Any] = {
     "protected_rewrite": _enum(Action, {Action.STRIP, Action.KEEP}),
     "direction": _enum(Direction),
     "response_annotations": _exposure,
+    "reveal_token_file": _reveal_token_file,
 }
 
 
-def policy_from_mapping(data: object, source: str = "<policy>") -> Policy:
+def policy_from_mapping(
+    data: object, source: str = "<policy>", *, read_secrets: bool = True
+) -> Policy:
     """Validate a parsed YAML document into a Policy, or raise PolicyError naming the key."""
     if data is None:
         return Policy(source=source)
@@ -167,6 +210,13 @@ def policy_from_mapping(data: object, source: str = "<policy>") -> Policy:
             values[key] = convert(raw)
         except ValueError as exc:
             raise PolicyError(f"{source}{_line_of(data, key)}: {key}: {exc}") from None
+    if "reveal_token_file" in values and read_secrets:
+        base = Path(source).parent if Path(source).is_file() else None
+        try:
+            values["reveal_token"] = read_reveal_token(values["reveal_token_file"], base)
+        except ValueError as exc:
+            where = f"{source}{_line_of(data, 'reveal_token_file')}"
+            raise PolicyError(f"{where}: reveal_token_file: {exc}") from None
     return Policy(source=source, **values)
 
 
@@ -230,8 +280,9 @@ class ServeConfig:
     envoy_admin: str | None = None
 
 
-def load_policy(path: str | Path) -> Policy:
-    """Read and validate a policy file."""
+def load_policy(path: str | Path, *, read_secrets: bool = True) -> Policy:
+    """Read and validate a policy file; `read_secrets=False` leaves the files it names
+    (the reveal token) unread, for tools that only need the policy's shape (render)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -246,4 +297,4 @@ def load_policy(path: str | Path) -> Policy:
         where = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise PolicyError(f"{path}{where}: not valid YAML: {problem}") from None
-    return policy_from_mapping(data, source=str(path))
+    return policy_from_mapping(data, source=str(path), read_secrets=read_secrets)

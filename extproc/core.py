@@ -17,6 +17,7 @@ answer with a continue they built once.
 
 from __future__ import annotations
 
+import hmac
 import traceback
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -29,7 +30,7 @@ from extproc.annotate import ACTIONS_HEADER, MAX_VALUE, actions_header, diagnosi
 from extproc.config import Direction, Policy
 from extproc.diagnosis import Diagnosis, Evidence, classify, is_envoy_failure
 from extproc.filter_config import ANNOTATION_HEADERS
-from extproc.headers import Header, RequestDecision, decide, resolve_direction
+from extproc.headers import REVEAL_HEADER, Header, RequestDecision, decide, resolve_direction
 
 log = structlog.get_logger("extproc")
 
@@ -61,6 +62,7 @@ DETAILS_ATTRIBUTE = "response.code_details"
 CARRIED_ACTIONS = "actions"
 CARRIED_HOST = "request_host"
 CARRIED_DIRECTION = "direction"
+CARRIED_REVEAL = "reveal"
 
 DECLARED = {str(d): d for d in (Direction.EDGE, Direction.OUTBOUND, Direction.INBOUND)}
 
@@ -79,6 +81,7 @@ class Carried:
     actions: str = ""  # the x-extproc-actions value; "" when the request was not changed
     host: str = ""  # the authority the request was routed with, after any rewrite
     direction: Direction | None = None  # where the filter sits, as the request phase saw it
+    reveal: bool = False  # the request carried the policy's reveal token
 
 
 NOTHING_CARRIED = Carried()
@@ -117,9 +120,11 @@ def on_request(
     """The request headers' answer. The metadata carries the phase only when something changed:
     otherwise the response phase has all it needs from its own attributes."""
     direction = resolve_direction(policy, listener, declared)
-    decision = decide(policy, list(headers), declared=direction)
+    headers = list(headers)
+    decision = decide(policy, headers, declared=direction)
     if not decision.applied:
         return RequestOutcome(decision, Carried("", decision.host, direction), None)
+    reveal = REVEAL_HEADER in decision.remove and revealed(policy, headers)
     actions = actions_header(decision.applied)
     answer = Answer(
         overwrite=decision.overwrite,
@@ -132,9 +137,21 @@ def on_request(
             # reads `request.host` (metadata strings must be UTF-8).
             CARRIED_HOST: decision.host if _header_safe(decision.host) else "",
             CARRIED_DIRECTION: str(direction),
+            **({CARRIED_REVEAL: 1} if reveal else {}),
         },
     )
-    return RequestOutcome(decision, Carried(actions, decision.host, direction), answer)
+    return RequestOutcome(decision, Carried(actions, decision.host, direction, reveal), answer)
+
+
+def revealed(policy: Policy, headers: Iterable[Header]) -> bool:
+    """Whether an `x-extproc-reveal` header carries the policy's token (compared in
+    constant time; any one of several values will do)."""
+    token = policy.reveal_token
+    return bool(token) and any(
+        name == REVEAL_HEADER
+        and hmac.compare_digest(value.encode("utf-8", "surrogateescape"), token)
+        for name, value in headers
+    )
 
 
 def carried_from(fields: Mapping[str, object] | None) -> Carried:
@@ -150,6 +167,8 @@ def carried_from(fields: Mapping[str, object] | None) -> Carried:
         actions if isinstance(actions, str) and _header_safe(actions) else "",
         host if isinstance(host, str) else "",
         declared_direction(direction) if isinstance(direction, str) else None,
+        # Exactly what on_request writes; Struct numbers arrive as floats.
+        fields.get(CARRIED_REVEAL) in (1, 1.0) and fields.get(CARRIED_REVEAL) is not True,
     )
 
 
@@ -249,7 +268,7 @@ def on_response(
         return ResponseOutcome(None, None)
     direction = carried.direction or resolve_direction(policy, listener, declared)
     headers: list[Header] = []
-    show = policy.shows_annotations(direction)
+    show = carried.reveal or policy.shows_annotations(direction)
     if carried.actions and show:
         headers.append((ACTIONS_HEADER, carried.actions))
     metadata = None

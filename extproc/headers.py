@@ -98,6 +98,10 @@ _EVERYWHERE = frozenset({Direction.EDGE, Direction.OUTBOUND, Direction.INBOUND})
 
 Matcher = Callable[[str, str, frozenset[str]], bool]  # (name, value, all names) -> match
 
+# The request header an operator sends, with the policy's reveal token, to see the
+# annotations where the policy hides them (the edge).
+REVEAL_HEADER = "x-extproc-reveal"
+
 
 @dataclass(frozen=True, slots=True)
 class HeaderRule:
@@ -113,6 +117,8 @@ class HeaderRule:
     setting: str | None  # the Policy field that switches it; None: always strip
     directions: frozenset[Direction] = _EVERYWHERE
     when: Matcher | None = None
+    # Applied in `mode: report` too: the header must never reach the upstream.
+    always: bool = False
 
 
 RULES: tuple[HeaderRule, ...] = (
@@ -142,6 +148,8 @@ RULES: tuple[HeaderRule, ...] = (
         directions=frozenset({Direction.EDGE}),
     ),
     HeaderRule("underscore-headers", None, setting="underscore_headers"),
+    # The operator's reveal secret (`reveal_token_file`): used by the server, never sent on.
+    HeaderRule("reveal-header", frozenset({REVEAL_HEADER}), setting="reveal_header", always=True),
 )
 
 
@@ -216,7 +224,7 @@ def _active_rules(policy: Policy, direction: Direction) -> _Active:
         action = Action.STRIP if rule.setting is None else getattr(policy, rule.setting)
         if action is Action.KEEP or direction not in rule.directions:
             continue
-        report = action is Action.REPORT or not policy.enforcing
+        report = not rule.always and (action is Action.REPORT or not policy.enforcing)
         active.append((rule, action, report))
         if rule.names is not None:
             stripped |= rule.names

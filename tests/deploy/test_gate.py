@@ -31,12 +31,21 @@ class TestRequestGate:
         """Each policy-switched header rule is a presence test on its names or a name rule the gate reports, so a new rule cannot slip past gated mode."""
         switched = [rule for rule in RULES if rule.setting is not None]
         assert all(rule.when is None for rule in switched)
+        # Defaults, plus a reveal token: the one switched rule that is off by default.
+        policy = Policy(reveal_token=b"a-reveal-token-0123456789")
         for direction in (Direction.EDGE, Direction.OUTBOUND, Direction.INBOUND):
-            gate = request_gate(Policy(), direction)
+            gate = request_gate(policy, direction)
             assert not gate.every_request
             for rule in switched:
                 if direction in rule.directions and rule.names is not None:
                     assert rule.names <= present(gate)
+
+    def test_reveal_header_sent_only_with_a_token(self):
+        """A request carrying x-extproc-reveal reaches the server (to be stripped and to
+        show the diagnosis) only when the policy has a reveal token."""
+        assert "x-extproc-reveal" not in present(request_gate(Policy(), Direction.EDGE))
+        policy = Policy(reveal_token=b"a-reveal-token-0123456789")
+        assert "x-extproc-reveal" in present(request_gate(policy, Direction.EDGE))
 
     def test_outbound_sends_echoed_headers_only(self):
         """On an outbound listener the echoed x-envoy-* headers are tested, the edge-only forwarding headers are not."""

@@ -224,3 +224,30 @@ def test_hostile_host_is_left_alone(mesh: Mesh, host: str) -> None:
     assert status == 200
     assert dict(echoed["headers"])["host"] == host
     assert 'invalid-host;headers=":authority";report' in dict(headers)["x-extproc-actions"]
+
+
+# --- T18: the operator's reveal token --------------------------------------------------------
+
+REVEAL_TOKEN = "op3rator-reveal-token-2026"
+
+
+@pytest.mark.parametrize(
+    ("sent", "shown"), [(REVEAL_TOKEN, True), ("guess-guess-guess-guess", False)]
+)
+def test_reveal_token_shows_the_edge_diagnosis_to_its_holder(
+    mesh: Mesh, tmp_path, sent: str, shown: bool
+) -> None:
+    """At the edge, the policy's token in x-extproc-reveal shows the diagnosis; a wrong one
+    shows nothing; neither reaches the upstream."""
+    token = tmp_path / "token"
+    token.write_text(REVEAL_TOKEN)
+    policy = policy_from_mapping({"reveal_token_file": str(token)})
+    with mesh.server.policy(policy):
+        status, headers, _ = mesh.request(
+            "edge", "shop.example.com", "/refused", (("x-extproc-reveal", sent),)
+        )
+        _, _, echoed = mesh.request("edge", "shop.example.com", "/", (("x-extproc-reveal", sent),))
+    assert status == 503
+    assert ("x-extproc-diagnosis" in dict(headers)) is shown
+    assert "x-extproc-reveal" not in dict(echoed["headers"])
+    assert REVEAL_TOKEN not in repr(headers)

@@ -72,6 +72,8 @@ REWRITE = policy_from_mapping(
 )
 ACTIONS = "x-extproc-actions"
 DIAGNOSIS = {"x-extproc-diagnosis", "x-extproc-hint"}
+REVEAL_TOKEN = "op3rator-reveal-token-2026"
+REVEAL = Policy(reveal_token=REVEAL_TOKEN.encode(), reveal_token_file="token")
 
 CASES = [
     Case("clean", Policy(), [(":authority", "a")], [(":status", "200")], CLEAN, CONTINUED,
@@ -108,6 +110,24 @@ CASES = [
          [(":status", "503")], REFUSED, CONTINUED, frozenset(DIAGNOSIS), reason="upstream_refused"),
     Case("refused upstream without attributes", ANNOTATE, [(":authority", "reviews:9080")],
          [(":status", "503")], {}, CONTINUED, frozenset(DIAGNOSIS), reason="upstream_failure"),
+    Case(
+        "the reveal token shows the diagnosis at the edge", REVEAL,
+        [(":authority", "reviews:9080"), ("x-extproc-reveal", REVEAL_TOKEN)], [(":status", "503")],
+        REFUSED,
+        Seen(remove=frozenset({"x-extproc-reveal"}),
+             metadata={"actions": 'strip-reveal-header;headers="x-extproc-reveal"',
+                       "request_host": "reviews:9080", "direction": "edge", "reveal": 1}),
+        frozenset({ACTIONS, *DIAGNOSIS}), reason="upstream_refused",
+    ),
+    Case(
+        "a wrong reveal token shows nothing", REVEAL,
+        [(":authority", "reviews:9080"), ("x-extproc-reveal", "guess-guess-guess-guess")],
+        [(":status", "503")], REFUSED,
+        Seen(remove=frozenset({"x-extproc-reveal"}),
+             metadata={"actions": 'strip-reveal-header;headers="x-extproc-reveal"',
+                       "request_host": "reviews:9080", "direction": "edge"}),
+        frozenset(), reason="upstream_refused",
+    ),
     Case(
         "forged annotations removed", Policy(), [(":authority", "a")],
         [(":status", "200"), ("x-extproc-diagnosis", "upstream_requires_mtls"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 import ssl
 import urllib.request
@@ -305,13 +306,15 @@ class TestSecretsNeverLeak:
             "cookie": "session=s3cr3t-cookie-BBB",
             "proxy-authorization": "Basic s3cr3t-proxy-CCC",
             "x-forwarded-client-cert": "By=spiffe://x;Hash=s3cr3t-xfcc-DDD",
+            "x-extproc-reveal": "s3cr3t-reveal-GGG-0123456789",
         }
     )
 
     async def test_no_secret_in_annotations_metadata_or_logs(self):
         """Sensitive header values appear in no response header, metadata field or log event."""
-        policy = policy_from_mapping(
-            {"underscore_headers": "strip", "direction": "edge", "response_annotations": "on"}
+        policy = dataclasses.replace(
+            policy_from_mapping({"underscore_headers": "strip", "direction": "edge"}),
+            reveal_token=self.SECRETS["x-extproc-reveal"].encode(),
         )
         secret_response = {"set-cookie": "id=s3cr3t-set-cookie-EEE"}
         with capture_logs() as logs:
