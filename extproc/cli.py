@@ -347,6 +347,7 @@ def _render(args: argparse.Namespace) -> int:
             upstream=args.upstream,
             direction=Direction(args.direction),
             transport=args.transport,
+            **({"runbook_url": args.runbook_url} if args.runbook_url else {}),
         )
         if args.output_dir:
             return _render_to(Path(args.output_dir), render_all(options), args.target)
@@ -455,6 +456,12 @@ def _add_render_parser(sub: Any) -> None:
         help="how Envoy calls the server: gRPC, or ext_proc's http_service (JSON over "
         "HTTP/1.1, two single-phase filters; Envoy >= 1.37, marked work in progress by "
         "Envoy) (default: %(default)s)",
+    )
+    render.add_argument(
+        "--runbook-url",
+        default=None,
+        help="monitoring: the document the alerts' runbook links point into (its "
+        "'Alert: NAME' headings; default: the project's README)",
     )
     render.add_argument(
         "--output-dir",

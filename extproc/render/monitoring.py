@@ -17,10 +17,12 @@ from typing import Any
 
 from extproc.diagnosis import HINTS
 from extproc.render.k8s import LABELS
-from extproc.render.options import NAME, RenderError, RenderOptions
+from extproc.render.options import NAME, RUNBOOK_URL, RenderError, RenderOptions
 
 # The README's Operations section has one heading per alert ("Alert: NAME").
-RUNBOOK = "https://github.com/extproc-doctor/extproc-doctor/blob/main/README.md"
+# Where the alerts' runbooks are: the README's "Alert: NAME" headings. `render
+# --runbook-url` points them at an operator's own copy (a wiki, an internal mirror).
+RUNBOOK = RUNBOOK_URL
 
 # Envoy's HTTP ext_proc filter counters as `/stats/prometheus` names them: the stat
 # `http.<hcm stat_prefix>.ext_proc.<counter>` becomes `envoy_http_ext_proc_<counter>` with
@@ -100,8 +102,8 @@ class Alert:
     labels: tuple[tuple[str, str], ...] = ()
 
 
-def _runbook(alert: str) -> str:
-    return f"{RUNBOOK}#alert-{alert.lower()}"
+def _runbook(alert: str, base: str = RUNBOOK) -> str:
+    return f"{base}#alert-{alert.lower()}"
 
 
 def _reason_alerts() -> list[Alert]:
@@ -191,8 +193,9 @@ def alerts() -> list[Alert]:
     return _reason_alerts() + _operational_alerts()
 
 
-def rule_groups(alert_for: str | None = None) -> list[dict[str, Any]]:
-    """The rule groups; `alert_for` replaces every alert's `for:` (tests use a short one)."""
+def rule_groups(alert_for: str | None = None, runbook: str = RUNBOOK) -> list[dict[str, Any]]:
+    """The rule groups; `alert_for` replaces every alert's `for:` (tests use a short one);
+    `runbook` is the document whose "Alert: NAME" headings the alerts link to."""
     recording = [{"record": name, "expr": expr} for name, expr in RECORDING_RULES]
     alerting = [
         {
@@ -203,7 +206,7 @@ def rule_groups(alert_for: str | None = None) -> list[dict[str, Any]]:
             "annotations": {
                 "summary": a.summary,
                 "description": a.description,
-                "runbook_url": _runbook(a.name),
+                "runbook_url": _runbook(a.name, runbook),
             },
         }
         for a in alerts()
@@ -420,9 +423,9 @@ def render_monitoring(options: RenderOptions) -> dict[str, dict[str, Any]]:
             "apiVersion": "monitoring.coreos.com/v1",
             "kind": "PrometheusRule",
             "metadata": meta,
-            "spec": {"groups": rule_groups()},
+            "spec": {"groups": rule_groups(runbook=options.runbook_url)},
         },
-        "rules.yaml": {"groups": rule_groups()},
+        "rules.yaml": {"groups": rule_groups(runbook=options.runbook_url)},
         "dashboard.yaml": {
             "apiVersion": "v1",
             "kind": "ConfigMap",

@@ -15,6 +15,8 @@ from extproc.filter_config import GRPC, HTTP, TRANSPORTS
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
 NAME = "extproc-doctor"
+# The README, whose "Alert: NAME" headings are the alerts' runbooks (`--runbook-url`).
+RUNBOOK_URL = "https://github.com/extproc-doctor/extproc-doctor/blob/main/README.md"
 GRPC_PORT = 50051
 HTTP_PORT = 50080  # the HTTP lane (`serve --http-listen`), served beside gRPC
 POLICY_FILE = "policy.yaml"
@@ -67,8 +69,14 @@ class RenderOptions:
     cilium_edge: bool = False
     # How Envoy calls the server: gRPC (the default), or ext_proc's http_service lane.
     transport: str = GRPC
+    # monitoring: the document the alerts' runbook links point into.
+    runbook_url: str = RUNBOOK_URL
 
     def __post_init__(self) -> None:
+        if not self.runbook_url.startswith(("https://", "http://")) or "#" in self.runbook_url:
+            raise RenderError(
+                f"--runbook-url: expected an http(s) URL without a #fragment, got {self.runbook_url!r}"
+            )
         if not _LABEL.fullmatch(self.namespace):
             raise RenderError(f"--namespace: {self.namespace!r} is not a Kubernetes name")
         if not self.image or any(c.isspace() for c in self.image):

@@ -198,3 +198,15 @@ class TestDashboard:
         """The panels the issue asks for are on the dashboard."""
         assert title in [p["title"] for p in json.loads(
             next(iter(documents("dashboard.yaml")["data"].values())))["panels"]]  # fmt: skip
+
+
+def test_runbook_url_points_every_alert_at_the_operators_copy():
+    """render --runbook-url: every alert links into the given document's Alert headings."""
+    from extproc.render import RenderOptions, render
+
+    files = render("monitoring", RenderOptions(runbook_url="https://wiki.example/extproc"))
+    rules = yaml.safe_load(files["monitoring/rules.yaml"].split("\n", 2)[2])
+    links = [
+        r["annotations"]["runbook_url"] for g in rules["groups"] for r in g["rules"] if "alert" in r
+    ]
+    assert links and all(link.startswith("https://wiki.example/extproc#alert-") for link in links)
