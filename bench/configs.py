@@ -12,7 +12,7 @@ the bottleneck) or sent to a port where nothing listens (Envoy's refused-upstrea
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +65,9 @@ class Config:
     unix_socket: bool = False
     # How Envoy calls the server: gRPC, or the HTTP lane (two single-phase filters).
     transport: str = GRPC
+    # A serverless gate's HTTP filters (before the router), given the ext_proc cluster's
+    # name; None: `bare_gate`. bench/gate_parts.py measures the rendered gate's parts so.
+    gate: Callable[[str], list[dict[str, Any]]] | None = None
 
     def __post_init__(self) -> None:
         serverless = (Filter.NONE, Filter.BARE_GATE)
@@ -181,7 +184,8 @@ def bootstrap(
         manager["http_filters"] = manager["http_filters"][-1:]  # the router only
         _drop_cluster(rendered, NAME)
     if config.filter is Filter.BARE_GATE:
-        manager["http_filters"] = [bare_gate(NAME), manager["http_filters"][-1]]
+        filters = config.gate(NAME) if config.gate else [bare_gate(NAME)]
+        manager["http_filters"] = [*filters, manager["http_filters"][-1]]
     if config.route is Route.OK:
         (route,) = manager["route_config"]["virtual_hosts"][0]["routes"]
         del route["route"]

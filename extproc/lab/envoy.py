@@ -145,6 +145,13 @@ class EnvoyProcess:
         return self._admin_port
 
     @property
+    def pid(self) -> int:
+        """The Envoy process's id (the bench reads its CPU time)."""
+        if self._proc is None:
+            raise EnvoyError("Envoy is not running")
+        return self._proc.pid
+
+    @property
     def log_path(self) -> Path:
         """Envoy's own log (stdout and stderr); in a temporary directory, only while running."""
         return self._dir / "envoy.log"

@@ -211,7 +211,11 @@ def _predicate(test: HeaderTest) -> dict[str, Any]:
                 "name": f"{test.phase}-{test.header.lstrip(':')}",
                 "typed_config": {"@type": _INPUTS[test.phase], "header_name": test.header},
             },
-            "value_match": {"safe_regex": {"google_re2": {}, "regex": test.regex}},
+            "value_match": (
+                {"exact": test.value}
+                if test.exact
+                else {"safe_regex": {"google_re2": {}, "regex": test.value}}
+            ),
         }
     }
     return {"not_matcher": single} if test.absent else single

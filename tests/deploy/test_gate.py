@@ -19,11 +19,11 @@ QUIET = Policy(
 
 
 def present(gate) -> set[str]:
-    return {c[0].header for c in gate.conditions if c[0].regex == ".*"}
+    return {c[0].header for c in gate.conditions if c[0].value == ".*" and not c[0].exact}
 
 
 def authority_patterns(gate) -> list[str]:
-    return [c[0].regex for c in gate.conditions if c[0].header == ":authority"]
+    return [c[0].value for c in gate.conditions if c[0].header == ":authority"]
 
 
 class TestRequestGate:
@@ -120,6 +120,9 @@ class TestResponseConditions:
             ({":status": "503"}, True),
             ({":status": "500", "x-envoy-upstream-service-time": "3"}, True),
             ({":status": "404"}, True),
+            ({":status": "4040"}, False),
+            ({":status": "5000"}, False),
+            ({":status": "50"}, False),
             ({":status": "404", "x-envoy-upstream-service-time": "3"}, False),
             ({":status": "200", "grpc-status": "14"}, True),
             ({":status": "200", "grpc-status": "0"}, False),
@@ -132,7 +135,12 @@ class TestResponseConditions:
 
         def holds(test) -> bool:
             value = headers.get(test.header)
-            matched = value is not None and re.fullmatch(test.regex, value) is not None
+            if value is None:
+                matched = False
+            elif test.exact:
+                matched = value == test.value
+            else:
+                matched = re.fullmatch(test.value, value) is not None
             return not matched if test.absent else matched
 
         assert any(all(holds(t) for t in c) for _, c in RESPONSE_CONDITIONS) is sent

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 from typing import Any
@@ -62,6 +63,17 @@ class Gated:
         finally:
             conn.close()
 
+    def status_line(self, path: str) -> bytes:
+        """The response's status line, raw: http.client refuses a status that is not 3 digits."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as conn:
+            conn.sendall(
+                f"GET {path} HTTP/1.1\r\nhost: gated\r\nconnection: close\r\n\r\n".encode()
+            )
+            received = b""
+            while b"\r\n" not in received and (chunk := conn.recv(4096)):
+                received += chunk
+        return received.split(b"\r\n", 1)[0]
+
 
 @pytest.fixture(scope="module")
 def gated() -> Iterator[Gated]:
@@ -112,3 +124,19 @@ class TestGatedMode:
         assert "x-envoy-attempt-count" not in {k.lower() for k in json.loads(body)}
         assert headers["x-extproc-actions"].startswith("strip-echoed-envoy-headers")
         assert gated.processor.streams == before + 1
+
+    def test_header_present_with_an_empty_value_opens_the_gate(self, gated):
+        """Presence is presence: an empty x-envoy-attempt-count is sent and stripped too."""
+        before = gated.processor.streams
+        status, headers, body = gated.get("/200", {"x-envoy-attempt-count": ""})
+        assert status == 200
+        assert "x-envoy-attempt-count" not in {k.lower() for k in json.loads(body)}
+        assert headers["x-extproc-actions"].startswith("strip-echoed-envoy-headers")
+        assert gated.processor.streams == before + 1
+
+    def test_a_status_that_only_starts_with_5_is_not_a_5xx(self, gated):
+        """Envoy passes an upstream's 4-digit status through; the 5xx test is `5[0-9][0-9]`,
+        not the cheaper prefix "5", so such a response is not sent."""
+        before = gated.processor.streams
+        assert gated.status_line("/5000").split(b" ")[1] == b"5000"
+        assert gated.processor.streams == before
