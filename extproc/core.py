@@ -241,6 +241,18 @@ class ClusterTls(Protocol):
     def enrich(self, ev: Evidence) -> Evidence: ...
 
 
+class Attributes(Protocol):
+    """How an adapter reads the attributes Envoy attached (a protobuf Struct, a JSON map)."""
+
+    def number(self, key: str, limit: int) -> int | None:
+        """A whole number in [0, limit], or None: Envoy sends doubles, a peer anything."""
+        ...
+
+    def text(self, key: str) -> str:
+        """A string (a number as its digits), or ""."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class ResponseOutcome:
     diagnosis: Diagnosis | None
@@ -282,6 +294,38 @@ def on_response(
     remove = tuple(name for name in forged if name not in written)
     return ResponseOutcome(diagnosis, Answer(overwrite=tuple(headers), remove=remove,
                                              metadata=metadata))  # fmt: skip
+
+
+def response_phase(
+    policy: Policy,
+    signs: Mapping[str, bytes],
+    attributes: Attributes | None,
+    carried: Carried,
+    *,
+    declared: Direction | None = None,
+    cluster_tls: ClusterTls | None = None,
+) -> ResponseOutcome | None:
+    """The response headers, from the few headers triage reads (`RESPONSE_SIGNS`) and the
+    attributes; None for the common case, a clean response to an unchanged request, which
+    the adapter answers with the continue it built once."""
+    forged = forged_of(signs)
+    if attributes is None:
+        triaged = triage(signs, has_attributes=False)
+    else:
+        triaged = triage(
+            signs, has_attributes=True,
+            flags=attributes.number(FLAGS_ATTRIBUTE, F.MAX_FLAGS_VALUE),
+            code=attributes.number(CODE_ATTRIBUTE, 999),
+            details=attributes.text(DETAILS_ATTRIBUTE),
+        )  # fmt: skip
+    if not needs_answer(triaged, forged, carried):
+        return None
+    texts = None if attributes is None else {f: attributes.text(key) for f, key in COMPLETION}
+    listener = None if attributes is None else attributes.number(LISTENER_ATTRIBUTE, 2)
+    return on_response(
+        policy, complete(triaged, texts, carried.host), forged, carried,
+        listener=listener, declared=declared, cluster_tls=cluster_tls,
+    )  # fmt: skip
 
 
 def diagnosis_fields(diagnosis: Diagnosis) -> dict[str, str | int]:

@@ -31,7 +31,6 @@ import orjson
 import structlog
 
 from extproc import core
-from extproc import flags as F
 from extproc.config import Direction, Policy
 from extproc.core import Answer
 from extproc.envoy_admin import ClusterTlsCache
@@ -126,6 +125,21 @@ def _attributes(doc: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return fields if isinstance(fields, dict) else None
 
 
+class _JsonAttributes:
+    """`core.Attributes` over the attributes of a ProcessingRequest in proto3 JSON."""
+
+    __slots__ = ("fields",)
+
+    def __init__(self, fields: Mapping[str, Any]) -> None:
+        self.fields = fields
+
+    def number(self, key: str, limit: int) -> int | None:
+        return _number(self.fields, key, limit)
+
+    def text(self, key: str) -> str:
+        return _text(self.fields, key)
+
+
 def _carried(doc: Mapping[str, Any]) -> core.Carried:
     """What the request-phase filter wrote into our namespace, forwarded back by Envoy."""
     context = doc.get("metadata_context")
@@ -205,30 +219,17 @@ class HttpProcessor:
             return _http(200, "OK", encode(kind, outcome.answer))
         if kind != "response_headers":
             return CONTINUE[kind]
-        # Triage reads only the few response headers and three attributes that decide it.
+        # Only the few response headers that decide triage are read.
         signs = {
             h["key"]: _value(h) for h in _headers(doc[kind]) if h["key"] in core.RESPONSE_SIGNS
         }
-        forged = core.forged_of(signs)
         fields = _attributes(doc)
-        if fields is None:
-            triaged = core.triage(signs, has_attributes=False)
-        else:
-            triaged = core.triage(
-                signs, has_attributes=True,
-                flags=_number(fields, core.FLAGS_ATTRIBUTE, F.MAX_FLAGS_VALUE),
-                code=_number(fields, core.CODE_ATTRIBUTE, 999),
-                details=_text(fields, core.DETAILS_ATTRIBUTE),
-            )  # fmt: skip
-        carried = _carried(doc)
-        if not core.needs_answer(triaged, forged, carried):
-            return CONTINUE[kind]
-        texts = None if fields is None else {f: _text(fields, key) for f, key in core.COMPLETION}
-        result = core.on_response(
-            policy, core.complete(triaged, texts, carried.host), forged, carried,
-            listener=_number(fields, core.LISTENER_ATTRIBUTE, 2), declared=declared,
-            cluster_tls=self.cluster_tls,
+        result = core.response_phase(
+            policy, signs, None if fields is None else _JsonAttributes(fields), _carried(doc),
+            declared=declared, cluster_tls=self.cluster_tls,
         )  # fmt: skip
+        if result is None:
+            return CONTINUE[kind]
         self.metrics.count_response(result.diagnosis, TRANSPORT)
         if result.answer is None:
             return CONTINUE[kind]

@@ -27,8 +27,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from extproc import flags as F
-
 try:
     import uvloop
 except ImportError:  # not on every platform; the server runs on asyncio's loop then
@@ -166,6 +164,21 @@ def _number(fields: Any, key: str, limit: int) -> int | None:
     return int(number) if 0 <= number <= limit else None
 
 
+class _StructAttributes:
+    """`core.Attributes` over the Struct fields of a ProcessingRequest."""
+
+    __slots__ = ("fields",)
+
+    def __init__(self, fields: Any) -> None:
+        self.fields = fields
+
+    def number(self, key: str, limit: int) -> int | None:
+        return _number(self.fields, key, limit)
+
+    def text(self, key: str) -> str:
+        return _text(self.fields, key)
+
+
 def on_request_headers(
     policy: Policy, request: pb.ProcessingRequest, state: StreamState
 ) -> pb.ProcessingResponse:
@@ -182,29 +195,16 @@ def on_request_headers(
 def on_response_headers(
     policy: Policy, request: pb.ProcessingRequest, state: StreamState
 ) -> pb.ProcessingResponse:
-    # Triage reads only the few response headers and three attributes that decide it.
+    # Only the few response headers that decide triage are read.
     signs = {h.key: h.raw_value or h.value.encode() for h in request.response_headers.headers.headers
              if h.key in core.RESPONSE_SIGNS}  # fmt: skip
-    forged = core.forged_of(signs)
     fields = _attributes(request)
-    if fields is None:
-        triaged = core.triage(signs, has_attributes=False)
-    else:
-        triaged = core.triage(
-            signs, has_attributes=True,
-            flags=_number(fields, core.FLAGS_ATTRIBUTE, F.MAX_FLAGS_VALUE),
-            code=_number(fields, core.CODE_ATTRIBUTE, 999),
-            details=_text(fields, core.DETAILS_ATTRIBUTE),
-        )  # fmt: skip
-    carried = state.carried
-    if not core.needs_answer(triaged, forged, carried):
-        return CONTINUE["response_headers"]
-    texts = None if fields is None else {f: _text(fields, key) for f, key in core.COMPLETION}
-    outcome = core.on_response(
-        policy, core.complete(triaged, texts, carried.host), forged, carried,
-        listener=_number(fields, core.LISTENER_ATTRIBUTE, 2), declared=state.declared,
-        cluster_tls=state.cluster_tls,
+    outcome = core.response_phase(
+        policy, signs, None if fields is None else _StructAttributes(fields), state.carried,
+        declared=state.declared, cluster_tls=state.cluster_tls,
     )  # fmt: skip
+    if outcome is None:
+        return CONTINUE["response_headers"]
     state.diagnosis = outcome.diagnosis
     if outcome.answer is None:
         return CONTINUE["response_headers"]
