@@ -19,6 +19,8 @@ from extproc.diagnosis import (
     HELLO_NO_SNI_HINT,
     HELLO_REFUSED_HINT,
     HINTS,
+    INBOUND_PASSTHROUGH,
+    INBOUND_REFUSED_HINT,
     NO_H2_HINT,
     PLAINTEXT_CLOSED_HINT,
     RETRIED_APP_ERROR_HINT,
@@ -148,6 +150,8 @@ MESH = Topology(
             Tls(sni=f"outbound_.8080_._.{mesh_host('catalog')}", expect_san=spiffe_id(App.KEEPALIVE_CLOSE)),
         ),
         Destination("drop", App.ECHO, drop_all=True),
+        # A sidecar's inbound passthrough to an app port where nothing listens.
+        Destination(INBOUND_PASSTHROUGH, NOWHERE),
         # TLS origination without SNI to a CDN-like front door.
         Destination(f"outbound|443||{_CDN}", App.SNI_REQUIRED, Tls(cert=None, alpn=()), destination_rule="cdn"),
     ),
@@ -170,6 +174,7 @@ MESH = Topology(
         Route("authz.demo", "echo", "authz", filters=(RouteFilter.EXT_AUTHZ,)),
         Route("fault.demo", "echo", "fault", filters=(RouteFilter.FAULT_ABORT,)),
         Route("drop.demo", "drop", "drop"),
+        Route("inbound-passthrough.demo", INBOUND_PASSTHROUGH, "inbound-passthrough"),
     ),
     # Istio's passthrough: plaintext to wherever the client meant to go, here `app`.
     passthrough_target="app",
@@ -396,6 +401,13 @@ SIGNATURE_SCENARIOS: tuple[Scenario, ...] = (
         "the control plane's load assignment drops every request (drop_overloads 100%)",
         hint=DROP_OVERLOAD_HINT,
         expected_status=503, evidence=('flags="UDO"',),
+    ),
+    Scenario(
+        "inbound_passthrough_refused", "inbound-passthrough.demo", "/", "upstream_refused",
+        "the inbound passthrough finds nothing on the app's port (the app does not listen on "
+        "the port the Service names): not a Host problem",
+        hint=INBOUND_REFUSED_HINT, expected_status=503,
+        evidence=('cluster="InboundPassthroughCluster"',),
     ),
     Scenario(
         "fault_abort", "fault.demo", "/", "fault_injected",

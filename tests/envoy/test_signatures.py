@@ -77,6 +77,13 @@ OBSERVED: dict[str, Observed] = {
         "delayed connect error: Connection refused", _mesh("orders"), _vh("orders"),
     ),
     "requires_mtls": Observed(503, F.UC, _TERMINATION, "", _mesh("ratings"), _vh("ratings")),
+    "inbound_passthrough_refused": Observed(
+        503, F.UF,
+        "upstream_reset_before_response_started{remote_connection_failure|"
+        "delayed_connect_error:_Connection_refused}",
+        "delayed connect error: Connection refused",
+        "InboundPassthroughCluster", "inbound-passthrough",
+    ),
     "subset_plaintext": Observed(503, F.UC, _TERMINATION, "", _mesh("reviews", "v2"), "reviews-v2"),
     "subset_mtls": Observed(200, 0, "via_upstream", "", _mesh("reviews", "v1"), "reviews-v1"),
     "alpn_h2_only": Observed(
