@@ -109,11 +109,14 @@ def _enum(kind: type[enum.StrEnum], allowed: set[Any] | None = None) -> Any:
     return convert
 
 
+_EXPOSURE = _enum(Exposure)
+
+
 def _exposure(value: object) -> Exposure:
     """auto, on or off; YAML 1.1 reads a bare `on`/`off` as a boolean, so take those too."""
     if isinstance(value, bool):
         return Exposure.ON if value else Exposure.OFF
-    converted: Exposure = _enum(Exposure)(value)
+    converted: Exposure = _EXPOSURE(value)
     return converted
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hmac
 import traceback
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -113,14 +113,13 @@ class RequestOutcome:
 
 def on_request(
     policy: Policy,
-    headers: Iterable[Header],
+    headers: Sequence[Header],
     listener: int | None = None,
     declared: Direction | None = None,
 ) -> RequestOutcome:
     """The request headers' answer. The metadata carries the phase only when something changed:
     otherwise the response phase has all it needs from its own attributes."""
     direction = resolve_direction(policy, listener, declared)
-    headers = list(headers)
     decision = decide(policy, headers, declared=direction)
     if not decision.applied:
         return RequestOutcome(decision, Carried("", decision.host, direction), None)
@@ -162,13 +161,13 @@ def carried_from(fields: Mapping[str, object] | None) -> Carried:
     if not fields:
         return NOTHING_CARRIED
     actions, host = fields.get(CARRIED_ACTIONS), fields.get(CARRIED_HOST)
-    direction = fields.get(CARRIED_DIRECTION)
+    direction, reveal = fields.get(CARRIED_DIRECTION), fields.get(CARRIED_REVEAL)
     return Carried(
         actions if isinstance(actions, str) and _header_safe(actions) else "",
         host if isinstance(host, str) else "",
         declared_direction(direction) if isinstance(direction, str) else None,
-        # Exactly what on_request writes; Struct numbers arrive as floats.
-        fields.get(CARRIED_REVEAL) in (1, 1.0) and fields.get(CARRIED_REVEAL) is not True,
+        # Exactly what on_request writes (Struct numbers arrive as floats); not a bool.
+        type(reveal) in (int, float) and reveal == 1,
     )
 
 

@@ -282,7 +282,7 @@ def decide(
             _strip(out, rule, hits, report=report)
     host = _authority(headers)
     if host and (policy.host_rewrites or policy.strip_host_port):
-        host = _rewrite_host(policy, host, headers, direction, out)
+        host = _rewrite_host(policy, host, names, direction, out)
     if not out.applied:
         return RequestDecision(host=host) if host else NO_CHANGE
     return RequestDecision(
@@ -355,7 +355,7 @@ def _authority(headers: Sequence[Header]) -> str:
 def _rewrite_host(
     policy: Policy,
     authority: str,
-    headers: Sequence[Header],
+    names: frozenset[str],
     direction: Direction,
     out: _Builder,
 ) -> str:
@@ -384,7 +384,7 @@ def _rewrite_host(
         return authority
     out.applied.append(Applied(label, (":authority",)))
     out.overwrite.append((":authority", target))
-    if direction is Direction.EDGE or "x-forwarded-host" not in {n for n, _ in headers}:
+    if direction is Direction.EDGE or "x-forwarded-host" not in names:
         out.remove["x-forwarded-host"] = None
         out.add("x-forwarded-host", authority)
     out.clear_route_cache = True

@@ -10,6 +10,18 @@ from google.protobuf import struct_pb2
 
 ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
 
+# The response attributes Envoy 1.40 sends for a mesh service called on a refused port
+# (tests/envoy/test_signatures.py records them), and for an upstream's clean 200.
+REFUSED_MESH = {
+    "response.code": 503,
+    "response.flags": 32,
+    "response.code_details": "upstream_reset_before_response_started{remote_connection_failure|delayed_connect_error:_Connection_refused}",
+    "upstream.transport_failure_reason": "delayed connect error: Connection refused",
+    "upstream.address": "10.244.1.17:9080",
+    "xds.cluster_name": "outbound|9080||reviews.default.svc.cluster.local",
+}
+CLEAN = {"response.code": 200, "response.flags": 0, "response.code_details": "via_upstream"}
+
 
 def http_headers(pairs: Iterable[tuple[str, str | bytes]], *, raw: bool = True) -> pb.HttpHeaders:
     """HttpHeaders as Envoy sends them: values in raw_value (or value, with raw=False)."""

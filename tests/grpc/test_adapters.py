@@ -22,19 +22,10 @@ from google.protobuf import json_format
 from extproc.config import Direction, Policy, policy_from_mapping
 from extproc.http_lane import HttpProcessor
 from extproc.server import StreamState, handle
-from tests.conftest import request_headers, response_headers
+from tests.conftest import CLEAN, REFUSED_MESH, request_headers, response_headers
 
 NS = "extproc_doctor"
-REFUSED = {
-    "response.code": 503,
-    "response.flags": 32,
-    "response.code_details": "upstream_reset_before_response_started{remote_connection_failure|delayed_connect_error:_Connection_refused}",
-    "upstream.transport_failure_reason": "delayed connect error: Connection refused",
-    "upstream.address": "10.244.1.17:9080",
-    "xds.cluster_name": "outbound|9080||reviews.default.svc.cluster.local",
-    "request.host": "reviews:9080",
-}
-CLEAN = {"response.code": 200, "response.flags": 0, "response.code_details": "via_upstream"}
+REFUSED = {**REFUSED_MESH, "request.host": "reviews:9080"}
 
 
 @dataclass(frozen=True)
