@@ -11,28 +11,43 @@
 
 from __future__ import annotations
 
+import copy
 import http.client
 import json
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import yaml
+from envoy.config.core.v3.base_pb2 import DataSource
+from envoy.extensions.transport_sockets.tls.v3.common_pb2 import (
+    CertificateValidationContext,
+    TlsCertificate,
+)
+from envoy.extensions.transport_sockets.tls.v3.secret_pb2 import Secret
+from envoy.service.discovery.v3.discovery_pb2 import DiscoveryResponse
+from envoy.service.secret.v3 import sds_pb2_grpc as sds_grpc
+from google.protobuf import any_pb2
 
 from extproc import core
 from extproc.config import Exposure, Policy, TlsFiles
 from extproc.filter_config import EXT_PROC_FILTER, EXT_PROC_RESPONSE_FILTER, UNLIMITED
 from extproc.http_lane import HttpLane, HttpProcessor
 from extproc.lab import BackgroundServer, EnvoyProcess, HttpUpstream
-from extproc.lab.certs import CertificateAuthority
+from extproc.lab.certs import CertificateAuthority, IssuedCert
 from extproc.render import RenderMode, RenderOptions, render
 from extproc.render.envoy_bootstrap import LISTENER
 from extproc.render.options import NAME
 from extproc.server import ExternalProcessor, ExtProcServer
 from extproc.tls import ReloadingSslContext
+
+from .placement import apply_envoy_filter
+from .test_envoy_validate import ISTIO_SDS_STAND_IN
 
 pytestmark = pytest.mark.envoy
 
@@ -176,7 +191,6 @@ def envoy_front(
     transport: str, tls: TlsFiles | None = None, **render_tls: str
 ) -> AbstractContextManager[Front]:
     """A context manager: upstream, server (optionally TLS) and the rendered Envoy."""
-    from contextlib import contextmanager
 
     @contextmanager
     def running() -> Iterator[Front]:
@@ -311,3 +325,112 @@ class TestMutualTls:
             assert received.get("x-envoy-attempt-count") == "3"  # not cleaned: failed open
             assert running.seen.raw == []
             assert running.stats("failure_mode_allowed") >= 1
+
+
+class MeshSds(sds_grpc.SecretDiscoveryServiceServicer):  # type: ignore[misc]
+    """istio-agent's part: serves the workload certificate as `default` and the mesh root as
+    `ROOTCA` over SDS (pkg/model/authentication.go:27-34 at istio/istio 86c9f01f)."""
+
+    def __init__(self, workload: IssuedCert, root_pem: bytes) -> None:
+        chain = DataSource(inline_bytes=workload.cert_pem + workload.ca_pem)
+        key = DataSource(inline_bytes=workload.key_pem)
+        self.secrets = {
+            "default": Secret(
+                name="default",
+                tls_certificate=TlsCertificate(certificate_chain=chain, private_key=key),
+            ),
+            "ROOTCA": Secret(
+                name="ROOTCA",
+                validation_context=CertificateValidationContext(
+                    trusted_ca=DataSource(inline_bytes=root_pem)
+                ),
+            ),
+        }
+
+    def StreamSecrets(self, request_iterator: Any, context: Any) -> Iterator[Any]:
+        """Answer each subscription once; ACKs (they carry the nonce) need no answer."""
+        for request in request_iterator:
+            if request.response_nonce:
+                continue
+            resources = []
+            for name in request.resource_names:
+                packed = any_pb2.Any()
+                packed.Pack(self.secrets[name])
+                resources.append(packed)
+            yield DiscoveryResponse(
+                version_info="1", nonce="1", type_url=SECRET_TYPE, resources=resources
+            )
+
+
+SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+
+
+@contextmanager
+def istio_agent(socket: Path, workload: IssuedCert, root_pem: bytes) -> Iterator[None]:
+    server = grpc.server(ThreadPoolExecutor(max_workers=4))
+    sds_grpc.add_SecretDiscoveryServiceServicer_to_server(MeshSds(workload, root_pem), server)
+    server.add_insecure_port(f"unix:{socket}")
+    server.start()
+    try:
+        yield
+    finally:
+        server.stop(grace=None)
+
+
+def istio_sidecar(upstream_port: int, server_port: int, sds_socket: Path) -> dict[str, Any]:
+    """`render istio --extproc-mtls istio` applied as istiod applies it, with istio-agent's
+    `sds-grpc` cluster and node; the doctor's Service name pinned to the test's server."""
+    options = RenderOptions(mode=RenderMode.ALWAYS, extproc_mtls="istio")
+    envoy_filter = yaml.safe_load(render("istio", options)["istio/always.yaml"])
+    bootstrap = apply_envoy_filter(envoy_filter, upstream_port)
+    (cluster,) = [c for c in bootstrap["static_resources"]["clusters"] if c["name"] == NAME]
+    cluster["type"] = "STATIC"
+    endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    endpoint["address"]["socket_address"].update(address="127.0.0.1", port_value=server_port)
+    sds = copy.deepcopy(ISTIO_SDS_STAND_IN)
+    sds["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"] = {
+        "pipe": {"path": str(sds_socket)}
+    }
+    bootstrap["static_resources"]["clusters"].append(sds)
+    bootstrap["node"] = {
+        "id": "sidecar~10.0.0.1~cart.shop~shop.svc.cluster.local",
+        "cluster": "cart.shop",
+    }
+    return bootstrap
+
+
+class TestIstioMeshIdentity:
+    @pytest.mark.parametrize("same_mesh", [True, False], ids=["mesh-workload", "other-ca"])
+    def test_sidecar_authenticates_with_its_workload_certificate(self, tmp_path, same_mesh):
+        """With --extproc-mtls istio a sidecar presents the workload certificate istio-agent
+        serves by SDS and verifies the server against ROOTCA: a server trusting the mesh root
+        processes its requests; one whose client CA is another refuses, and Envoy fails open."""
+        mesh = CertificateAuthority.create("mesh")
+        other = CertificateAuthority.create("other")
+        service = "extproc-doctor.extproc-doctor.svc.cluster.local"
+        served = mesh.issue(dns_names=[service]).write(tmp_path, "server")
+        client_ca = (
+            served.trusted_ca if same_mesh else _write(tmp_path / "other.pem", other.cert_pem)
+        )
+        tls = TlsFiles(served.cert_chain, served.private_key, client_ca=client_ca)
+        workload = mesh.issue(spiffe_id="spiffe://cluster.local/ns/shop/sa/cart")
+        processor, server = grpc_server(POLICY, tls)
+        socket = tmp_path / "sds.sock"
+        with (
+            HttpUpstream(EchoWithCookie) as upstream,
+            server,
+            istio_agent(socket, workload, mesh.cert_pem),
+            EnvoyProcess(istio_sidecar(upstream.port, server.port, socket)) as envoy,
+        ):
+            port = envoy.listener_ports()["sidecar_outbound"]
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("GET", "/", headers=HYGIENE_NAMES)
+            received = {k.lower() for k in json.loads(conn.getresponse().read())}
+            conn.close()
+        assert ("x-envoy-attempt-count" in received) is not same_mesh
+        assert bool(processor.seen.raw) is same_mesh
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
