@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import http.client
 import json
@@ -36,7 +37,12 @@ from google.protobuf import any_pb2
 
 from extproc import core
 from extproc.config import Exposure, Policy, TlsFiles
-from extproc.filter_config import EXT_PROC_FILTER, EXT_PROC_RESPONSE_FILTER, UNLIMITED
+from extproc.filter_config import (
+    CIRCUIT_BREAKERS,
+    EXT_PROC_FILTER,
+    EXT_PROC_RESPONSE_FILTER,
+    UNLIMITED,
+)
 from extproc.http_lane import HttpLane, HttpProcessor
 from extproc.lab import BackgroundServer, EnvoyProcess, HttpUpstream
 from extproc.lab.certs import CertificateAuthority, IssuedCert
@@ -170,6 +176,11 @@ class Front:
         _, text = self.envoy.admin_get("/stats")
         pairs = (line.rsplit(": ", 1) for line in text.splitlines() if ": " in line)
         return sum(int(v) for k, v in pairs if k.endswith(suffix) and v.isdigit())
+
+    def gauge(self, name: str) -> int:
+        """One of Envoy's gauges, by its full name."""
+        _, text = self.envoy.admin_get(f"/stats?filter=^{name}$")
+        return int(text.split(": ")[1])
 
 
 def rendered_envoy(transport: str, address: str, upstream_port: int, **tls: str) -> dict[str, Any]:
@@ -434,3 +445,95 @@ class TestIstioMeshIdentity:
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
+
+
+class HeldUpstream:
+    """An upstream that holds every request until released, so their ext_proc streams stay
+    open; it notes whether each request still carried the echoed header."""
+
+    def __init__(self) -> None:
+        self.heads: list[bytes] = []
+        self.arrived = asyncio.Condition()
+        self.release = asyncio.Event()
+
+    async def holding(self, count: int) -> None:
+        """Return once `count` requests are held (bounded: a hang fails, never passes)."""
+        async with self.arrived:
+            await asyncio.wait_for(
+                self.arrived.wait_for(lambda: len(self.heads) >= count), timeout=120
+            )
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        async with self.arrived:
+            self.heads.append(head.lower())
+            self.arrived.notify_all()
+        await self.release.wait()
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+
+async def _request(port: int) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET / HTTP/1.1\r\nhost: held\r\nx-envoy-attempt-count: 3\r\n\r\n")
+    await writer.drain()
+    status = await reader.readline()
+    writer.close()
+    return status
+
+
+class TestManyStreamsHeld:
+    # More requests in flight than Envoy's default circuit breaker (1024) admits.
+    IN_FLIGHT = 1100
+    BATCH = 100  # sent a batch at a time, each held upstream before the next
+
+    @pytest.mark.asyncio
+    async def test_more_than_1024_streams_are_all_processed(self):
+        """With 1100 requests in flight, each holding its ext_proc stream, every one is still
+        processed (its echoed header stripped): none overflows the ext_proc cluster and
+        fails open. Envoy's default thresholds would fail open the streams past 1024."""
+        upstream = HeldUpstream()
+        listener = await asyncio.start_server(upstream.handle, "127.0.0.1", 0, backlog=2048)
+        try:
+            open_streams, statuses, overflowed, failed_open = await self._hold(
+                upstream, listener.sockets[0].getsockname()[1]
+            )
+        finally:
+            listener.close()
+            await listener.wait_closed()
+        assert open_streams >= self.IN_FLIGHT
+        assert all(status.startswith(b"HTTP/1.1 200") for status in statuses)
+        assert (overflowed, failed_open) == (0, 0)
+        assert not any(b"x-envoy-attempt-count" in head for head in upstream.heads)
+
+    async def _hold(
+        self, upstream: HeldUpstream, upstream_port: int
+    ) -> tuple[int, list[bytes], int, int]:
+        """Hold IN_FLIGHT requests upstream through the rendered Envoy, then release them:
+        (ext_proc streams open while held, status lines, overflows, fail-opens)."""
+        processor, server = grpc_server(POLICY)
+        with server:
+            bootstrap = rendered_envoy("grpc", f"127.0.0.1:{server.port}", upstream_port)
+            # The test's own upstream cluster must not be the one that overflows.
+            (target,) = [c for c in bootstrap["static_resources"]["clusters"] if c["name"] != NAME]
+            target["circuit_breakers"] = copy.deepcopy(CIRCUIT_BREAKERS)
+            # A burst on two shared cores can keep the server past message_timeout: this
+            # test is about the breakers, so the test's Envoy waits as long as it takes.
+            for ext_proc in _http_filters(bootstrap):
+                if ext_proc["name"] == EXT_PROC_FILTER:
+                    ext_proc["typed_config"]["message_timeout"] = "60s"
+            with EnvoyProcess(bootstrap) as envoy:
+                front = Front(envoy, processor.seen)
+                requests: list[asyncio.Future[bytes]] = []
+                for _ in range(self.IN_FLIGHT // self.BATCH):
+                    requests += [
+                        asyncio.ensure_future(_request(front.port)) for _ in range(self.BATCH)
+                    ]
+                    await upstream.holding(len(requests))
+                open_streams = front.gauge(f"cluster.{NAME}.upstream_rq_active")
+                upstream.release.set()
+                statuses = await asyncio.gather(*requests)
+                overflowed = front.stats(f"cluster.{NAME}.upstream_rq_pending_overflow")
+                failed_open = front.stats("failure_mode_allowed")
+        return open_streams, statuses, overflowed, failed_open
