@@ -47,17 +47,19 @@ MESSAGE_TIMEOUT = "0.5s"
 
 # The doctor's own HTTP filter names. Not ext_proc's extension name: whatever configures
 # `envoy.filters.http.ext_proc` per route by that name (Istio's InferencePool support does)
-# must not configure ours. The attributes still arrive under the extension's name, which
-# Envoy fixes (`FilterName` in source/extensions/filters/http/ext_proc/ext_proc.cc;
-# tests/envoy/test_filter_names_e2e.py checks it on Envoy 1.40).
+# must not configure ours (Envoy looks per-route config up by the configured name). The
+# attributes still arrive under the extension's name, a constant in Envoy (`FilterName`,
+# the key `Filter::addAttributes` writes, source/extensions/filters/http/ext_proc/
+# ext_proc.cc at envoyproxy/envoy 0026fb37), not the configured one: checked on Envoy
+# 1.40 in tests/deploy/test_doors_e2e.py, so both adapters keep reading core.ATTRIBUTES_KEY.
 EXT_PROC_FILTER = "extproc-doctor.ext_proc"
 # The HTTP lane's second, response-only filter in the same chain.
 EXT_PROC_RESPONSE_FILTER = "extproc-doctor.ext_proc.response"
 
 # Request and response headers Envoy keeps from the server (ext_proc `forward_rules`): the
 # server has no rule that needs their values, so they do not travel to it. Envoy leaves
-# them out of the message, name and value (tests/envoy/test_forward_rules_e2e.py); the
-# request itself keeps them. Every name a hygiene rule reads still travels.
+# them out of the message, name and value, and the request keeps them (checked on Envoy
+# 1.40, both lanes, in tests/deploy/test_doors_e2e.py). Every name a hygiene rule reads still travels.
 WITHHELD_HEADERS: tuple[str, ...] = ("authorization", "cookie", "proxy-authorization", "set-cookie")
 
 # The ext_proc cluster's circuit breakers, all at the maximum, as Istio sets its own
