@@ -190,6 +190,14 @@ class TestServerMtls:
         files = render_all(RenderOptions(extproc_mtls="istio"))
         assert {path.split("/")[0] for path in files} == {"istio", "k8s", "monitoring"}
 
+    def test_command_skips_targets_without_istio_sds(self, capsys):
+        """`render all --extproc-mtls istio` prints the Istio and k8s files and says what it skipped."""
+        assert run(["render", "all", "--extproc-mtls", "istio"]) == 0
+        out, err = capsys.readouterr()
+        assert "kind: EnvoyFilter" in out and "--client-ca" in out
+        assert "render envoy: skipped, it has no Istio SDS" in err
+        assert "render cilium: skipped" in err
+
     @pytest.mark.parametrize(
         ("fields", "message"),
         [
