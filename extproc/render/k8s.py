@@ -54,12 +54,13 @@ TLS_SECRET = f"{NAME}-tls"
 HEALTH_PORT = 50052
 METRICS_PORT = 9090
 DRAIN_SECONDS = 10
-# How long Envoys may still open streams to a pod after it starts terminating: the
-# EndpointSlice drops it at once, then CoreDNS answers from records cached up to the
-# kubernetes plugin's TTL (5 s by default), and a STRICT_DNS cluster re-resolves every
-# dns_refresh_rate (Envoy's default 5 s): 10 s, plus propagation. Streams already open
-# finish within the drain that follows.
-PRE_STOP_SECONDS = 15
+# How long Envoys may still open streams to a pod after it starts terminating. Its
+# EndpointSlice entry goes at once, but the headless name is answered from DNS: the
+# Corefile Kubernetes installs sets the kubernetes plugin's TTL to 30 s (kubernetes/
+# kubernetes#76238; the plugin's own default is 5 s) and its `cache 30` keeps answers that
+# long, and a STRICT_DNS cluster re-resolves every dns_refresh_rate (Envoy's default 5 s).
+# 35 s, plus propagation. Streams already open finish within the drain that follows.
+PRE_STOP_SECONDS = 40
 # Where `--workers` keeps prometheus-client's multiprocess files (tempfile: TMPDIR or /tmp).
 TMP_DIR = "/tmp"  # noqa: S108 - an emptyDir of the pod's own, not a shared /tmp
 TMP_SIZE = "64Mi"

@@ -298,14 +298,15 @@ class TestKubernetes:
             assert constraint["whenUnsatisfiable"] == "ScheduleAnyway"
 
     def test_pre_stop_outlasts_dns_and_grace_outlasts_both(self):
-        """The pod keeps serving while Envoys' DNS still names it (5 s TTL + 5 s refresh),
-        then drains, all within the grace period."""
+        """The pod keeps serving while Envoys' DNS may still name it (Kubernetes' Corefile:
+        TTL and cache 30 s; Envoy's dns_refresh_rate 5 s), then drains, all within the grace
+        period."""
         pod = render_manifests(RenderOptions())["deployment.yaml"]["spec"]["template"]["spec"]
         (container,) = pod["containers"]
         pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
         args = container["args"]
         drain = int(args[args.index("--grace") + 1])
-        assert pre_stop >= 5 + 5
+        assert pre_stop >= 30 + 5
         assert pod["terminationGracePeriodSeconds"] > pre_stop + drain
 
     def test_pod_stays_out_of_the_mesh_by_label(self):
