@@ -328,6 +328,7 @@ def _render(args: argparse.Namespace) -> int:
             notes,
             render,
             render_all,
+            supports,
         )
     except ImportError as exc:
         return _missing_extra("render", exc)
@@ -338,6 +339,7 @@ def _render(args: argparse.Namespace) -> int:
             **({"image": args.image} if args.image else {}),
             extproc_address=args.extproc_address,
             extproc_tls_ca=args.extproc_tls_ca,
+            extproc_mtls=args.extproc_mtls,
             # The files a policy names (the reveal token) live where the server runs.
             policy=_policy(args.config, read_secrets=False),
             policy_text=text,
@@ -356,6 +358,9 @@ def _render(args: argparse.Namespace) -> int:
             mode = RenderMode(args.mode) if args.mode else modes(target)[0]
             if args.target == "all" and mode not in modes(target):
                 print(f"extproc render {target}: skipped, it has no {mode} mode", file=sys.stderr)
+                continue
+            if args.target == "all" and not supports(target, options):
+                print(f"extproc render {target}: skipped, it has no Istio SDS", file=sys.stderr)
                 continue
             chosen = replace(options, mode=mode)
             files = render(target, chosen)  # refuses an impossible mode before any note
@@ -412,7 +417,15 @@ def _add_render_parser(sub: Any) -> None:
     render.add_argument(
         "--extproc-tls-ca",
         metavar="PEM",
-        help="speak TLS to the server, verified with this CA file (a path inside the proxy)",
+        help="speak TLS to the server, verified with this CA file (a path inside the proxy); "
+        "Envoy presents no certificate: prefer --extproc-mtls",
+    )
+    render.add_argument(
+        "--extproc-mtls",
+        metavar="DIR|istio",
+        help="mutual TLS to the server: DIR inside the proxy holds ca.crt, tls.crt, tls.key "
+        "(a cert-manager Secret's layout); istio: the proxy's mesh certificate and root by "
+        "SDS (istio and k8s targets). The Deployment then requires client certificates",
     )
     render.add_argument(
         "--cilium-service",

@@ -45,8 +45,51 @@ RESPONSE_ATTRIBUTES: tuple[str, ...] = (
 MESSAGE_TIMEOUT = "0.5s"
 
 
-# The HTTP filter's name; the server finds the attributes under it in a ProcessingRequest.
-EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
+# The doctor's own HTTP filter names. Not ext_proc's extension name: whatever configures
+# `envoy.filters.http.ext_proc` per route by that name (Istio's InferencePool support does)
+# must not configure ours (Envoy looks per-route config up by the configured name). The
+# attributes still arrive under the extension's name, a constant in Envoy (`FilterName`,
+# the key `Filter::addAttributes` writes, source/extensions/filters/http/ext_proc/
+# ext_proc.cc at envoyproxy/envoy 0026fb37), not the configured one: checked on Envoy
+# 1.40 in tests/deploy/test_doors_e2e.py, so both adapters keep reading core.ATTRIBUTES_KEY.
+EXT_PROC_FILTER = "extproc-doctor.ext_proc"
+# The HTTP lane's second, response-only filter in the same chain.
+EXT_PROC_RESPONSE_FILTER = "extproc-doctor.ext_proc.response"
+
+# Request and response headers Envoy keeps from the server (ext_proc `forward_rules`): the
+# server has no rule that needs their values, so they do not travel to it. Envoy leaves
+# them out of the message, name and value, and the request keeps them (checked on Envoy
+# 1.40, both lanes, in tests/deploy/test_doors_e2e.py). Every name a hygiene rule reads still travels.
+WITHHELD_HEADERS: tuple[str, ...] = ("authorization", "cookie", "proxy-authorization", "set-cookie")
+
+# The ext_proc cluster's circuit breakers, all at the maximum, as Istio sets its own
+# clusters' (getDefaultCircuitBreakerThresholds, pilot/pkg/networking/core/
+# cluster_traffic_policy.go:477 at istio/istio 86c9f01f). Envoy's defaults (1024 requests,
+# 1024 pending) would cap the streams at 1024: in always mode each in-flight request holds
+# one, and beyond it the filter fails open without a sign. The server bounds itself
+# (`--max-streams`, counted); ext_proc streams are never retried.
+UNLIMITED = 4294967295
+CIRCUIT_BREAKERS: dict[str, Any] = {
+    "thresholds": [
+        {
+            "priority": "DEFAULT",
+            "max_connections": UNLIMITED,
+            "max_pending_requests": UNLIMITED,
+            "max_requests": UNLIMITED,
+            "max_retries": UNLIMITED,
+        }
+    ]
+}
+
+# `--extproc-mtls`: a directory inside the proxy with these files (a cert-manager
+# Certificate's Secret: the issuing CA, the chain, the key), or MESH_IDENTITY: the Istio
+# proxy's own workload certificate and mesh root, by SDS from istio-agent.
+MTLS_CA, MTLS_CERT, MTLS_KEY = "ca.crt", "tls.crt", "tls.key"
+MESH_IDENTITY = "istio"
+# istio-agent's SDS cluster and resource names (pkg/model/authentication.go:27-34 at
+# istio/istio 86c9f01f), as Istio's own clusters reference them.
+ISTIO_SDS_CLUSTER = "sds-grpc"
+ISTIO_CERT_SECRET, ISTIO_ROOT_SECRET = "default", "ROOTCA"
 
 # gRPC metadata on every stream, set per rendered filter: where the filter sits (edge,
 # outbound, inbound). The manifest knows this; `xds.listener_direction` cannot tell an
@@ -97,8 +140,9 @@ def ext_proc_filter(
     metadata_options: dict[str, Any] = {"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}}
     if transport == HTTP and response_headers:
         metadata_options["forwarding_namespaces"] = {"untyped": [METADATA_NAMESPACE]}
+    only_response = transport == HTTP and not request_headers
     return {
-        "name": EXT_PROC_FILTER,
+        "name": EXT_PROC_RESPONSE_FILTER if only_response else EXT_PROC_FILTER,
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
             service_key: service,
@@ -119,6 +163,9 @@ def ext_proc_filter(
             # mutations silently.
             "mutation_rules": {"allow_all_routing": True, "allow_envoy": True},
             "metadata_options": metadata_options,
+            "forward_rules": {
+                "disallowed_headers": {"patterns": [{"exact": n} for n in WITHHELD_HEADERS]}
+            },
         },
     }
 
@@ -206,19 +253,27 @@ def _protocol(transport: str = GRPC) -> dict[str, Any]:
 
 
 def ext_proc_cluster(
-    name: str, host: str, port: int, *, tls_ca: str | None = None, transport: str = GRPC
+    name: str,
+    host: str,
+    port: int,
+    *,
+    tls_ca: str | None = None,
+    mtls: str | None = None,
+    transport: str = GRPC,
 ) -> dict[str, Any]:
     """A cluster for the ext_proc server: HTTP/2 for gRPC, HTTP/1.1 for the HTTP lane.
 
     An IP address is STATIC; a name is STRICT_DNS, so a headless Service's name resolves
     to every ready pod and Envoy spreads streams over them (one ClusterIP would pin a
     long-lived HTTP/2 connection to whichever pod kube-proxy picked). With `tls_ca`, the
-    connection is TLS to `host` as SNI, verified against that CA file.
+    connection is TLS to `host` as SNI, verified against that CA file; with `mtls` Envoy
+    also presents a client certificate (`upstream_tls`).
     """
     cluster: dict[str, Any] = {
         "name": name,
         "type": discovery_type(host),
         "connect_timeout": "1s",
+        "circuit_breakers": CIRCUIT_BREAKERS,
         "typed_extension_protocol_options": _protocol(transport),
         "load_assignment": {
             "cluster_name": name,
@@ -235,8 +290,8 @@ def ext_proc_cluster(
             ],
         },
     }
-    if tls_ca is not None:
-        cluster["transport_socket"] = _upstream_tls(host, tls_ca, transport)
+    if tls_ca is not None or mtls is not None:
+        cluster["transport_socket"] = upstream_tls(host, transport, ca_file=tls_ca, mtls=mtls)
     return cluster
 
 
@@ -252,28 +307,73 @@ def ext_proc_pipe_cluster(
         "name": name,
         "type": "STATIC",
         "connect_timeout": "1s",
+        "circuit_breakers": CIRCUIT_BREAKERS,
         "typed_extension_protocol_options": _protocol(transport),
         "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}]},
     }
 
 
-def _upstream_tls(sni: str, ca_file: str, transport: str = GRPC) -> dict[str, Any]:
+def upstream_tls(
+    sni: str, transport: str = GRPC, *, ca_file: str | None = None, mtls: str | None = None
+) -> dict[str, Any]:
+    """The TLS transport socket to the server, verified as `sni` (a DNS SAN).
+
+    `ca_file` alone: the server is verified, Envoy presents nothing. `mtls` a directory:
+    the CA, the client chain and key from its `ca.crt`, `tls.crt`, `tls.key`. `mtls`
+    MESH_IDENTITY: Istio's workload certificate and mesh root by SDS, as Istio's own
+    clusters have them, so nothing is mounted into the proxy.
+    """
+    san = {"match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": sni}}]}
+    context: dict[str, Any] = {
+        # gRPC over TLS negotiates h2 by ALPN; a server that insists on it would
+        # otherwise reset the handshake.
+        "alpn_protocols": ["h2"] if transport == GRPC else ["http/1.1"],
+    }
+    if mtls == MESH_IDENTITY:
+        context["tls_certificate_sds_secret_configs"] = [_istio_sds(ISTIO_CERT_SECRET)]
+        context["combined_validation_context"] = {
+            "default_validation_context": san,
+            "validation_context_sds_secret_config": _istio_sds(ISTIO_ROOT_SECRET),
+        }
+    elif mtls is not None:
+        directory = mtls.rstrip("/")
+        context["tls_certificates"] = [
+            {
+                "certificate_chain": {"filename": f"{directory}/{MTLS_CERT}"},
+                "private_key": {"filename": f"{directory}/{MTLS_KEY}"},
+            }
+        ]
+        context["validation_context"] = {
+            "trusted_ca": {"filename": f"{directory}/{MTLS_CA}"},
+            **san,
+        }
+    elif ca_file is not None:
+        context["validation_context"] = {"trusted_ca": {"filename": ca_file}, **san}
+    else:
+        raise ValueError("upstream_tls needs a CA file or an mTLS source")
     return {
         "name": "envoy.transport_sockets.tls",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
             "sni": sni,
-            "common_tls_context": {
-                # gRPC over TLS negotiates h2 by ALPN; a server that insists on it
-                # would otherwise reset the handshake.
-                "alpn_protocols": ["h2"] if transport == GRPC else ["http/1.1"],
-                "validation_context": {
-                    "trusted_ca": {"filename": ca_file},
-                    "match_typed_subject_alt_names": [
-                        {"san_type": "DNS", "matcher": {"exact": sni}}
-                    ],
-                },
+            "common_tls_context": context,
+        },
+    }
+
+
+def _istio_sds(secret: str) -> dict[str, Any]:
+    """An SDS secret from istio-agent, configured as Istio configures its own clusters'."""
+    return {
+        "name": secret,
+        "sds_config": {
+            "api_config_source": {
+                "api_type": "GRPC",
+                "grpc_services": [{"envoy_grpc": {"cluster_name": ISTIO_SDS_CLUSTER}}],
+                "set_node_on_first_message_only": True,
+                "transport_api_version": "V3",
             },
+            "resource_api_version": "V3",
+            "initial_fetch_timeout": "0s",
         },
     }
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from extproc.filter_config import GRPC, TRANSPORTS
+from extproc.filter_config import GRPC, MESH_IDENTITY, TRANSPORTS
 from extproc.render import cilium, envoy_bootstrap, istio, k8s, monitoring
 from extproc.render.gate import request_gate
 from extproc.render.options import RenderError, RenderMode, RenderOptions
@@ -26,6 +26,7 @@ __all__ = [
     "notes",
     "render",
     "render_all",
+    "supports",
 ]
 
 TARGETS = ("istio", "cilium", "envoy", "k8s", "monitoring")
@@ -51,6 +52,11 @@ def render(target: str, options: RenderOptions) -> dict[str, str]:
     The k8s and monitoring files depend on neither the mode nor the transport (the server
     listens on both); the others carry them in the file name (`always-http.yaml`).
     """
+    if not supports(target, options):
+        raise RenderError(
+            f"--extproc-mtls {MESH_IDENTITY}: the {target} target's Envoy has no Istio SDS; "
+            "give a directory inside the proxy instead"
+        )
     mode = options.mode
     name = str(mode) if options.transport == GRPC else f"{mode}-{options.transport}"
     match target:
@@ -78,10 +84,15 @@ def render(target: str, options: RenderOptions) -> dict[str, str]:
     }
 
 
+def supports(target: str, options: RenderOptions) -> bool:
+    """Whether `target` can render `options`: only Istio's proxies have Istio's SDS."""
+    return options.extproc_mtls != MESH_IDENTITY or target not in ("cilium", "envoy")
+
+
 def render_all(options: RenderOptions) -> dict[str, str]:
     """Every target in every mode and transport: the whole `deploy/` directory."""
     files: dict[str, str] = {}
-    for target in TARGETS:
+    for target in filter(lambda t: supports(t, options), TARGETS):
         for transport in TRANSPORTS if target != "k8s" else (GRPC,):
             for mode in modes(target):
                 files.update(render(target, replace(options, mode=mode, transport=transport)))

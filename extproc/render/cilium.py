@@ -111,7 +111,7 @@ def resources(options: RenderOptions, *, clusterwide: bool) -> list[dict[str, An
     """The Envoy resources, each with its `@type` as Cilium expects."""
     host, port = options.extproc_target(in_cluster=True)
     server_name = extproc_cluster_name(options, clusterwide=clusterwide)
-    server = extproc_cluster(server_name, host, port, options.extproc_tls_ca, options.transport)
+    server = extproc_cluster(server_name, host, port, options)
     backend = {"name": backend_cluster_name(options), "type": "EDS", "connect_timeout": "5s"}
     return [
         {

@@ -57,7 +57,7 @@ def render_bootstrap(options: RenderOptions) -> dict[str, Any]:
             "listeners": [_listener(options, filters)],
             "clusters": [
                 _upstream_cluster(*host_port(options.upstream, "--upstream")),
-                extproc_cluster(NAME, host, port, options.extproc_tls_ca, options.transport),
+                extproc_cluster(NAME, host, port, options),
             ],
         },
     }

@@ -50,7 +50,7 @@ from extproc.render.gate import (
     Phase,
     RequestGate,
 )
-from extproc.render.options import RenderError, RenderMode
+from extproc.render.options import RenderError, RenderMode, RenderOptions
 
 __all__ = [
     "Bootstrap",
@@ -87,11 +87,14 @@ def typed(kind: type[M], value: dict[str, Any]) -> dict[str, Any]:
     return message.to_dict(casing=betterproto2.Casing.SNAKE)
 
 
-def extproc_cluster(
-    name: str, host: str, port: int, tls_ca: str | None, transport: str = GRPC
-) -> dict[str, Any]:
-    """The ext_proc server's cluster (HTTP/2 for gRPC, HTTP/1.1 for http; optionally TLS), typed."""
-    return typed(Cluster, ext_proc_cluster(name, host, port, tls_ca=tls_ca, transport=transport))
+def extproc_cluster(name: str, host: str, port: int, options: RenderOptions) -> dict[str, Any]:
+    """The ext_proc server's cluster, typed: HTTP/2 for gRPC, HTTP/1.1 for http; TLS or
+    mTLS as `options` ask."""
+    cluster = ext_proc_cluster(
+        name, host, port, tls_ca=options.extproc_tls_ca, mtls=options.extproc_mtls,
+        transport=options.transport,
+    )  # fmt: skip
+    return typed(Cluster, cluster)
 
 
 def router_filter() -> dict[str, Any]:

@@ -54,7 +54,7 @@ def render_envoy_filter(options: RenderOptions) -> dict[str, Any]:
         "match": {"context": "ANY"},
         "patch": {
             "operation": "ADD",
-            "value": extproc_cluster(NAME, host, port, options.extproc_tls_ca, options.transport),
+            "value": extproc_cluster(NAME, host, port, options),
         },
     }
     return {

@@ -9,7 +9,7 @@ from importlib.metadata import version
 
 from extproc.authority import parse_authority
 from extproc.config import Direction, Policy
-from extproc.filter_config import GRPC, HTTP, TRANSPORTS
+from extproc.filter_config import GRPC, HTTP, MESH_IDENTITY, TRANSPORTS
 
 # Kubernetes names: a DNS-1123 label.
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
@@ -55,6 +55,10 @@ class RenderOptions:
     extproc_address: str | None = None
     # A CA file inside the proxy: with it, Envoy speaks TLS to the server and verifies it.
     extproc_tls_ca: str | None = None
+    # mTLS to the server: a directory inside the proxy with ca.crt, tls.crt, tls.key (the
+    # layout of a cert-manager Secret), or "istio": the proxy's own mesh identity by SDS.
+    # The Deployment then requires client certificates (`--client-ca`).
+    extproc_mtls: str | None = None
     policy: Policy = field(default_factory=Policy)
     # The policy file's text, for the ConfigMap; "" renders the defaults.
     policy_text: str = ""
@@ -83,6 +87,7 @@ class RenderOptions:
             raise RenderError(f"--image: {self.image!r} is not an image reference")
         if self.extproc_address is not None:
             host_port(self.extproc_address, "--extproc-address")
+        self._check_mtls()
         host_port(self.envoy_listen, "--envoy-listen")
         host_port(self.upstream, "--upstream")
         self.cilium_backend()  # validates
@@ -90,6 +95,25 @@ class RenderOptions:
             raise RenderError(f"--transport: expected grpc or http, got {self.transport!r}")
         if self.direction is Direction.AUTO:
             raise RenderError("--direction: expected edge, outbound or inbound, got auto")
+
+    def _check_mtls(self) -> None:
+        mtls = self.extproc_mtls
+        if mtls is None:
+            return
+        if self.extproc_tls_ca is not None:
+            raise RenderError(
+                "--extproc-mtls includes the CA: give it or --extproc-tls-ca, not both"
+            )
+        if mtls != MESH_IDENTITY and not (mtls.startswith("/") and mtls.strip("/")):
+            raise RenderError(
+                f"--extproc-mtls: expected an absolute directory inside the proxy or "
+                f"{MESH_IDENTITY!r}, got {mtls!r}"
+            )
+
+    @property
+    def server_tls(self) -> bool:
+        """Whether the server serves TLS (and, with mTLS, requires client certificates)."""
+        return self.extproc_tls_ca is not None or self.extproc_mtls is not None
 
     def extproc_target(self, *, in_cluster: bool) -> tuple[str, int]:
         """Where Envoy reaches the server."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bench.configs import CONFIGS, Config, Filter, Route, Server, bootstrap
+from extproc.filter_config import EXT_PROC_FILTER
 from extproc.render.options import NAME
 
 ROWS = {c.name: c for c in CONFIGS}
@@ -61,7 +62,7 @@ class TestBootstrap:
         rendered = bootstrap(ROWS["always"], extproc="127.0.0.1:5005", refused_port=9)
         names = [f["name"] for f in manager(rendered)["http_filters"]]
         assert names == [
-            "envoy.filters.http.ext_proc",
+            EXT_PROC_FILTER,
             "extproc-doctor.annotation-guard",
             "envoy.filters.http.router",
         ]

@@ -102,3 +102,39 @@ class TestEnvoyAcceptsEveryFragment:
         ]
         assert server["transport_socket"]["name"] == "envoy.transport_sockets.tls"
         validate(bootstrap)
+
+    def test_istio_mesh_identity_cluster(self, envoy_binary):
+        """With --extproc-mtls istio the server's cluster takes its certificate and root by SDS
+        from `sds-grpc`, which istio-agent's bootstrap defines (a stand-in here, shaped as in
+        istio/istio tools/packaging/common/envoy_bootstrap.json:286-311 at 86c9f01f); Envoy
+        accepts it."""
+        options = RenderOptions(mode=RenderMode.ALWAYS, extproc_mtls="istio")
+        bootstrap = as_bootstrap(
+            "istio", yaml.safe_load(render("istio", options)["istio/always.yaml"])
+        )
+        bootstrap["static_resources"]["clusters"].append(ISTIO_SDS_STAND_IN)
+        # SDS needs the node's identity, which istio-agent always sets.
+        bootstrap["node"] = {
+            "id": "sidecar~10.0.0.1~cart.shop~shop.svc.cluster.local",
+            "cluster": "cart.shop",
+        }
+        validate(bootstrap, binary=envoy_binary)
+
+
+ISTIO_SDS_STAND_IN: dict[str, Any] = {
+    "name": "sds-grpc",
+    "type": "STATIC",
+    "connect_timeout": "1s",
+    "typed_extension_protocol_options": {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}},
+        }
+    },
+    "load_assignment": {
+        "cluster_name": "sds-grpc",
+        "endpoints": [
+            {"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": "./sds-socket"}}}}]}
+        ],
+    },
+}

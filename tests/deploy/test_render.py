@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import kubernetes_validate
 import pytest
@@ -25,12 +26,23 @@ from extproc.render import (
 )
 from extproc.render.envoy_config import HttpFilter, typed
 from extproc.render.istio import render_envoy_filter
-from extproc.render.k8s import render_manifests
+from extproc.render.k8s import CILIUM_POLICY_FILE, LABELS, render_manifests
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 # The oldest Kubernetes the manifests promise to fit (gRPC probes are GA since 1.27).
 KUBERNETES = "1.30"
+VARIANTS = [
+    RenderOptions(),
+    RenderOptions(extproc_mtls="/etc/x"),
+    RenderOptions(extproc_mtls="istio"),
+]
+VARIANT_IDS = ["plaintext", "mtls-dir", "mtls-istio"]
+BUILT_IN_KINDS = [
+    n
+    for n in render_manifests(RenderOptions())
+    if n not in ("kustomization.yaml", CILIUM_POLICY_FILE)
+]
 
 
 class TestDeployDirectory:
@@ -115,21 +127,216 @@ class TestOptions:
             RenderOptions(**{field: value})
 
 
-class TestKubernetes:
+def container_args(options: RenderOptions) -> list[str]:
+    pod = render_manifests(options)["deployment.yaml"]["spec"]["template"]["spec"]
+    return list(pod["containers"][0]["args"])
+
+
+class TestServerMtls:
+    def test_directory_mtls_requires_client_certificates(self):
+        """--extproc-mtls DIR: the server serves the Secret's certificate and requires client
+        certificates from the Secret's ca.crt; --extproc-tls-ca alone requires none."""
+        args = container_args(RenderOptions(extproc_mtls="/etc/extproc-client"))
+        assert args[args.index("--tls-cert") + 1] == "/etc/extproc-doctor-tls/tls.crt"
+        assert args[args.index("--client-ca") + 1] == "/etc/extproc-doctor-tls/ca.crt"
+        assert "--client-ca" not in container_args(RenderOptions(extproc_tls_ca="/ca.pem"))
+
+    def test_istio_mtls_trusts_the_mesh_root(self):
+        """--extproc-mtls istio: client certificates must chain to the root istiod publishes."""
+        options = RenderOptions(extproc_mtls="istio")
+        pod = render_manifests(options)["deployment.yaml"]["spec"]["template"]["spec"]
+        args = container_args(options)
+        assert args[args.index("--client-ca") + 1] == "/etc/istio-ca/root-cert.pem"
+        assert {"name": "istio-ca", "configMap": {"name": "istio-ca-root-cert"}} in pod["volumes"]
+
+    @pytest.mark.parametrize("target", ["istio", "cilium", "envoy"])
+    def test_envoy_presents_the_client_certificate(self, target):
+        """Every target's ext_proc cluster presents the directory's certificate and verifies the
+        server against its CA."""
+        options = RenderOptions(mode=RenderMode.ALWAYS, extproc_mtls="/etc/extproc-client/")
+        (text,) = render(target, options).values() if target != "cilium" else [
+            render(target, options)["cilium/always.yaml"]]  # fmt: skip
+        (context,) = [
+            c["common_tls_context"]
+            for c in find(yaml.safe_load(text), "common_tls_context", parent=True)
+        ]
+        (certificate,) = context["tls_certificates"]
+        assert certificate["certificate_chain"]["filename"] == "/etc/extproc-client/tls.crt"
+        assert certificate["private_key"]["filename"] == "/etc/extproc-client/tls.key"
+        assert (
+            context["validation_context"]["trusted_ca"]["filename"] == "/etc/extproc-client/ca.crt"
+        )
+
+    def test_istio_cluster_uses_the_proxy_mesh_identity(self):
+        """--extproc-mtls istio: the cluster takes istio-agent's `default` certificate and
+        `ROOTCA` by SDS over `sds-grpc`, as Istio's own clusters do; nothing is mounted."""
+        options = RenderOptions(extproc_mtls="istio")
+        (context,) = [
+            c["common_tls_context"]
+            for c in find(render_envoy_filter(options), "common_tls_context", parent=True)
+        ]
+        (certificate,) = context["tls_certificate_sds_secret_configs"]
+        root = context["combined_validation_context"]["validation_context_sds_secret_config"]
+        assert (certificate["name"], root["name"]) == ("default", "ROOTCA")
+        for secret in (certificate, root):
+            (service,) = secret["sds_config"]["api_config_source"]["grpc_services"]
+            assert service["envoy_grpc"]["cluster_name"] == "sds-grpc"
+        assert "tls_certificates" not in context
+
+    def test_istio_identity_is_refused_where_no_istio_agent_runs(self, capsys):
+        """Plain Envoy and cilium-envoy have no Istio SDS: the render says so; `all` skips them."""
+        with pytest.raises(RenderError, match="no Istio SDS"):
+            render("envoy", RenderOptions(extproc_mtls="istio"))
+        files = render_all(RenderOptions(extproc_mtls="istio"))
+        assert {path.split("/")[0] for path in files} == {"istio", "k8s", "monitoring"}
+
+    def test_command_skips_targets_without_istio_sds(self, capsys):
+        """`render all --extproc-mtls istio` prints the Istio and k8s files and says what it skipped."""
+        assert run(["render", "all", "--extproc-mtls", "istio"]) == 0
+        out, err = capsys.readouterr()
+        assert "kind: EnvoyFilter" in out and "--client-ca" in out
+        assert "render envoy: skipped, it has no Istio SDS" in err
+        assert "render cilium: skipped" in err
+
     @pytest.mark.parametrize(
-        "name", [n for n in render_manifests(RenderOptions()) if n != "kustomization.yaml"]
+        ("fields", "message"),
+        [
+            ({"extproc_mtls": "relative/dir"}, "--extproc-mtls: expected an absolute directory"),
+            ({"extproc_mtls": "/"}, "--extproc-mtls: expected an absolute directory"),
+            ({"extproc_mtls": "/d", "extproc_tls_ca": "/ca.pem"}, "not both"),
+        ],
     )
-    def test_schema_valid(self, name):
-        """Each Kubernetes object passes the API schema, strictly (no unknown fields)."""
-        manifest = render_manifests(RenderOptions())[name]
+    def test_bad_mtls_option_names_itself(self, fields, message):
+        """A wrong --extproc-mtls is refused with a message that names it."""
+        with pytest.raises(RenderError, match=message):
+            RenderOptions(**fields)
+
+
+def find(document: Any, key: str, *, parent: bool = False) -> list[Any]:
+    """Every value under `key` anywhere in `document` (with `parent`: the dicts holding it)."""
+    found: list[Any] = []
+    if isinstance(document, dict):
+        if key in document:
+            found.append(document if parent else document[key])
+        for value in document.values():
+            found += find(value, key, parent=parent)
+    elif isinstance(document, list):
+        for value in document:
+            found += find(value, key, parent=parent)
+    return found
+
+
+class TestNetworkPolicy:
+    def policy(self) -> dict[str, Any]:
+        return render_manifests(RenderOptions())["networkpolicy.yaml"]
+
+    def test_ext_proc_ports_admit_only_istio_proxies(self):
+        """gRPC and the HTTP lane admit pods Istio injected (any namespace) and nothing else."""
+        spec = self.policy()["spec"]
+        assert spec["podSelector"]["matchLabels"] == LABELS
+        assert spec["policyTypes"] == ["Ingress"]
+        lanes = [
+            rule for rule in spec["ingress"] if {p["port"] for p in rule["ports"]} & {50051, 50080}
+        ]
+        (rule,) = lanes
+        assert {p["port"] for p in rule["ports"]} == {50051, 50080}
+        (peer,) = rule["from"]
+        assert peer["namespaceSelector"] == {}
+        assert peer["podSelector"] == {
+            "matchExpressions": [{"key": "service.istio.io/canonical-name", "operator": "Exists"}]
+        }
+
+    def test_health_port_is_left_to_the_node(self):
+        """No rule opens the health port: kubelet probes come from the node, which NetworkPolicy
+        admits; metrics are open to any pod (Prometheus)."""
+        ports = {p["port"] for rule in self.policy()["spec"]["ingress"] for p in rule["ports"]}
+        assert 50052 not in ports
+        assert 9090 in ports
+
+    def test_cilium_policy_admits_the_nodes_envoy(self):
+        """On Cilium, cilium-envoy (hostNetwork) reaches the ext_proc ports as host or remote-node."""
+        policy = render_manifests(RenderOptions())[CILIUM_POLICY_FILE]
+        assert policy["kind"] == "CiliumNetworkPolicy"
+        (rule,) = policy["spec"]["ingress"]
+        assert rule["fromEntities"] == ["host", "remote-node"]
+        ports = {p["port"] for p in rule["toPorts"][0]["ports"]}
+        assert ports == {"50051", "50080"}
+
+
+class TestKubernetes:
+    @pytest.mark.parametrize("options", VARIANTS, ids=VARIANT_IDS)
+    @pytest.mark.parametrize("name", BUILT_IN_KINDS)
+    def test_schema_valid(self, name, options):
+        """Each Kubernetes object passes the API schema, strictly (no unknown fields), with
+        and without TLS."""
+        manifest = render_manifests(options)[name]
         kubernetes_validate.validate(manifest, KUBERNETES, strict=True)
 
     def test_kustomization_lists_every_file(self):
-        """The kustomization names every rendered resource file, and sets the namespace."""
+        """The kustomization names every rendered resource file but Cilium's policy (its CRD
+        may be absent), and sets the namespace."""
         manifests = render_manifests(RenderOptions(namespace="doctor"))
         kustomization = manifests.pop("kustomization.yaml")
+        manifests.pop(CILIUM_POLICY_FILE)
         assert kustomization["resources"] == list(manifests)
         assert kustomization["namespace"] == "doctor"
+
+    def test_the_autoscaler_owns_the_replica_count(self):
+        """The Deployment sets no replicas beside the HPA, or every apply would reset the scale."""
+        manifests = render_manifests(RenderOptions())
+        assert "replicas" not in manifests["deployment.yaml"]["spec"]
+        assert manifests["horizontalpodautoscaler.yaml"]["spec"]["minReplicas"] >= 2
+        assert manifests["poddisruptionbudget.yaml"]["spec"]["minAvailable"] == 1
+
+    def test_replicas_spread_over_nodes_and_zones(self):
+        """Topology spread keeps replicas on different nodes and zones where it can."""
+        pod = render_manifests(RenderOptions())["deployment.yaml"]["spec"]["template"]["spec"]
+        spread = {c["topologyKey"]: c for c in pod["topologySpreadConstraints"]}
+        assert set(spread) == {"kubernetes.io/hostname", "topology.kubernetes.io/zone"}
+        for constraint in spread.values():
+            assert constraint["labelSelector"]["matchLabels"] == LABELS
+            assert constraint["whenUnsatisfiable"] == "ScheduleAnyway"
+
+    def test_pre_stop_outlasts_dns_and_grace_outlasts_both(self):
+        """The pod keeps serving while Envoys' DNS may still name it (Kubernetes' Corefile:
+        TTL and cache 30 s; Envoy's dns_refresh_rate 5 s), then drains, all within the grace
+        period."""
+        pod = render_manifests(RenderOptions())["deployment.yaml"]["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+        args = container["args"]
+        drain = int(args[args.index("--grace") + 1])
+        assert pre_stop >= 30 + 5
+        assert pod["terminationGracePeriodSeconds"] > pre_stop + drain
+
+    def test_pod_stays_out_of_the_mesh_by_label(self):
+        """Sidecar injection is off by the label (which wins over the annotation), and ambient
+        capture by istio.io/dataplane-mode: none."""
+        template = render_manifests(RenderOptions())["deployment.yaml"]["spec"]["template"]
+        labels = template["metadata"]["labels"]
+        assert labels["sidecar.istio.io/inject"] == "false"
+        assert labels["istio.io/dataplane-mode"] == "none"
+
+    def test_service_exported_to_its_own_namespace(self):
+        """Istio's registry shows the Service to its own namespace only."""
+        service = render_manifests(RenderOptions())["service.yaml"]
+        assert service["metadata"]["annotations"] == {"networking.istio.io/exportTo": "."}
+
+    def test_workers_have_a_writable_temporary_directory(self):
+        """`--workers` writes its metrics files under tempfile's directory (TMPDIR unset: /tmp):
+        an emptyDir there, while the root filesystem stays read-only."""
+        import inspect
+
+        from extproc import workers
+
+        assert "tempfile.TemporaryDirectory(" in inspect.getsource(workers)
+        pod = render_manifests(RenderOptions())["deployment.yaml"]["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        assert "env" not in container  # no TMPDIR: tempfile uses /tmp
+        (tmp,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
+        volume = next(v for v in pod["volumes"] if v["name"] == tmp["name"])
+        assert "sizeLimit" in volume["emptyDir"]
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
 
     def test_deployment_hardening(self):
         """Non-root, read-only root filesystem, requests and limits, gRPC probes on the health port."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from extproc.cli import ConfigError, build_parser
+from extproc.filter_config import EXT_PROC_FILTER
 from extproc.lab import MESH, SCENARIOS, Destination, Mode, Route, Topology, Workload
 from extproc.lab.scenarios import find_scenarios
 from extproc.lab.topology import (
@@ -151,7 +152,7 @@ class TestRouteFilters:
         [listener] = config["static_resources"]["listeners"]
         manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
         assert [f["name"] for f in manager["http_filters"]] == [
-            "envoy.filters.http.ext_proc",
+            EXT_PROC_FILTER,
             "extproc-doctor.annotation-guard",
             "envoy.filters.http.cors",
             "envoy.filters.http.local_ratelimit",
