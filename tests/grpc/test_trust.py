@@ -89,20 +89,32 @@ class TestForgedAnnotations:
         assert sorted(removed(resp)) == sorted(name for name, _ in FORGED)
 
 
+MESH_PEER = "spiffe://cluster.local/ns/default/sa/productpage"
+
+
 class TestExposure:
     """T3: at the edge the diagnosis goes to metadata, logs and metrics, not to the client."""
 
     @pytest.mark.parametrize(
-        ("direction", "shown"),
-        [("edge", False), ("outbound", True), ("inbound", True), (None, False)],
+        ("direction", "peer", "shown"),
+        [
+            ("edge", MESH_PEER, False),
+            ("outbound", "", True),
+            ("inbound", MESH_PEER, True),
+            ("inbound", "", False),
+            ("inbound", "https://idp.example/client", False),
+            (None, MESH_PEER, False),
+        ],
     )
-    async def test_auto_by_declared_direction(self, direction, shown):
-        """auto: shown at sidecars, hidden at the edge; no declaration and no listener
-        direction counts as the edge."""
+    async def test_auto_by_declared_direction(self, direction, peer, shown):
+        """auto: shown at outbound sidecars, at inbound ones only to a caller with a mesh
+        (SPIFFE) certificate, hidden at the edge; no declaration and no listener direction
+        counts as the edge."""
+        attributes = {**REFUSED, "connection.uri_san_peer_certificate": peer} if peer else REFUSED
         _req, resp = await exchange(
             Policy(),
             request_headers([(":authority", "reviews:9080"), ("x-real-ip", "1.2.3.4")]),
-            response_headers([(":status", "503")], REFUSED),
+            response_headers([(":status", "503")], attributes),
             direction=direction,
         )
         headers = mutated(resp, "response_headers")
@@ -149,7 +161,7 @@ class TestExposure:
         """A declared value the server does not know is ignored, not trusted."""
         _, resp = await exchange(
             Policy(),
-            request_headers([(":authority", "a")], {"xds.listener_direction": 1}),
+            request_headers([(":authority", "a")], {"xds.listener_direction": 2}),
             response_headers([(":status", "503")], REFUSED),
             direction="sideways",
         )
