@@ -60,7 +60,7 @@ ECHOED_ENVOY_HEADERS = frozenset(
 # Forwarding headers a client can invent; upstreams trust them for redirects, links,
 # identity and access control. At the edge nobody trustworthy has set them yet, unless
 # the policy trusts proxies in front (`trusted_hops`). Every x-forwarded-* name that
-# frameworks and proxies are known to read, except `ENVOY_FORWARDING_HEADERS`.
+# frameworks and proxies are known to read, except Envoy's own (below).
 FORWARDING_HEADERS = frozenset(
     {
         "forwarded",  # RFC 7239
@@ -71,7 +71,7 @@ FORWARDING_HEADERS = frozenset(
         "x-forwarded-server",  # Apache mod_proxy, Traefik
         "x-forwarded-uri",  # Traefik (forward auth)
         "x-forwarded-method",  # Traefik (forward auth)
-        "x-forwarded-path",  # Kong
+        "x-forwarded-path",  # a path prefix some API gateways pass on
         "x-forwarded-scheme",  # Rack, ingress-nginx
         "x-forwarded-ssl",  # Rack, Spring
         "x-forwarded-user",  # oauth2-proxy: the identity an app believes
@@ -82,15 +82,12 @@ FORWARDING_HEADERS = frozenset(
     }
 )
 
-# The x-forwarded-* headers Envoy's HTTP connection manager sets itself (checked with
-# Envoy 1.40, tests/envoy/test_headers_e2e.py): x-forwarded-for (appended with
-# use_remote_address), x-forwarded-proto (set when absent; overwritten for an external
-# client with use_remote_address), x-forwarded-client-cert (a client's removed by default).
-# Envoy's own settings (use_remote_address, xff_num_trusted_hops,
-# forward_client_cert_details) decide what they carry, so no rule here touches them.
-ENVOY_FORWARDING_HEADERS = frozenset(
-    {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-client-cert"}
-)
+# Not here: the x-forwarded-* headers Envoy's HTTP connection manager sets itself
+# (checked with Envoy 1.40, tests/envoy/test_forwarding_e2e.py): x-forwarded-for
+# (appended with use_remote_address), x-forwarded-proto (set when absent; overwritten for
+# an external client with use_remote_address), x-forwarded-client-cert (a client's removed
+# by default). Envoy's own settings (use_remote_address, xff_num_trusted_hops,
+# forward_client_cert_details) decide what they carry.
 
 # Envoy removes these itself (RFC 9110 §7.6.1); kept as a cheap guard.
 _HOP_BY_HOP = frozenset({"keep-alive", "proxy-connection"})
