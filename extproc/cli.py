@@ -428,6 +428,11 @@ def _add_render_parser(sub: Any) -> None:
         "rules apply and annotations are hidden; outbound: only pods of the cluster "
         "(the Service is not reachable from outside)",
     )
+    # The old spelling, from when outbound was the default: now the default itself.
+    render.add_argument(
+        "--cilium-edge", dest="cilium_direction", action="store_const", const="edge",
+        help=argparse.SUPPRESS,
+    )  # fmt: skip
     render.add_argument(
         "--clusterwide",
         action="store_true",
