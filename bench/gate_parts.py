@@ -102,7 +102,7 @@ PARTS: dict[str, tuple[str, Filters, bool]] = {
                        cheap(lambda c: [_diagnose(c, _responses())]), True),
     "hygiene1": ("a hygiene gate with 1 request predicate",
                  lambda c: [_hygiene(c, _requests()[:1])], True),
-    "hygiene": ("the hygiene gate alone (21 request predicates, regex .*)",
+    "hygiene": (f"the hygiene gate alone ({len(_requests())} request predicates, regex .*)",
                 lambda c: [_hygiene(c, _requests())], True),
     "guard": ("the annotation guard alone (header_mutation), as rendered at the edge",
               lambda c: [_edge_guard()], True),
