@@ -22,6 +22,7 @@ from bench.loadgen import run_wrk
 from bench.runner import _CLOCK_TICKS, Deployment, Settings, _cpu_ticks, deployed, rotated
 from extproc.config import Direction, Policy
 from extproc.filter_config import annotation_guard_filter, ext_proc_filter, ext_proc_filters
+from extproc.headers import native_removals
 from extproc.render.envoy_config import doctor_filters, gated_filter
 from extproc.render.gate import RESPONSE_CONDITIONS, Condition, HeaderTest, Phase, request_gate
 from extproc.render.options import RenderMode
@@ -69,11 +70,16 @@ def cheap(build: Filters) -> Filters:
     return lambda cluster: _swapped(copy.deepcopy(build(cluster)), _cheap)
 
 
+def _edge_guard() -> dict[str, Any]:
+    """The guard as rendered at the edge: its request side removes what the policy strips there."""
+    return annotation_guard_filter(native_removals(Policy(), Direction.EDGE))
+
+
 def rendered(cluster: str) -> list[dict[str, Any]]:
     """What `extproc render envoy --mode gated` puts before the router: both gates and the guard."""
     gate = request_gate(Policy(), Direction.EDGE)
     doctor = doctor_filters(RenderMode.GATED, cluster, gate, Direction.EDGE)
-    return [*doctor, annotation_guard_filter()]
+    return [*doctor, _edge_guard()]
 
 
 def _one(cluster: str, *conditions: Condition) -> list[dict[str, Any]]:
@@ -96,10 +102,12 @@ PARTS: dict[str, tuple[str, Filters, bool]] = {
                        cheap(lambda c: [_diagnose(c, _responses())]), True),
     "hygiene1": ("a hygiene gate with 1 request predicate",
                  lambda c: [_hygiene(c, _requests()[:1])], True),
-    "hygiene": ("the hygiene gate alone (21 request predicates, regex .*)",
+    "hygiene": (f"the hygiene gate alone ({len(_requests())} request predicates, regex .*)",
                 lambda c: [_hygiene(c, _requests())], True),
-    "guard": ("the annotation guard alone (header_mutation)",
-              lambda c: [annotation_guard_filter()], True),
+    "guard": ("the annotation guard alone (header_mutation), as rendered at the edge",
+              lambda c: [_edge_guard()], True),
+    "guard-responses": ("the guard's response side alone (no request removals)",
+                        lambda c: [annotation_guard_filter(())], True),
     "two-gates": ("hygiene + diagnose, no guard (regex)",
                   lambda c: rendered(c)[:2], True),
     "two-gates-cheap": ("hygiene + diagnose, no guard, prefix/exact",

@@ -344,7 +344,7 @@ def _render(args: argparse.Namespace) -> int:
             policy=_policy(args.config, read_secrets=False),
             policy_text=text,
             cilium_service=args.cilium_service,
-            cilium_edge=args.cilium_edge,
+            cilium_direction=Direction(args.cilium_direction),
             envoy_listen=args.envoy_listen,
             upstream=args.upstream,
             direction=Direction(args.direction),
@@ -434,11 +434,18 @@ def _add_render_parser(sub: Any) -> None:
         help="cilium: the Service whose traffic passes the doctor (default: %(default)s)",
     )
     render.add_argument(
-        "--cilium-edge",
-        action="store_true",
-        help="cilium: the Service's clients are outside the cluster, so the edge rules apply "
-        "(default: in-mesh clients, the outbound rules)",
+        "--cilium-direction",
+        choices=["edge", "outbound"],
+        default="edge",
+        help="cilium: where the Service's clients are. edge (default): anywhere, so the edge "
+        "rules apply and annotations are hidden; outbound: only pods of the cluster "
+        "(the Service is not reachable from outside)",
     )
+    # The old spelling, from when outbound was the default: now the default itself.
+    render.add_argument(
+        "--cilium-edge", dest="cilium_direction", action="store_const", const="edge",
+        help=argparse.SUPPRESS,
+    )  # fmt: skip
     render.add_argument(
         "--clusterwide",
         action="store_true",

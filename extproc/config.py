@@ -39,7 +39,9 @@ class Action(enum.StrEnum):
 class Exposure(enum.StrEnum):
     """Whether the x-extproc-* response headers reach the client."""
 
-    AUTO = "auto"  # on at sidecars (inbound, outbound), off at the edge
+    # On where the client is known to be a mesh workload: outbound sidecars, and inbound
+    # ones when the caller is an mTLS mesh peer; off at the edge and for any other caller.
+    AUTO = "auto"
     ON = "on"
     OFF = "off"  # diagnosis only in dynamic metadata, the log line and the metrics
 
@@ -75,6 +77,10 @@ class Policy:
     # they are hidden (the edge); read from `reveal_token_file`. Never printed.
     reveal_token: bytes = field(default=b"", repr=False)
     reveal_token_file: str = ""
+    # How many proxies in front of the edge (a cloud load balancer, a CDN) set the
+    # forwarding headers: Istio's gatewayTopology.numTrustedProxies, Envoy's
+    # xff_num_trusted_hops. Above 0 the edge keeps what they set.
+    trusted_hops: int = 0
     source: str = "<defaults>"
 
     @property
@@ -86,10 +92,20 @@ class Policy:
         """The reveal rule: strip `x-extproc-reveal` when a token file is configured."""
         return Action.STRIP if self.reveal_token_file or self.reveal_token else Action.KEEP
 
-    def shows_annotations(self, direction: Direction) -> bool:
-        """Whether x-extproc-* headers reach the client of a filter sitting at `direction`."""
+    @property
+    def trusts_forwarding(self) -> bool:
+        """Whether the edge keeps forwarding headers: trusted proxies in front set them."""
+        return self.trusted_hops > 0
+
+    def shows_annotations(self, direction: Direction, *, mesh_peer: bool = False) -> bool:
+        """Whether x-extproc-* headers reach the client of a filter sitting at `direction`.
+
+        `mesh_peer`: the caller presented a mesh (SPIFFE) certificate on this connection.
+        At an inbound sidecar that is the only sign that the caller is a workload of the
+        mesh and not an ingress controller or a NodePort passing the headers on.
+        """
         if self.response_annotations is Exposure.AUTO:
-            return direction is not Direction.EDGE and direction is not Direction.AUTO
+            return direction is Direction.OUTBOUND or (direction is Direction.INBOUND and mesh_peer)
         return self.response_annotations is Exposure.ON
 
 
@@ -130,14 +146,20 @@ def _reveal_token_file(value: object) -> str:
     return value
 
 
-def read_reveal_token(path: str, relative_to: Path | None = None) -> bytes:
+def token_path(path: str, source: str) -> Path:
+    """The reveal token's file: a relative `path` is read next to the policy file `source`."""
+    file, policy_file = Path(path), Path(source)
+    if not file.is_absolute() and policy_file.is_file():
+        return policy_file.parent / file
+    return file
+
+
+def read_reveal_token(path: str) -> bytes:
     """The token in `path` (surrounding whitespace removed), or ValueError saying what is wrong.
 
     The message never quotes the file's content.
     """
     file = Path(path)
-    if relative_to is not None and not file.is_absolute():
-        file = relative_to / file
     try:
         token = file.read_bytes().strip()
     except OSError as exc:
@@ -149,6 +171,18 @@ def read_reveal_token(path: str, relative_to: Path | None = None) -> bytes:
             f"the token in {file} must be visible ASCII (it travels in a header value)"
         )
     return token
+
+
+# Istio and Envoy take any number; no real chain of proxies in front of a gateway is this
+# long, so a bigger one is a typo.
+MAX_TRUSTED_HOPS = 16
+
+
+def _trusted_hops(value: object) -> int:
+    # YAML's `true` is an int to Python: refuse it by type, not by value.
+    if type(value) is not int or not 0 <= value <= MAX_TRUSTED_HOPS:
+        raise ValueError(f"expected a whole number from 0 to {MAX_TRUSTED_HOPS}, got {value!r}")
+    return value
 
 
 def _bool(value: object) -> bool:
@@ -188,6 +222,7 @@ _KEYS: dict[str, Any] = {
     "direction": _enum(Direction),
     "response_annotations": _exposure,
     "reveal_token_file": _reveal_token_file,
+    "trusted_hops": _trusted_hops,
 }
 
 
@@ -214,9 +249,10 @@ def policy_from_mapping(
         except ValueError as exc:
             raise PolicyError(f"{source}{_line_of(data, key)}: {key}: {exc}") from None
     if "reveal_token_file" in values and read_secrets:
-        base = Path(source).parent if Path(source).is_file() else None
         try:
-            values["reveal_token"] = read_reveal_token(values["reveal_token_file"], base)
+            values["reveal_token"] = read_reveal_token(
+                str(token_path(values["reveal_token_file"], source))
+            )
         except ValueError as exc:
             where = f"{source}{_line_of(data, 'reveal_token_file')}"
             raise PolicyError(f"{where}: reveal_token_file: {exc}") from None

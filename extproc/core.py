@@ -18,8 +18,10 @@ answer with a continue they built once.
 from __future__ import annotations
 
 import hmac
+import math
+import time
 import traceback
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -30,7 +32,14 @@ from extproc.annotate import ACTIONS_HEADER, MAX_VALUE, actions_header, diagnosi
 from extproc.config import Direction, Policy
 from extproc.diagnosis import Diagnosis, Evidence, classify, is_envoy_failure
 from extproc.filter_config import ANNOTATION_HEADERS
-from extproc.headers import REVEAL_HEADER, Header, RequestDecision, decide, resolve_direction
+from extproc.headers import (
+    REVEAL_HEADER,
+    Applied,
+    Header,
+    RequestDecision,
+    decide,
+    resolve_direction,
+)
 
 log = structlog.get_logger("extproc")
 
@@ -65,6 +74,48 @@ CARRIED_DIRECTION = "direction"
 CARRIED_REVEAL = "reveal"
 
 DECLARED = {str(d): d for d in (Direction.EDGE, Direction.OUTBOUND, Direction.INBOUND)}
+
+# The caller's certificate identity (RESPONSE_ATTRIBUTES): a SPIFFE ID marks a workload of
+# the mesh, which Istio's inbound mTLS chain has verified against the mesh's CA.
+PEER_ATTRIBUTE = "connection.uri_san_peer_certificate"
+MESH_IDENTITY_PREFIX = "spiffe://"
+
+# x-extproc-actions entry (reported, counted in extproc_actions_total) for a request whose
+# x-extproc-reveal did not carry the policy's token.
+REFUSED_REVEAL = "refuse-reveal-token"
+FORWARDING_STRIP = "strip-forwarding-headers"
+
+# At most one log line per this many seconds for each event a client can repeat at will
+# (a wrong reveal token, forwarding headers at the edge): a guesser must not flood the
+# log. The next line says how many were held back; the metrics count every one.
+LOG_INTERVAL_SECONDS = 10.0
+
+
+class Throttle:
+    """Admits at most one event per `interval` seconds and counts the ones it holds back."""
+
+    __slots__ = ("_clock", "_held", "_next", "interval")
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._next = -math.inf
+        self._held = 0
+
+    def admit(self) -> int | None:
+        """None: hold this one back; otherwise how many were held back since the last one."""
+        now = self._clock()
+        if now < self._next:
+            self._held += 1
+            return None
+        held, self._held = self._held, 0
+        self._next = now + self.interval
+        return held
+
+
+# Per server process, like the metrics.
+REFUSED_REVEAL_LOG = Throttle(LOG_INTERVAL_SECONDS)
+FORWARDING_LOG = Throttle(LOG_INTERVAL_SECONDS)
 
 
 def declared_direction(value: str | bytes | None) -> Direction | None:
@@ -124,6 +175,10 @@ def on_request(
     if not decision.applied:
         return RequestOutcome(decision, Carried("", decision.host, direction), None)
     reveal = REVEAL_HEADER in decision.remove and revealed(policy, headers)
+    if REVEAL_HEADER in decision.remove and not reveal:
+        decision = _refuse_reveal(decision)
+    if direction is Direction.EDGE:
+        _say_forwarding_stripped(decision)
     actions = actions_header(decision.applied)
     answer = Answer(
         overwrite=decision.overwrite,
@@ -140,6 +195,33 @@ def on_request(
         },
     )
     return RequestOutcome(decision, Carried(actions, decision.host, direction, reveal), answer)
+
+
+def _refuse_reveal(decision: RequestDecision) -> RequestDecision:
+    """The decision with the refused token on record; a log line, at most one per interval.
+
+    Neither says what was sent: a near miss must not teach a guesser anything."""
+    held = REFUSED_REVEAL_LOG.admit()
+    if held is not None:
+        log.warning("reveal_token_refused", held_back=held, header=REVEAL_HEADER)
+    refused = Applied(REFUSED_REVEAL, (REVEAL_HEADER,), report=True)
+    return replace(decision, applied=(*decision.applied, refused))
+
+
+def _say_forwarding_stripped(decision: RequestDecision) -> None:
+    """At the edge, say (at most once per interval) which forwarding headers went and what
+    to do if a proxy in front set them: the client never sees x-extproc-actions there."""
+    for entry in decision.applied:
+        if entry.token == FORWARDING_STRIP:
+            held = FORWARDING_LOG.admit()
+            if held is not None:
+                log.warning(
+                    "forwarding_headers_stripped", headers=" ".join(entry.names),
+                    report=entry.report, held_back=held,
+                    hint="a load balancer or CDN in front of this gateway that sets them? "
+                    "set trusted_hops in the policy (Istio: gatewayTopology.numTrustedProxies)",
+                )  # fmt: skip
+            return
 
 
 def revealed(policy: Policy, headers: Iterable[Header]) -> bool:
@@ -267,8 +349,11 @@ def on_response(
     listener: int | None = None,
     declared: Direction | None = None,
     cluster_tls: ClusterTls | None = None,
+    mesh_peer: bool = False,
 ) -> ResponseOutcome:
-    """The response headers' answer, once `needs_answer` said there is one; `evidence` complete."""
+    """The response headers' answer, once `needs_answer` said there is one; `evidence` complete.
+
+    `mesh_peer`: the caller presented a mesh identity (`PEER_ATTRIBUTE`)."""
     failed = is_envoy_failure(evidence)
     diagnosis = None
     if failed or carried.actions:
@@ -279,7 +364,7 @@ def on_response(
         return ResponseOutcome(None, None)
     direction = carried.direction or resolve_direction(policy, listener, declared)
     headers: list[Header] = []
-    show = carried.reveal or policy.shows_annotations(direction)
+    show = carried.reveal or policy.shows_annotations(direction, mesh_peer=mesh_peer)
     if carried.actions and show:
         headers.append((ACTIONS_HEADER, carried.actions))
     metadata = None
@@ -321,9 +406,11 @@ def response_phase(
         return None
     texts = None if attributes is None else {f: attributes.text(key) for f, key in COMPLETION}
     listener = None if attributes is None else attributes.number(LISTENER_ATTRIBUTE, 2)
+    peer = "" if attributes is None else attributes.text(PEER_ATTRIBUTE)
     return on_response(
         policy, complete(triaged, texts, carried.host), forged, carried,
         listener=listener, declared=declared, cluster_tls=cluster_tls,
+        mesh_peer=peer.startswith(MESH_IDENTITY_PREFIX),
     )  # fmt: skip
 
 

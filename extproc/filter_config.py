@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from extproc.annotate import ACTIONS_HEADER, DIAGNOSIS_HEADER, HINT_HEADER
+from extproc.headers import REVEAL_HEADER
 
 # The dynamic metadata namespace the server writes the diagnosis into. Access logs read
 # it as %DYNAMIC_METADATA(extproc_doctor:reason)%.
@@ -37,6 +38,10 @@ RESPONSE_ATTRIBUTES: tuple[str, ...] = (
     # mode) did not.
     "request.host",
     "xds.listener_direction",
+    # The caller's mesh identity on an mTLS connection (a SPIFFE ID; Envoy 1.40 sends
+    # nothing on plaintext): at an inbound sidecar `response_annotations: auto` shows the
+    # annotations only to a mesh peer (tests/envoy/test_trust_e2e.py).
+    "connection.uri_san_peer_certificate",
 )
 
 # Envoy waits this long for each answer before it applies failure_mode_allow. The
@@ -214,22 +219,30 @@ def _service(
     return "http_service", {"http_service": http_service}
 
 
-def annotation_guard_filter() -> dict[str, Any]:
-    """An `envoy.filters.http.header_mutation` filter removing upstream-sent annotations.
+def annotation_guard_filter(request_removals: Sequence[str] = (REVEAL_HEADER,)) -> dict[str, Any]:
+    """An `envoy.filters.http.header_mutation` filter: Envoy's own hand on fixed names.
 
-    Put it right after the doctor's filter(s): on the response path filters run in
+    Put it right after the doctor's filter(s). On the response path filters run in
     reverse, so it removes what the upstream sent under `ANNOTATION_HEADERS` before ext_proc
     writes its own, including on responses the server never sees (gated mode, or the
-    server down and the filter failing open). Checked with Envoy 1.40 in
+    server down and the filter failing open). On the request path it runs after ext_proc,
+    so the server still sees `request_removals` (the reveal token, and the fixed names the
+    policy strips where the filter sits: `headers.native_removals`) before Envoy removes
+    them, also when the server is down or gated out. Checked with Envoy 1.40 in
     tests/envoy/test_trust_e2e.py. Where the manifest owns the route configuration and the
     mesh's Envoy lacks this filter (cilium-envoy), the route's `response_headers_to_remove`
-    does the same: the router applies it to the upstream's headers before any filter.
+    and `request_headers_to_remove` do the same: the router applies them after every filter.
     """
+    mutations: dict[str, Any] = {
+        "response_mutations": [{"remove": name} for name in ANNOTATION_HEADERS]
+    }
+    if request_removals:
+        mutations["request_mutations"] = [{"remove": name} for name in request_removals]
     return {
         "name": ANNOTATION_GUARD_FILTER,
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
-            "mutations": {"response_mutations": [{"remove": name} for name in ANNOTATION_HEADERS]},
+            "mutations": mutations,
         },
     }
 

@@ -57,9 +57,37 @@ ECHOED_ENVOY_HEADERS = frozenset(
     }
 )
 
-# Forwarding headers a client can invent; upstreams trust them for redirects, links and
-# access control. At the edge nobody trustworthy has set them yet.
-FORWARDING_HEADERS = frozenset({"x-forwarded-host", "x-real-ip", "forwarded"})
+# Forwarding headers a client can invent; upstreams trust them for redirects, links,
+# identity and access control. At the edge nobody trustworthy has set them yet, unless
+# the policy trusts proxies in front (`trusted_hops`). Every x-forwarded-* name that
+# frameworks and proxies are known to read, except Envoy's own (below).
+FORWARDING_HEADERS = frozenset(
+    {
+        "forwarded",  # RFC 7239
+        "x-real-ip",  # nginx
+        "x-forwarded-host",  # Django, Rails, Spring, Express, Werkzeug's ProxyFix
+        "x-forwarded-port",  # Django, Rails, Spring, ProxyFix
+        "x-forwarded-prefix",  # Spring, ASP.NET Core, ProxyFix, Traefik
+        "x-forwarded-server",  # Apache mod_proxy, Traefik
+        "x-forwarded-uri",  # Traefik (forward auth)
+        "x-forwarded-method",  # Traefik (forward auth)
+        "x-forwarded-path",  # a path prefix some API gateways pass on
+        "x-forwarded-scheme",  # Rack, ingress-nginx
+        "x-forwarded-ssl",  # Rack, Spring
+        "x-forwarded-user",  # oauth2-proxy: the identity an app believes
+        "x-forwarded-email",  # oauth2-proxy
+        "x-forwarded-groups",  # oauth2-proxy
+        "x-forwarded-preferred-username",  # oauth2-proxy
+        "x-forwarded-access-token",  # oauth2-proxy
+    }
+)
+
+# Not here: the x-forwarded-* headers Envoy's HTTP connection manager sets itself
+# (checked with Envoy 1.40, tests/envoy/test_forwarding_e2e.py): x-forwarded-for
+# (appended with use_remote_address), x-forwarded-proto (set when absent; overwritten for
+# an external client with use_remote_address), x-forwarded-client-cert (a client's removed
+# by default). Envoy's own settings (use_remote_address, xff_num_trusted_hops,
+# forward_client_cert_details) decide what they carry.
 
 # Envoy removes these itself (RFC 9110 §7.6.1); kept as a cheap guard.
 _HOP_BY_HOP = frozenset({"keep-alive", "proxy-connection"})
@@ -119,6 +147,8 @@ class HeaderRule:
     when: Matcher | None = None
     # Applied in `mode: report` too: the header must never reach the upstream.
     always: bool = False
+    # Off when the policy trusts proxies in front of the edge (`trusted_hops`).
+    trusted_proxies_set: bool = False
 
 
 RULES: tuple[HeaderRule, ...] = (
@@ -146,6 +176,7 @@ RULES: tuple[HeaderRule, ...] = (
         FORWARDING_HEADERS,
         setting="forwarding_headers",
         directions=frozenset({Direction.EDGE}),
+        trusted_proxies_set=True,
     ),
     HeaderRule("underscore-headers", None, setting="underscore_headers"),
     # The operator's reveal secret (`reveal_token_file`): used by the server, never sent on.
@@ -215,14 +246,44 @@ class _Active:
     protected: frozenset[str]  # names the policy's own strip rules remove here
 
 
+def rule_action(policy: Policy, rule: HeaderRule, direction: Direction) -> Action:
+    """What `rule` does under `policy` where the filter sits; KEEP: nothing."""
+    if direction not in rule.directions or (rule.trusted_proxies_set and policy.trusts_forwarding):
+        return Action.KEEP
+    if rule.setting is None:
+        return Action.STRIP
+    action: Action = getattr(policy, rule.setting)
+    return action
+
+
+def native_removals(policy: Policy, direction: Direction) -> tuple[str, ...]:
+    """The header names Envoy removes itself, after the server has seen them, at a
+    listener of `direction` (the policy's `direction` key wins, as in the server): what holds
+    when the server is down, too slow, or gated out (docs/threat-model.md, T23, T24).
+
+    The reveal header always (a token can be configured by a reload, after the manifest
+    was rendered); and the fixed names of each rule that strips them here, only where the
+    policy enforces it: Envoy's removal knows no `mode: report`.
+    """
+    where = direction if policy.direction is Direction.AUTO else policy.direction
+    names = {REVEAL_HEADER}
+    for rule in RULES:
+        if rule.names is None or rule.when is not None or rule.setting is None:
+            continue
+        stripping = rule_action(policy, rule, where) is Action.STRIP
+        if stripping and (policy.enforcing or rule.always):
+            names |= rule.names
+    return tuple(sorted(names))
+
+
 @lru_cache(maxsize=64)  # a few policies (reloads) times three directions
 def _active_rules(policy: Policy, direction: Direction) -> _Active:
     """The rules that apply, with their action and whether they only report; once per policy."""
     active = []
     stripped: set[str] = set()
     for rule in RULES:
-        action = Action.STRIP if rule.setting is None else getattr(policy, rule.setting)
-        if action is Action.KEEP or direction not in rule.directions:
+        action = rule_action(policy, rule, direction)
+        if action is Action.KEEP:
             continue
         report = not rule.always and (action is Action.REPORT or not policy.enforcing)
         active.append((rule, action, report))
@@ -365,8 +426,9 @@ def _rewrite_host(
     `:authority` is ever built from a piece of it. The Host the client sent goes to the
     upstream in `x-forwarded-host`, overwriting a client's own at the edge (frameworks
     read the first value, and at the edge nobody trustworthy has set one yet); on a
-    sidecar an x-forwarded-host already present was set by an earlier proxy and names the
-    original Host better than we can, so it is kept.
+    sidecar, or at an edge behind trusted proxies (`trusted_hops`), an x-forwarded-host
+    already present was set by an earlier proxy and names the original Host better than
+    we can, so it is kept.
     """
     parsed = parse_authority(authority)
     if parsed is None:
@@ -384,7 +446,8 @@ def _rewrite_host(
         return authority
     out.applied.append(Applied(label, (":authority",)))
     out.overwrite.append((":authority", target))
-    if direction is Direction.EDGE or "x-forwarded-host" not in names:
+    untrusted = direction is Direction.EDGE and not policy.trusts_forwarding
+    if untrusted or "x-forwarded-host" not in names:
         out.remove["x-forwarded-host"] = None
         out.add("x-forwarded-host", authority)
     out.clear_route_cache = True

@@ -59,6 +59,8 @@ def _action_tokens() -> list[str]:
         "rewrite-host",
         "strip-host-port",
         "invalid-host",
+        # A wrong reveal token (extproc.core.REFUSED_REVEAL): someone guessing it.
+        "refuse-reveal-token",
     ]
 
 

@@ -15,8 +15,9 @@ read at main 7dfaf943, which pins Envoy 1.38.3, and on branches v1.30 to v1.37):
 - not `envoy.filters.http.composite` (:175, commented out on main and every branch), nor
   `header_mutation` (:226), lua (:210) or the CEL matcher (:98): gated mode has no
   mechanism there, so it is refused and `always` is Cilium's mode. The route's
-  `response_headers_to_remove` (core Envoy) removes upstream-sent annotations instead of
-  the guard filter.
+  `response_headers_to_remove` and `request_headers_to_remove` (core Envoy) do what the
+  guard filter does elsewhere: upstream-sent annotations, the reveal token and the fixed
+  names the policy strips never pass, also when the server is down.
 
 Names (cilium/cilium pkg/ciliumenvoyconfig/cec_resource_parser.go at 02fbb426,
 `ParseResources` and `qualifyHttpFilters`; pkg/policy/api `ResourceQualifiedName`):
@@ -26,8 +27,8 @@ reference inside an HTTP filter. So the server's cluster gets the qualified name
 would give it, `NAMESPACE/CEC-NAME/extproc-doctor` (NAMESPACE empty for the clusterwide
 kind), and the ext_proc filter names exactly that: one cluster per CEC, so deleting one
 Service's CEC cannot take away the cluster another's filter uses. The parser sets no
-`traffic_direction`; the filter says where it sits (outbound: the clients are pods in
-the cluster, or edge with `--cilium-edge`).
+`traffic_direction`; the filter says where it sits: the edge, unless
+`--cilium-direction outbound` declares that only pods of the cluster are the clients.
 """
 
 from __future__ import annotations
@@ -79,8 +80,11 @@ def backend_cluster_name(options: RenderOptions) -> str:
 
 
 def direction(options: RenderOptions) -> Direction:
-    """Where the filter sits: pods are the clients (outbound), unless --cilium-edge."""
-    return Direction.EDGE if options.cilium_edge else Direction.OUTBOUND
+    """Where the filter sits: the edge unless `--cilium-direction outbound` says that only
+    pods of the cluster call the Service. A CEC has no place of its own (Cilium sets no
+    `traffic_direction`), and a Service reachable from outside would otherwise show its
+    topology to the Internet and pass on forwarding headers that clients made up."""
+    return options.cilium_direction
 
 
 def render_envoy_config(options: RenderOptions, *, clusterwide: bool) -> dict[str, Any]:
@@ -138,5 +142,7 @@ def _listener(options: RenderOptions, server_cluster: str) -> dict[str, Any]:
 def _route(options: RenderOptions) -> dict[str, Any]:
     route = {"match": {"prefix": "/"}, "route": {"cluster": backend_cluster_name(options)}}
     return without_annotations(
-        {"name": ROUTE, "virtual_hosts": [{"name": ROUTE, "domains": ["*"], "routes": [route]}]}
+        {"name": ROUTE, "virtual_hosts": [{"name": ROUTE, "domains": ["*"], "routes": [route]}]},
+        options.policy,
+        direction(options),
     )

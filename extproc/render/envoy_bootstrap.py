@@ -4,9 +4,11 @@ One listener, one route to the upstream, the doctor's filter before the router, 
 ext_proc server's cluster, and an access log on stdout that carries the diagnosis from
 dynamic metadata. It is the smallest complete deployment, and the one the end-to-end
 test runs. The filter says where it sits (`--direction`, edge by default: a plain Envoy
-is usually the front door). Upstream-sent `x-extproc-*` annotations are removed twice:
-by the guard filter after the doctor's (for users who copy the filter list into their own
-Envoy) and by the route configuration (for users who copy the route).
+is usually the front door). Upstream-sent `x-extproc-*` annotations, and the request
+headers Envoy removes itself (`headers.native_removals`: the reveal token, and what the
+policy strips by a fixed name here), are removed twice: by the guard filter after the
+doctor's (for users who copy the filter list into their own Envoy) and by the route
+configuration (for users who copy the route).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def render_bootstrap(options: RenderOptions) -> dict[str, Any]:
     gate = request_gate(options.policy, options.direction)
     filters = [
         *doctor_filters(options.mode, NAME, gate, options.direction, options.transport),
-        annotation_guard(),
+        annotation_guard(options.policy, options.direction),
     ]
     bootstrap = {
         "admin": {"address": _address("127.0.0.1", ADMIN_PORT)},
@@ -81,7 +83,9 @@ def _listener(options: RenderOptions, filters: list[dict[str, Any]]) -> dict[str
                     ],
                 }
             ],
-        }
+        },
+        options.policy,
+        options.direction,
     )
     access_log = {
         "name": "envoy.access_loggers.stdout",

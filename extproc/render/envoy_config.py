@@ -34,7 +34,7 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
     HttpFilter,
 )
 
-from extproc.config import Direction
+from extproc.config import Direction, Policy
 from extproc.filter_config import (
     ANNOTATION_HEADERS,
     GRPC,
@@ -43,6 +43,7 @@ from extproc.filter_config import (
     ext_proc_filter,
     ext_proc_filters,
 )
+from extproc.headers import native_removals
 from extproc.render.gate import (
     RESPONSE_CONDITIONS,
     Condition,
@@ -144,18 +145,27 @@ def doctor_filters(
     return [typed(HttpFilter, f) for f in gated]
 
 
-def annotation_guard() -> dict[str, Any]:
-    """The filter that removes upstream-sent `x-extproc-*` annotations: right after the doctor's."""
-    return typed(HttpFilter, annotation_guard_filter())
+def annotation_guard(policy: Policy, direction: Direction) -> dict[str, Any]:
+    """The filter right after the doctor's: it removes upstream-sent `x-extproc-*`
+    annotations, and from requests the names Envoy removes itself at `direction`."""
+    return typed(HttpFilter, annotation_guard_filter(native_removals(policy, direction)))
 
 
-def without_annotations(route_config: dict[str, Any]) -> dict[str, Any]:
-    """`route_config` with the router removing upstream-sent annotations from every response.
+def without_annotations(
+    route_config: dict[str, Any], policy: Policy, direction: Direction
+) -> dict[str, Any]:
+    """`route_config` with the router removing upstream-sent annotations from every
+    response, and the names Envoy removes itself at `direction` from every request.
 
     For an Envoy without `envoy.filters.http.header_mutation` (cilium-envoy): the router
-    applies `response_headers_to_remove` to the upstream's headers, before any filter.
+    applies `response_headers_to_remove` to the upstream's headers, before any filter, and
+    `request_headers_to_remove` to the request it sends, after every filter.
     """
-    return {**route_config, "response_headers_to_remove": list(ANNOTATION_HEADERS)}
+    return {
+        **route_config,
+        "response_headers_to_remove": list(ANNOTATION_HEADERS),
+        "request_headers_to_remove": list(native_removals(policy, direction)),
+    }
 
 
 def gated_filter(

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 
 from extproc.config import Action, Direction, Policy
-from extproc.headers import RULES
+from extproc.headers import RULES, rule_action
 
 
 class Phase(enum.StrEnum):
@@ -89,10 +89,8 @@ def request_gate(policy: Policy, listener: Direction) -> RequestGate:
     conditions: list[Condition] = []
     unstated: list[tuple[str, Action]] = []
     for rule in RULES:
-        if rule.setting is None or direction not in rule.directions:
-            continue
-        action: Action = getattr(policy, rule.setting)
-        if action is Action.KEEP:
+        action = rule_action(policy, rule, direction)
+        if rule.setting is None or action is Action.KEEP:
             continue
         if rule.when is not None:
             raise ValueError(f"gated mode does not know how to gate the {rule.setting} rule")

@@ -81,7 +81,7 @@ def _filter_patches(
     gate = request_gate(options.policy, direction)
     filters = [
         *doctor_filters(options.mode, NAME, gate, direction, options.transport),
-        annotation_guard(),
+        annotation_guard(options.policy, direction),
     ]
     hcm: dict[str, Any] = {"name": "envoy.filters.network.http_connection_manager"}
     if first:

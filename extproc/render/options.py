@@ -26,6 +26,11 @@ class RenderError(ValueError):
     """The render options or the result are unusable; the message says which and why."""
 
 
+# A CEC sits in front of a Service: its clients come from outside (edge) or are pods of
+# the cluster (outbound); no sidecar's inbound side is there.
+CILIUM_DIRECTIONS = (Direction.EDGE, Direction.OUTBOUND)
+
+
 class RenderMode(enum.StrEnum):
     ALWAYS = "always"  # every request and response goes to the server
     GATED = "gated"  # Envoy matchers decide; clean traffic stays inside Envoy
@@ -69,8 +74,9 @@ class RenderOptions:
     upstream: str = "127.0.0.1:8080"
     # The standalone Envoy: where it sits (edge, outbound, inbound), told to the server.
     direction: Direction = Direction.EDGE
-    # Cilium: the Service's traffic comes from outside the cluster (the edge), not from pods.
-    cilium_edge: bool = False
+    # Cilium: where the CEC's filter sits. The edge unless declared otherwise: only
+    # `outbound` (pods of the cluster are the only clients) turns the edge rules off.
+    cilium_direction: Direction = Direction.EDGE
     # How Envoy calls the server: gRPC (the default), or ext_proc's http_service lane.
     transport: str = GRPC
     # monitoring: the document the alerts' runbook links point into.
@@ -95,6 +101,10 @@ class RenderOptions:
             raise RenderError(f"--transport: expected grpc or http, got {self.transport!r}")
         if self.direction is Direction.AUTO:
             raise RenderError("--direction: expected edge, outbound or inbound, got auto")
+        if self.cilium_direction not in CILIUM_DIRECTIONS:
+            raise RenderError(
+                f"--cilium-direction: expected edge or outbound, got {self.cilium_direction}"
+            )
 
     def _check_mtls(self) -> None:
         mtls = self.extproc_mtls

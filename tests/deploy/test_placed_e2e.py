@@ -1,9 +1,11 @@
 """Every rendered target, placed as its control plane places it, run by a real Envoy with the real server.
 
-Two behaviours: what the upstream receives at each Istio context (the edge rules at the
-gateway only, though Istio marks the gateway's listener OUTBOUND like a sidecar's), and
-that an upstream cannot forge the doctor's annotations (`x-extproc-*` sent by the
-upstream never reach the client, also on responses the server never sees).
+What the upstream receives at each Istio context (the edge rules at the gateway only,
+though Istio marks the gateway's listener OUTBOUND like a sidecar's); that an upstream
+cannot forge the doctor's annotations (`x-extproc-*` sent by the upstream never reach the
+client, also on responses the server never sees); and what holds with the server down:
+Envoy itself removes the reveal token everywhere and, where the rendered policy enforces
+a strip rule on fixed names, those names (threat-model T23, T24).
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from typing import Any
 import pytest
 import yaml
 
-from extproc.config import Policy
+from extproc.config import Policy, policy_from_mapping
 from extproc.filter_config import ANNOTATION_HEADERS
 from extproc.lab import BackgroundServer, EnvoyProcess, HttpUpstream
+from extproc.lab.envoy import free_port
 from extproc.render import RenderMode, RenderOptions, render
 from extproc.server import ExtProcServer
 
@@ -69,13 +72,16 @@ def get(port: int, headers: dict[str, str]) -> tuple[int, dict[str, str], dict[s
         conn.close()
 
 
-def placed(target: str, mode: RenderMode, server: int, upstream: int) -> dict[str, Any]:
+def placed(
+    target: str, mode: RenderMode, server: int, upstream: int, policy: Policy | None = None
+) -> dict[str, Any]:
     """The target's rendered config as one bootstrap whose listeners route to `upstream`."""
     options = RenderOptions(
         mode=mode,
         extproc_address=f"127.0.0.1:{server}",
         envoy_listen="127.0.0.1:0",
         upstream=f"127.0.0.1:{upstream}",
+        policy=policy or Policy(),
     )
     (text, *_) = render(target, options).values()
     document = yaml.safe_load(text)
@@ -93,12 +99,20 @@ TARGET_MODES += [("envoy", RenderMode.GATED), ("envoy", RenderMode.ALWAYS)]
 
 
 @contextmanager
-def started(target: str, mode: RenderMode) -> Iterator[dict[str, int]]:
-    """Envoy with the placed config, the real server and the upstream: listener ports by name."""
+def started(
+    target: str, mode: RenderMode, *, policy: Policy | None = None, server_up: bool = True
+) -> Iterator[dict[str, int]]:
+    """Envoy with the placed config (rendered with `policy`), the real server serving it
+    (or, without `server_up`, nothing where the server should be) and the upstream:
+    listener ports by name."""
+    policy = policy or Policy()
     with ExitStack() as stack:
         upstream = stack.enter_context(HttpUpstream(ForgingEcho))
-        server = stack.enter_context(BackgroundServer(ExtProcServer(Policy())))
-        bootstrap = placed(target, mode, server.port, upstream.port)
+        if server_up:
+            server = stack.enter_context(BackgroundServer(ExtProcServer(policy))).port
+        else:
+            server = free_port()
+        bootstrap = placed(target, mode, server, upstream.port, policy)
         yield stack.enter_context(EnvoyProcess(bootstrap)).listener_ports()
 
 
@@ -153,3 +167,76 @@ class TestIstioContexts:
         for name, value in FORWARDING.items():
             assert (received.get(name) == value) is kept["forwarding"], (listener, name)
         assert ("x-envoy-attempt-count" in received) is kept["echoed"], listener
+
+
+REVEAL = {"x-extproc-reveal": "op3rator-reveal-token-2026"}
+REPORTING = policy_from_mapping({"mode": "report"})
+
+
+def place_of(listener: str) -> str:
+    """Where a placed listener sits: Istio's contexts by name; Cilium's (by default) and the
+    plain Envoy's are the edge."""
+    return {"sidecar_outbound": "outbound", "sidecar_inbound": "inbound"}.get(listener, "edge")
+
+
+# What the upstream must receive at each place when Envoy itself removes what the policy
+# strips by a fixed name (enforce, the defaults).
+KEPT_WHEN_DOWN = {
+    "edge": {"forwarding": False, "echoed": False},
+    "outbound": {"forwarding": True, "echoed": False},
+    "inbound": {"forwarding": True, "echoed": True},
+}
+
+
+@pytest.fixture(scope="module", params=TARGET_MODES, ids=lambda p: f"{p[0]}-{p[1]}")
+def server_down(request: pytest.FixtureRequest) -> Iterator[dict[str, int]]:
+    """Each target in each of its modes, with nothing where the server should be."""
+    with started(*request.param, server_up=False) as ports:
+        yield ports
+
+
+class TestWithTheServerDown:
+    """T23, T24: what the policy strips by a fixed name holds while Envoy fails open."""
+
+    def test_fixed_names_removed_by_envoy(self, server_down):
+        """Every target's rendered config removes, with the server down, the reveal
+        header everywhere, echoed x-envoy-* at the edge and outbound, and the edge's
+        forwarding headers; what a place keeps is kept."""
+        for name, port in server_down.items():
+            status, _, received = get(port, FORWARDING | ECHOED | REVEAL)
+            assert status == 200, name
+            kept = KEPT_WHEN_DOWN[place_of(name)]
+            assert "x-extproc-reveal" not in received, name
+            for header, value in FORWARDING.items():
+                assert (received.get(header) == value) is kept["forwarding"], (name, header)
+            assert ("x-envoy-attempt-count" in received) is kept["echoed"], name
+
+    @pytest.mark.parametrize(("target", "mode"), TARGET_MODES, ids=str)
+    def test_report_mode_renders_no_removal_but_the_token(self, target, mode):
+        """Rendered with mode: report, Envoy removes nothing the server would only report,
+        with the server down: only the reveal header, which never goes upstream."""
+        with started(target, mode, policy=REPORTING, server_up=False) as ports:
+            for name, port in ports.items():
+                _, _, received = get(port, FORWARDING | ECHOED | REVEAL)
+                assert "x-extproc-reveal" not in received, name
+                assert {**FORWARDING, **ECHOED}.items() <= received.items(), name
+
+
+class TestTheRevealToken:
+    def test_never_reaches_the_upstream(self, running):
+        """The reveal header never reaches an upstream, also in gated mode, where the
+        policy has no token and the gate never sends the request to the server."""
+        for name, port in running.items():
+            _, _, received = get(port, REVEAL)
+            assert "x-extproc-reveal" not in received, name
+
+
+class TestReportModeStillReports:
+    def test_outbound_reports_what_it_keeps(self):
+        """mode: report at an Istio outbound sidecar (server up): the echoed header reaches
+        the upstream and x-extproc-actions reports it."""
+        with started("istio", RenderMode.ALWAYS, policy=REPORTING) as ports:
+            _, headers, received = get(ports["sidecar_outbound"], ECHOED)
+        assert received.get("x-envoy-attempt-count") == "3"
+        assert "strip-echoed-envoy-headers" in headers["x-extproc-actions"]
+        assert ";report" in headers["x-extproc-actions"]

@@ -506,11 +506,18 @@ class TestDirection:
             "SIDECAR_INBOUND": {"inbound"},
         }
 
-    @pytest.mark.parametrize(("edge", "expected"), [(False, {"outbound"}), (True, {"edge"})])
-    def test_cilium_is_in_mesh_unless_edge(self, edge, expected):
-        """A CEC's filter is in-mesh (outbound rules) unless --cilium-edge."""
-        options = RenderOptions(mode=RenderMode.ALWAYS, cilium_edge=edge)
-        assert directions_in(cilium.render_envoy_config(options, clusterwide=False)) == expected
+    def test_cilium_is_the_edge_unless_declared_in_cluster(self):
+        """A CEC's filter is the edge by default (a Service may be reachable from outside);
+        --cilium-direction outbound declares in-cluster clients only."""
+        default = RenderOptions(mode=RenderMode.ALWAYS)
+        inside = RenderOptions(mode=RenderMode.ALWAYS, cilium_direction=Direction.OUTBOUND)
+        assert directions_in(cilium.render_envoy_config(default, clusterwide=False)) == {"edge"}
+        assert directions_in(cilium.render_envoy_config(inside, clusterwide=False)) == {"outbound"}
+
+    def test_cilium_has_no_inbound_place(self):
+        """--cilium-direction inbound is refused: no sidecar's inbound side is in front of a Service."""
+        with pytest.raises(RenderError, match="--cilium-direction"):
+            RenderOptions(cilium_direction=Direction.INBOUND)
 
     def test_plain_envoy_defaults_to_edge(self):
         """The standalone bootstrap is the edge unless told otherwise."""

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import ssl
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,12 +31,30 @@ from extproc.filter_config import (
     ext_proc_filter,
 )
 from extproc.lab.background import BackgroundServer
+from extproc.lab.certs import CertFiles, CertificateAuthority
 from extproc.lab.envoy import EnvoyProcess, free_port
-from extproc.lab.topology import cluster, http_listener, route, virtual_host
+from extproc.lab.topology import (
+    cluster,
+    downstream_tls,
+    http_connection_manager,
+    http_listener,
+    route,
+    socket_address,
+    virtual_host,
+)
 from extproc.lab.upstreams import HttpUpstream, _Handler
 from extproc.server import ExtProcServer
 
 pytestmark = pytest.mark.envoy
+
+SPIFFE = "spiffe://cluster.local/ns/default"
+TLS_INSPECTOR = {
+    "name": "envoy.filters.listener.tls_inspector",
+    "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"
+    },
+}
+MESH_CA = CertificateAuthority.create("mesh")
 
 FORGED = (
     ("x-extproc-diagnosis", 'upstream_requires_mtls;cluster="outbound|443||vault"'),
@@ -60,13 +80,30 @@ class _ForgingEcho(_Handler):
 class Mesh:
     """The Envoy, the server and the upstream; `request` goes through one listener."""
 
-    def __init__(self, envoy: EnvoyProcess, server: BackgroundServer, ports: dict[str, int]):
-        self.envoy, self.server, self.ports = envoy, server, ports
+    def __init__(
+        self, envoy: EnvoyProcess, server: BackgroundServer, ports: dict[str, int], certs: Path
+    ) -> None:
+        self.envoy, self.server, self.ports, self.certs = envoy, server, ports, certs
 
     def request(
-        self, listener: str, host: str, path: str = "/", headers: tuple[tuple[str, str], ...] = ()
+        self,
+        listener: str,
+        host: str,
+        path: str = "/",
+        headers: tuple[tuple[str, str], ...] = (),
+        *,
+        client: CertFiles | None = None,
     ) -> tuple[int, list[tuple[str, str]], dict[str, Any]]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.ports[listener], timeout=10)
+        """One GET through `listener`; with `client`, over TLS presenting that certificate."""
+        port = self.ports[listener]
+        conn: http.client.HTTPConnection
+        if client is None:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        else:
+            context = ssl.create_default_context(cafile=str(client.trusted_ca))
+            context.check_hostname = False
+            context.load_cert_chain(client.cert_chain, client.private_key)
+            conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context)
         try:
             conn.putrequest("GET", path, skip_host=True, skip_accept_encoding=True)
             conn.putheader("Host", host)
@@ -82,9 +119,34 @@ class Mesh:
             conn.close()
 
 
+def _inbound(port: int, ext_proc_cluster_name: str, routes: list[Any], certs: Path) -> Any:
+    """A sidecar's inbound listener as Istio builds it in PERMISSIVE mode: an mTLS chain
+    that requires a mesh certificate, and a plaintext chain for callers without one."""
+    server = MESH_CA.issue(spiffe_id=f"{SPIFFE}/sa/reviews", dns_names=[]).write(certs, "in")
+    manager = http_connection_manager(
+        "inbound", [virtual_host("*", *routes)],
+        http_filters=[ext_proc_filter(ext_proc_cluster_name, direction="inbound"),
+                      annotation_guard_filter()],
+    )  # fmt: skip
+    mtls = downstream_tls(server, require_client_certificate=True)
+    return {
+        "name": "inbound",
+        "address": socket_address(port),
+        "traffic_direction": "INBOUND",
+        "listener_filters": [TLS_INSPECTOR],
+        "filter_chains": [
+            {"filter_chain_match": {"transport_protocol": "tls"}, "filters": [manager],
+             "transport_socket": mtls},
+            {"filter_chain_match": {"transport_protocol": "raw_buffer"}, "filters": [manager]},
+        ],
+    }  # fmt: skip
+
+
 @pytest.fixture(scope="module")
-def mesh() -> Iterator[Mesh]:
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     ports = {"edge": free_port(), "sidecar": free_port(), "failopen": free_port()}
+    ports["inbound"] = free_port()
+    certs = tmp_path_factory.mktemp("trust-certs")
     with (
         HttpUpstream(_ForgingEcho) as upstream,
         BackgroundServer(ExtProcServer(Policy())) as server,
@@ -112,6 +174,7 @@ def mesh() -> Iterator[Mesh]:
                     listener("edge", "edge", "extproc"),
                     listener("sidecar", "outbound", "extproc", direction="OUTBOUND"),
                     listener("failopen", "edge", "dead"),
+                    _inbound(ports["inbound"], "extproc", routes, certs),
                 ],
                 "clusters": [
                     ext_proc_cluster("extproc", "127.0.0.1", server.port),
@@ -122,7 +185,7 @@ def mesh() -> Iterator[Mesh]:
             }
         }
         with EnvoyProcess(bootstrap) as envoy:
-            yield Mesh(envoy, server, ports)
+            yield Mesh(envoy, server, ports, certs)
 
 
 def annotations(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -197,6 +260,24 @@ def test_edge_shows_no_diagnosis_but_sidecar_does(mesh: Mesh) -> None:
     assert diagnosis.startswith("upstream_refused;")
 
 
+@pytest.mark.parametrize(("caller", "shown"), [("mesh-peer", True), ("plaintext", False)])
+def test_inbound_shows_the_diagnosis_only_to_a_mesh_peer(mesh: Mesh, caller: str, shown: bool):
+    """auto at an inbound sidecar: a caller with a mesh certificate (mTLS, a SPIFFE ID that
+    Envoy sends as connection.uri_san_peer_certificate) gets the diagnosis; a plaintext
+    caller (an ingress controller, a NodePort) gets none, only the status."""
+    client = None
+    if caller == "mesh-peer":
+        client = MESH_CA.issue(spiffe_id=f"{SPIFFE}/sa/productpage", dns_names=[]).write(
+            mesh.certs, "productpage"
+        )
+    with mesh.server.policy(Policy()):
+        status, headers, _ = mesh.request("inbound", "reviews", "/refused", client=client)
+    assert status == 503
+    assert ("x-extproc-diagnosis" in dict(headers)) is shown
+    if not shown:
+        assert annotations(headers) == []
+
+
 # --- T4: the original Host cannot be forged -----------------------------------------------
 
 
@@ -251,3 +332,14 @@ def test_reveal_token_shows_the_edge_diagnosis_to_its_holder(
     assert ("x-extproc-diagnosis" in dict(headers)) is shown
     assert "x-extproc-reveal" not in dict(echoed["headers"])
     assert REVEAL_TOKEN not in repr(headers)
+
+
+def test_reveal_token_never_reaches_the_upstream_when_the_server_is_down(mesh: Mesh) -> None:
+    """Where Envoy fails open (the failopen listener's server is dead), the guard's request
+    side still removes x-extproc-reveal: the upstream never receives the operator's secret."""
+    status, _, echoed = mesh.request(
+        "failopen", "shop.example.com", "/", (("x-extproc-reveal", REVEAL_TOKEN),)
+    )
+    assert status == 200
+    assert "x-extproc-reveal" not in dict(echoed["headers"])
+    assert REVEAL_TOKEN not in json.dumps(echoed)

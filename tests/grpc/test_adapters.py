@@ -115,7 +115,8 @@ CASES = [
         [(":authority", "reviews:9080"), ("x-extproc-reveal", "guess-guess-guess-guess")],
         [(":status", "503")], REFUSED,
         Seen(remove=frozenset({"x-extproc-reveal"}),
-             metadata={"actions": 'strip-reveal-header;headers="x-extproc-reveal"',
+             metadata={"actions": 'strip-reveal-header;headers="x-extproc-reveal", '
+                                  'refuse-reveal-token;headers="x-extproc-reveal";report',
                        "request_host": "reviews:9080", "direction": "edge"}),
         frozenset(), reason="upstream_refused",
     ),

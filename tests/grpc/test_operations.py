@@ -164,6 +164,35 @@ class TestPolicyReload:
         finally:
             task.cancel()
 
+    async def test_rotated_token_in_a_secret_is_picked_up(self, tmp_path):
+        """The watcher reloads when the reveal token file changes, without a signal,
+        through a Secret volume's symlink swap (token -> ..data/token, ..data -> a new
+        directory); the policy file itself never changes."""
+        secret = tmp_path / "secret"
+        (secret / "v1").mkdir(parents=True)
+        (secret / "v1" / "token").write_text("first-token-0123456789")
+        (secret / "..data").symlink_to("v1")
+        (secret / "token").symlink_to("..data/token")
+        path = tmp_path / "p.yaml"
+        path.write_text(f"reveal_token_file: {secret / 'token'}\n")
+        servicer = ExternalProcessor(Policy())
+        reloader = self.reloader(path, servicer)
+        assert reloader.reload()
+        assert servicer.policy.reveal_token == b"first-token-0123456789"
+        task = asyncio.create_task(reloader.run(interval=0.02))
+        try:
+            (secret / "v2").mkdir()
+            (secret / "v2" / "token").write_text("second-token-0123456789")
+            (secret / "..data_tmp").symlink_to("v2")
+            (secret / "..data_tmp").replace(secret / "..data")  # atomic, as kubelet does
+            for _ in range(250):
+                if servicer.policy.reveal_token == b"second-token-0123456789":
+                    break
+                await asyncio.sleep(0.02)
+            assert servicer.policy.reveal_token == b"second-token-0123456789"
+        finally:
+            task.cancel()
+
     async def test_trigger_reloads_at_once(self, tmp_path):
         """trigger() (the SIGHUP handler) reloads even when the stamp looks unchanged."""
         path = tmp_path / "p.yaml"

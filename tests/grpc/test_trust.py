@@ -89,20 +89,32 @@ class TestForgedAnnotations:
         assert sorted(removed(resp)) == sorted(name for name, _ in FORGED)
 
 
+MESH_PEER = "spiffe://cluster.local/ns/default/sa/productpage"
+
+
 class TestExposure:
     """T3: at the edge the diagnosis goes to metadata, logs and metrics, not to the client."""
 
     @pytest.mark.parametrize(
-        ("direction", "shown"),
-        [("edge", False), ("outbound", True), ("inbound", True), (None, False)],
+        ("direction", "peer", "shown"),
+        [
+            ("edge", MESH_PEER, False),
+            ("outbound", "", True),
+            ("inbound", MESH_PEER, True),
+            ("inbound", "", False),
+            ("inbound", "https://idp.example/client", False),
+            (None, MESH_PEER, False),
+        ],
     )
-    async def test_auto_by_declared_direction(self, direction, shown):
-        """auto: shown at sidecars, hidden at the edge; no declaration and no listener
-        direction counts as the edge."""
+    async def test_auto_by_declared_direction(self, direction, peer, shown):
+        """auto: shown at outbound sidecars, at inbound ones only to a caller with a mesh
+        (SPIFFE) certificate, hidden at the edge; no declaration and no listener direction
+        counts as the edge."""
+        attributes = {**REFUSED, "connection.uri_san_peer_certificate": peer} if peer else REFUSED
         _req, resp = await exchange(
             Policy(),
             request_headers([(":authority", "reviews:9080"), ("x-real-ip", "1.2.3.4")]),
-            response_headers([(":status", "503")], REFUSED),
+            response_headers([(":status", "503")], attributes),
             direction=direction,
         )
         headers = mutated(resp, "response_headers")
@@ -149,7 +161,7 @@ class TestExposure:
         """A declared value the server does not know is ignored, not trusted."""
         _, resp = await exchange(
             Policy(),
-            request_headers([(":authority", "a")], {"xds.listener_direction": 1}),
+            request_headers([(":authority", "a")], {"xds.listener_direction": 2}),
             response_headers([(":status", "503")], REFUSED),
             direction="sideways",
         )
@@ -183,3 +195,39 @@ class TestErrorsThatCanBeActedOn:
             "extproc_errors_total", {"error": "processing_failed", "transport": "grpc"}
         )
         assert sample == 1.0
+
+
+class TestVisibleAtTheEdge:
+    """T11: at the edge the client never sees x-extproc-actions, so what the server
+    removed shows in the access log's metadata and a throttled log line with the fix."""
+
+    async def test_forwarding_headers_stripped_say_so(self, monkeypatch):
+        """Stripped at the edge: the request's metadata carries the action, and one log
+        line per interval names the headers and the trusted_hops setting."""
+        now = [0.0]
+        monkeypatch.setattr(
+            core_module, "FORWARDING_LOG", core_module.Throttle(10.0, lambda: now[0])
+        )
+        with capture_logs() as logs:
+            for _ in range(3):
+                (resp,) = await exchange(
+                    Policy(),
+                    request_headers([(":authority", "a"), ("x-forwarded-prefix", "/evil")]),
+                    direction="edge",
+                )
+        meta = resp.dynamic_metadata.fields["extproc_doctor"].struct_value.fields
+        assert "strip-forwarding-headers" in meta["actions"].string_value
+        (line,) = [e for e in logs if e["event"] == "forwarding_headers_stripped"]
+        assert line["headers"] == "x-forwarded-prefix"
+        assert "trusted_hops" in line["hint"]
+
+    async def test_behind_trusted_proxies_nothing_to_say(self):
+        """trusted_hops: the forwarding headers pass, and no line is logged."""
+        with capture_logs() as logs:
+            (resp,) = await exchange(
+                policy_from_mapping({"trusted_hops": 1}),
+                request_headers([(":authority", "a"), ("x-forwarded-prefix", "/p")]),
+                direction="edge",
+            )
+        assert not resp.request_headers.HasField("response")
+        assert not [e for e in logs if e["event"] == "forwarding_headers_stripped"]

@@ -52,6 +52,7 @@ echoed_envoy_headers: keep
 forwarding_headers: report
 underscore_headers: rewrite
 direction: outbound
+trusted_hops: 2
 """,
         )
         policy = load_policy(path)
@@ -64,6 +65,7 @@ direction: outbound
         assert policy.forwarding_headers is Action.REPORT
         assert policy.underscore_headers is Action.REWRITE
         assert policy.direction is Direction.OUTBOUND
+        assert policy.trusted_hops == 2
 
     def test_policy_is_frozen(self):
         """The policy cannot change under a running server."""
@@ -100,6 +102,10 @@ class TestErrors:
             ("host_rewrites:\n  A.example: b\n  a.example: c\n", "listed twice"),
             ("- mode\n", "expected a map of policy keys at the top level, got list"),
             ("mode: [\n", "policy.yaml:2: not valid YAML"),
+            ("trusted_hops: -1\n", "trusted_hops: expected a whole number from 0 to 16"),
+            ("trusted_hops: 17\n", "trusted_hops: expected a whole number from 0 to 16"),
+            ("trusted_hops: true\n", "trusted_hops: expected a whole number from 0 to 16"),
+            ("trusted_hops: '1'\n", "trusted_hops: expected a whole number from 0 to 16"),
         ],
     )
     def test_message_names_file_line_and_key(self, tmp_path, text, message):

@@ -11,9 +11,12 @@ from hypothesis import strategies as st
 from extproc.config import Action, Direction, policy_from_mapping
 from extproc.headers import (
     ECHOED_ENVOY_HEADERS,
+    FORWARDING_HEADERS,
     NO_CHANGE,
+    REVEAL_HEADER,
     Applied,
     decide,
+    native_removals,
     resolve_direction,
 )
 
@@ -115,6 +118,58 @@ class TestForwardingHeaders:
     def test_policy_direction_overrides_the_attribute(self):
         """direction: edge applies edge rules whatever the listener says."""
         assert decide(policy(direction="edge"), self.HEADERS, OUTBOUND).remove
+
+    def test_trusted_hops_keep_them_at_the_edge(self):
+        """Behind trusted proxies (trusted_hops > 0) the edge passes on what they set."""
+        assert decide(policy(trusted_hops=1), self.HEADERS, None).applied == ()
+
+    def test_trusted_hops_keep_the_proxys_original_host_on_a_rewrite(self):
+        """A Host rewrite behind trusted proxies keeps their x-forwarded-host, as a sidecar does."""
+        rewrite = {"shop.example.com": "shop.internal"}
+        decision = decide(policy(trusted_hops=2, host_rewrites=rewrite), self.HEADERS, None)
+        assert "x-forwarded-host" not in decision.remove
+        assert ("x-forwarded-host", "shop.example.com") not in decision.overwrite
+
+
+class TestNativeRemovals:
+    """What Envoy removes itself (the guard's request side, the route), also when the
+    server is down: the rules that strip fixed names where they apply, under enforce."""
+
+    def test_edge_by_default(self):
+        """At the edge: the reveal header, echoed x-envoy-* and the forwarding headers."""
+        assert set(native_removals(policy(), Direction.EDGE)) == {
+            REVEAL_HEADER,
+            *ECHOED_ENVOY_HEADERS,
+            *FORWARDING_HEADERS,
+        }
+
+    def test_outbound_and_inbound(self):
+        """Outbound: the echoed x-envoy-*; inbound: only the reveal header."""
+        assert set(native_removals(policy(), Direction.OUTBOUND)) == {
+            REVEAL_HEADER,
+            *ECHOED_ENVOY_HEADERS,
+        }
+        assert native_removals(policy(), Direction.INBOUND) == (REVEAL_HEADER,)
+
+    @pytest.mark.parametrize(
+        "keys",
+        [
+            {"mode": "report"},
+            {"echoed_envoy_headers": "report", "forwarding_headers": "report"},
+            {"echoed_envoy_headers": "keep", "forwarding_headers": "keep"},
+            {"direction": "inbound"},
+        ],
+    )
+    def test_only_what_the_policy_strips_there(self, keys):
+        """Report mode, a rule set to report or keep, or a policy direction without the
+        rules: Envoy removes nothing but the reveal header (which is never sent on)."""
+        assert native_removals(policy(**keys), Direction.EDGE) == (REVEAL_HEADER,)
+
+    def test_trusted_hops_keep_the_forwarding_headers(self):
+        """Behind trusted proxies Envoy keeps the forwarding headers they set."""
+        removed = set(native_removals(policy(trusted_hops=1), Direction.EDGE))
+        assert removed.isdisjoint(FORWARDING_HEADERS)
+        assert removed >= ECHOED_ENVOY_HEADERS
 
 
 class TestUnderscoreHeaders:

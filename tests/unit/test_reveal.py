@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from extproc.config import Direction, PolicyError, load_policy, policy_from_mapping
-from extproc.core import Carried, carried_from, on_request, on_response
+from extproc.core import Carried, Throttle, carried_from, on_request, on_response
 from extproc.diagnosis import Evidence
 
 TOKEN = "s3cr3t-reveal-token-0123456789"
@@ -90,6 +90,59 @@ class TestRevealAtTheEdge:
         answer = respond(policy, Carried(outcome.carried.actions, "", Direction.EDGE, True)).answer
         visible = repr((outcome, answer, policy))
         assert TOKEN not in visible
+
+
+class TestRefusedTokens:
+    def test_counted_and_on_record(self, policy):
+        """A wrong token is an action (reported), so extproc_actions_total counts it."""
+        from extproc.metrics import Metrics
+
+        metrics = Metrics()
+        outcome = on_request(
+            policy, request(("x-extproc-reveal", "guess")), declared=Direction.EDGE
+        )
+        metrics.count_request(outcome.decision.applied)
+        assert "refuse-reveal-token" in [a.token for a in outcome.decision.applied]
+        value = metrics.registry.get_sample_value(
+            "extproc_actions_total", {"action": "refuse-reveal-token", "report": "true"}
+        )
+        assert value == 1
+
+    def test_right_token_is_not_refused(self, policy):
+        outcome = on_request(policy, request(("x-extproc-reveal", TOKEN)), declared=Direction.EDGE)
+        assert "refuse-reveal-token" not in [a.token for a in outcome.decision.applied]
+
+    def test_log_lines_limited_and_never_quote_the_guess(self, policy, monkeypatch):
+        """Many wrong tokens in one interval make one log line; the next interval's line
+        says how many were held back. No line holds what was sent."""
+        from structlog.testing import capture_logs
+
+        from extproc import core
+
+        now = [100.0]
+        monkeypatch.setattr(core, "REFUSED_REVEAL_LOG", core.Throttle(10.0, lambda: now[0]))
+        with capture_logs() as logs:
+            for i in range(50):
+                on_request(
+                    policy, request(("x-extproc-reveal", f"guess-{i}")), declared=Direction.EDGE
+                )
+            now[0] += 10.0
+            on_request(policy, request(("x-extproc-reveal", "guess-last")), declared=Direction.EDGE)
+        lines = [e for e in logs if e["event"] == "reveal_token_refused"]
+        assert [e["held_back"] for e in lines] == [0, 49]
+        assert "guess" not in repr(lines)
+
+
+class TestThrottle:
+    def test_admits_one_per_interval_and_counts_the_rest(self):
+        now = [0.0]
+        throttle = Throttle(5.0, lambda: now[0])
+        assert [throttle.admit() for _ in range(4)] == [0, None, None, None]
+        now[0] = 4.9
+        assert throttle.admit() is None
+        now[0] = 5.0
+        assert throttle.admit() == 4
+        assert throttle.admit() is None
 
 
 class TestTokenFile:
