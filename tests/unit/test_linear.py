@@ -232,6 +232,7 @@ class TestWholeMessage:
             response_headers([(":status", "503")], hostile_attributes(200_000)),
             StreamState(),
         )
+        assert response is not None
         diagnosis_header = next(
             o.header.raw_value
             for o in response.response_headers.response.header_mutation.set_headers
