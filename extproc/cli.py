@@ -205,10 +205,12 @@ def _summary_report(summary: Summary, as_json: bool) -> str:
     """The whole-log summary: failures by reason and cluster, most frequent first."""
     if as_json:
         return json.dumps(summary.as_dict())
+    unread = ", ".join(f"{error} {n}" for error, n in summary.unread.most_common())
     head = (
         f"{summary.lines} lines: {summary.failures} failures, {summary.successes} not failures, "
         f"{summary.not_log} without evidence"
         + (f", {summary.truncated} cut at {MAX_LINE} bytes" if summary.truncated else "")
+        + (f", {summary.unread.total()} unreadable ({unread})" if summary.unread else "")
     )
     out = [head]
     if summary.forms:
@@ -589,8 +591,9 @@ def build_parser() -> argparse.ArgumentParser:
         "line",
         nargs="?",
         metavar="TEXT",
-        help="an access-log line, local-reply body, gRPC error or curl -v output; "
-        "'-' reads a whole log (or a paste) from stdin and summarises it",
+        help="an access-log line, local-reply body, gRPC error or curl -v output (several "
+        "lines: a log, summarised); '-', or no TEXT with stdin not a terminal, reads a whole "
+        "log (or a paste) from stdin and summarises it",
     )
     diag.add_argument("--status", type=int, help="HTTP status (%%RESPONSE_CODE%%)")
     diag.add_argument(

@@ -130,6 +130,8 @@ class TestUnreadable:
         summary = json.loads(capsys.readouterr().out)
         assert summary["unread_lines"] == {"RecursionError": 1}
         assert summary["lines"] == 3 and summary["failures"] + summary["successes"] == 2
+        assert main(["diagnose", "\n".join([REAL_LINES[2], "poison"])]) == 0
+        assert "1 unreadable (RecursionError 1)" in capsys.readouterr().out
 
     def test_a_single_unreadable_text_exits_1(
         self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
