@@ -344,7 +344,7 @@ def response_phase(
             signs, has_attributes=True,
             flags=attributes.number(FLAGS_ATTRIBUTE, F.MAX_FLAGS_VALUE),
             code=attributes.number(CODE_ATTRIBUTE, 999),
-            details=read_text(attributes, DETAILS_ATTRIBUTE),
+            details=attributes.text(DETAILS_ATTRIBUTE)[:MAX_CODE_DETAILS],
         )  # fmt: skip
     if not needs_answer(triaged, forged, carried):
         return None
