@@ -1,8 +1,10 @@
 """How work grows with input: the best of several timings at size n and at 8n, in one run.
 
 No absolute threshold: a linear cost grows about 8x from n to 8n, a quadratic one 64x,
-so the ratio of the two tells them apart on any machine. Each size is timed several
-times, interleaved, and the minimum kept (a loaded machine only ever adds time); n is
+so the ratio of the two tells them apart on any machine. Time is this thread's CPU time
+(`time.thread_time`): on a loaded machine wall time also counts while other processes
+hold the CPU, CPU time only our own work. Each size is timed several times,
+interleaved, and the minimum kept (cache misses and interrupts only ever add time); n is
 doubled first until one run takes long enough that the timer's resolution and the
 call's fixed cost do not matter. A ratio over the limit is measured again (at most
 `ATTEMPTS` times): a cost that really is quadratic stays near 64 every time.
@@ -25,10 +27,10 @@ MIN_SECONDS = 0.003
 MAX_N = 1 << 20
 
 
-def _best(run: Callable[[], object]) -> float:
-    start = time.perf_counter()
+def _cpu_seconds(run: Callable[[], object]) -> float:
+    start = time.thread_time()
     run()
-    return time.perf_counter() - start
+    return time.thread_time() - start
 
 
 def growth(
@@ -36,7 +38,7 @@ def growth(
 ) -> tuple[int, float]:
     """(n, time at 8n / time at n) for `work(build(size))`, n grown until a run is measurable."""
     small = build(n)
-    while n < MAX_N and _best(lambda: work(small)) < MIN_SECONDS:  # noqa: B023 (called at once)
+    while n < MAX_N and _cpu_seconds(lambda: work(small)) < MIN_SECONDS:  # noqa: B023 (called at once)
         n *= 2
         small = build(n)
     large = build(GROWTH * n)
@@ -44,8 +46,8 @@ def growth(
     for _ in range(ATTEMPTS):
         best_small = best_large = float("inf")
         for _ in range(REPEATS):
-            best_small = min(best_small, _best(lambda: work(small)))
-            best_large = min(best_large, _best(lambda: work(large)))
+            best_small = min(best_small, _cpu_seconds(lambda: work(small)))
+            best_large = min(best_large, _cpu_seconds(lambda: work(large)))
         ratio = min(ratio, best_large / max(best_small, 1e-9))
         if ratio < LINEAR_RATIO:
             break
