@@ -63,12 +63,17 @@ DETAILS_ATTRIBUTE = "response.code_details"
 # whatever a peer sends. Each cap leaves Envoy's own strings far inside it (the longest
 # recorded in docs/signatures.md is under 200 characters; tests/unit/test_linear.py
 # checks they all fit with room to spare), so a cut never changes a real diagnosis.
-MAX_TRANSPORT_FAILURE_REASON = 4096  # BoringSSL errors joined by `|` (about 90 each) and
-# a verify detail that may list the peer certificate's SANs (`certificate SANs are [...]`)
+MAX_TRANSPORT_FAILURE_REASON = 4096  # `TLS_error:`, each queued BoringSSL error as
+# `|code:lib:func:REASON` (about 90), a verify detail, `:TLS_error_end` (envoyproxy/envoy
+# 02a45cb source/common/tls/ssl_socket.cc, drainErrorQueue); the detail may list the
+# peer's SANs (`verify cert failed: SAN matcher, certificate SANs are [...]`,
+# cert_validator/default_validator.cc), after the words the catalogue matches on
 MAX_CODE_DETAILS = MAX_TRANSPORT_FAILURE_REASON + 128  # the router writes
 # `upstream_reset_before_response_started{<reset reason>|<transport failure reason>}`
 MAX_NAME = 1024  # cluster and route names: Istio's `outbound|PORT|SUBSET|FQDN` is at
-# most 5 + 63 + 253 characters and three `|`; Cilium prefixes `namespace/cec-name/`
+# most 5 + 63 + 253 characters and three `|` (a subset name is a DNS-1123 label:
+# istio/istio 86c9f01 pkg/config/validation/validation.go, validateSubsetName);
+# Cilium prefixes `namespace/cec-name/`
 MAX_ADDRESS = 256  # `IP:port`, `[IPv6]:port` (at most 53) or a pipe path (108, sun_path)
 MAX_CLUSTER_METADATA = 16 * 1024  # text-format Metadata: Istio's config path, services
 MAX_HOST = 1024  # evidence only; parsed as an authority only up to authority.MAX_LENGTH
