@@ -50,7 +50,8 @@ def sf_string(value: str, limit: int = MAX_VALUE) -> str:
     """
     if len(value) <= limit and _PLAIN_TEXT.fullmatch(value):
         return f'"{value}"'  # the common case: nothing to escape or cut
-    pieces = [_PIECES[byte] for byte in _utf8(value)]
+    # Each character becomes at least one: past `limit + 1` nothing more can be kept.
+    pieces = [_PIECES[byte] for byte in _utf8(value[: limit + 1])]
     if sum(map(len, pieces)) > limit:
         kept, size = [], 0
         for piece in pieces:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ from typing import Any, BinaryIO
 
 import structlog
 
-from extproc.accesslog import Reading, read_text
+from extproc.accesslog import Reading, Unread, diagnose_text
 from extproc.accesslog.summary import MAX_LINE, Summary
 from extproc.annotate import diagnosis_headers
 from extproc.config import Direction, Policy, PolicyError, ServeConfig, TlsFiles, load_policy
@@ -204,10 +205,12 @@ def _summary_report(summary: Summary, as_json: bool) -> str:
     """The whole-log summary: failures by reason and cluster, most frequent first."""
     if as_json:
         return json.dumps(summary.as_dict())
+    unread = ", ".join(f"{error} {n}" for error, n in summary.unread.most_common())
     head = (
         f"{summary.lines} lines: {summary.failures} failures, {summary.successes} not failures, "
         f"{summary.not_log} without evidence"
         + (f", {summary.truncated} cut at {MAX_LINE} bytes" if summary.truncated else "")
+        + (f", {summary.unread.total()} unreadable ({unread})" if summary.unread else "")
     )
     out = [head]
     if summary.forms:
@@ -245,23 +248,35 @@ _CURL_START = (b"* ", b"> ", b"< ", b"*   ")
 _PASTE_LIMIT = 1024 * 1024
 
 
-def _diagnose_stream(stream: BinaryIO, as_json: bool) -> None:
+def _diagnose_stream(stream: BinaryIO, as_json: bool) -> int:
+    """A whole log, or a paste, as bytes: a summary, or one report for one line or `curl -v`."""
     from extproc.accesslog.summary import lines_of, summarise
 
     head = stream.peek(4096)[:4096] if hasattr(stream, "peek") else b""
     if head.lstrip().startswith(_CURL_START):
-        text = stream.read(_PASTE_LIMIT).decode("utf-8", errors="replace")
-        reading = read_text(text)
-        print(_report(classify(reading.evidence), as_json, reading))
-        return
+        return _diagnose_one(stream.read(_PASTE_LIMIT).decode("utf-8", errors="replace"), as_json)
     progress = _Progress()
     summary = summarise(lines_of(stream, progress))
     progress.done()
     if summary.single is not None and summary.lines <= 1 + summary.not_log:
         reading, diagnosis = summary.single
         print(_report(diagnosis, as_json, reading))
-        return
+        return 0
     print(_summary_report(summary, as_json))
+    return 0
+
+
+def _diagnose_one(text: str, as_json: bool) -> int:
+    """One text, one report; 1 when the text could not be read at all."""
+    result = diagnose_text(text)
+    if isinstance(result, Unread):
+        if as_json:
+            print(json.dumps({"reason": None, "unread": result.error}))
+        else:
+            print(f"could not read this text ({result.error}); nothing diagnosed")
+        return 1
+    print(_report(result.diagnosis, as_json, result.reading))
+    return 0
 
 
 def _diagnose(args: argparse.Namespace) -> int:
@@ -272,20 +287,30 @@ def _diagnose(args: argparse.Namespace) -> int:
         return 0
 
 
+_EVIDENCE_OPTIONS = ("flags", "details", "tfr", "cluster", "route", "host")
+
+
 def _diagnose_text(args: argparse.Namespace) -> int:
-    if args.line is None:
+    """TEXT, `-` or piped stdin (like grep and jq), or the evidence options."""
+    given = args.status is not None or any(getattr(args, name) for name in _EVIDENCE_OPTIONS)
+    if args.line is None and given:
         try:
             print(_report(classify(_evidence_from_flags(args)), args.json))
         except UnknownFlagError as exc:
             print(f"extproc diagnose: {exc}", file=sys.stderr)
             return 2
         return 0
-    if args.line == "-":
-        _diagnose_stream(sys.stdin.buffer, args.json)
-        return 0
-    reading = read_text(args.line)
-    print(_report(classify(reading.evidence), args.json, reading))
-    return 0
+    if args.line is None and (sys.stdin is None or sys.stdin.isatty()):
+        args.print_help(sys.stderr)
+        return 2
+    if args.line is None or args.line == "-":
+        return _diagnose_stream(sys.stdin.buffer, args.json)
+    # Several lines (`"$(cat log)"`) are a log, read line by line, never one failure
+    # pieced together from different lines; surrogates from argv become their bytes.
+    text = args.line.encode("utf-8", "surrogateescape")
+    if b"\n" in text.strip():
+        return _diagnose_stream(io.BufferedReader(io.BytesIO(text)), args.json)
+    return _diagnose_one(args.line, args.json)
 
 
 def _missing_extra(command: str, exc: ImportError) -> int:
@@ -586,8 +611,9 @@ def build_parser() -> argparse.ArgumentParser:
         "line",
         nargs="?",
         metavar="TEXT",
-        help="an access-log line, local-reply body, gRPC error or curl -v output; "
-        "'-' reads a whole log (or a paste) from stdin and summarises it",
+        help="an access-log line, local-reply body, gRPC error or curl -v output (several "
+        "lines: a log, summarised); '-', or no TEXT with stdin not a terminal, reads a whole "
+        "log (or a paste) from stdin and summarises it",
     )
     diag.add_argument("--status", type=int, help="HTTP status (%%RESPONSE_CODE%%)")
     diag.add_argument(
@@ -601,7 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
     diag.add_argument("--route", default="", help="route name")
     diag.add_argument("--host", default="", help="the request's Host / :authority")
     diag.add_argument("--json", action="store_true", help="print JSON instead of text")
-    diag.set_defaults(func=_diagnose)
+    diag.set_defaults(func=_diagnose, print_help=diag.print_help)
 
     demo = sub.add_parser(
         "demo", help="run a real Envoy, the server and failing upstreams; print the diagnoses"

@@ -67,6 +67,35 @@ FLAGS_ATTRIBUTE = "response.flags"
 CODE_ATTRIBUTE = "response.code"
 DETAILS_ATTRIBUTE = "response.code_details"
 
+# The most of each text attribute the core reads, in characters: a value is cut to this
+# before anything looks into it, so one message costs at most a few kilobytes of work
+# whatever a peer sends. Each cap leaves Envoy's own strings far inside it (the longest
+# recorded in docs/signatures.md is under 200 characters; tests/unit/test_linear.py
+# checks they all fit with room to spare), so a cut never changes a real diagnosis.
+MAX_TRANSPORT_FAILURE_REASON = 4096  # `TLS_error:`, each queued BoringSSL error as
+# `|code:lib:func:REASON` (about 90), a verify detail, `:TLS_error_end` (envoyproxy/envoy
+# 02a45cb source/common/tls/ssl_socket.cc, drainErrorQueue); the detail may list the
+# peer's SANs (`verify cert failed: SAN matcher, certificate SANs are [...]`,
+# cert_validator/default_validator.cc), after the words the catalogue matches on
+MAX_CODE_DETAILS = MAX_TRANSPORT_FAILURE_REASON + 128  # the router writes
+# `upstream_reset_before_response_started{<reset reason>|<transport failure reason>}`
+MAX_NAME = 1024  # cluster and route names: Istio's `outbound|PORT|SUBSET|FQDN` is at
+# most 5 + 63 + 253 characters and three `|` (a subset name is a DNS-1123 label:
+# istio/istio 86c9f01 pkg/config/validation/validation.go, validateSubsetName);
+# Cilium prefixes `namespace/cec-name/`
+MAX_ADDRESS = 256  # `IP:port`, `[IPv6]:port` (at most 53) or a pipe path (108, sun_path)
+MAX_CLUSTER_METADATA = 16 * 1024  # text-format Metadata: Istio's config path, services
+MAX_HOST = 1024  # evidence only; parsed as an authority only up to authority.MAX_LENGTH
+TEXT_CAPS: Mapping[str, int] = {
+    DETAILS_ATTRIBUTE: MAX_CODE_DETAILS,
+    "upstream.transport_failure_reason": MAX_TRANSPORT_FAILURE_REASON,
+    "xds.cluster_name": MAX_NAME,
+    "upstream.address": MAX_ADDRESS,
+    "xds.route_name": MAX_NAME,
+    "xds.cluster_metadata": MAX_CLUSTER_METADATA,
+    "request.host": MAX_HOST,
+}
+
 # The keys of our metadata namespace that carry the request phase to the response phase.
 CARRIED_ACTIONS = "actions"
 CARRIED_HOST = "request_host"
@@ -311,10 +340,10 @@ def complete(evidence: Evidence, texts: Mapping[str, str] | None, host: str) -> 
     """The triaged evidence with the `COMPLETION` fields, by Evidence field (the adapter
     reads them), and the carried Host, which wins over `request.host`."""
     if texts is None:
-        return replace(evidence, host=host)
+        return replace(evidence, host=host[:MAX_HOST])
     fields: dict[str, Any] = {f: texts.get(f, "") for f, _ in COMPLETION}
     if host:
-        fields["host"] = host
+        fields["host"] = host[:MAX_HOST]
     return replace(evidence, **fields)
 
 
@@ -332,6 +361,11 @@ class Attributes(Protocol):
     def text(self, key: str) -> str:
         """A string (a number as its digits), or ""."""
         ...
+
+
+def read_text(attributes: Attributes, key: str) -> str:
+    """A text attribute cut to its cap in `TEXT_CAPS`, before anything parses it."""
+    return attributes.text(key)[: TEXT_CAPS[key]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -400,11 +434,11 @@ def response_phase(
             signs, has_attributes=True,
             flags=attributes.number(FLAGS_ATTRIBUTE, F.MAX_FLAGS_VALUE),
             code=attributes.number(CODE_ATTRIBUTE, 999),
-            details=attributes.text(DETAILS_ATTRIBUTE),
+            details=attributes.text(DETAILS_ATTRIBUTE)[:MAX_CODE_DETAILS],
         )  # fmt: skip
     if not needs_answer(triaged, forged, carried):
         return None
-    texts = None if attributes is None else {f: attributes.text(key) for f, key in COMPLETION}
+    texts = None if attributes is None else {f: read_text(attributes, key) for f, key in COMPLETION}
     listener = None if attributes is None else attributes.number(LISTENER_ATTRIBUTE, 2)
     peer = "" if attributes is None else attributes.text(PEER_ATTRIBUTE)
     return on_response(

@@ -15,6 +15,7 @@ No grpc or protobuf here: the adapter in `server.py` (or the access-log parser) 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from extproc import flags as F
@@ -552,11 +553,83 @@ def classify(ev: Evidence) -> Diagnosis | None:
 # several queued errors with `|` (a handshake_failure alert in answer to the ClientHello:
 # `…:SSLV3_ALERT_HANDSHAKE_FAILURE|268435610:SSL routines:OPENSSL_internal:
 # HANDSHAKE_FAILURE_ON_CLIENT_HELLO:TLS_error_end`); each error's code, library and
-# function are dropped (`_TLS_NEXT_ERROR`).
-_TLS_PARTS = re.compile(
-    r"TLS[ _]error:[\s_]*\|?[\s_]*(?:\d+:)?[^:|]*:[^:|]*:(?P<reason>.*?)(?::TLS_error_end|\}|$)"
-)
-_TLS_NEXT_ERROR = re.compile(r"\|\d+:[^:|]*:[^:|]*:")
+# function are dropped. Older Envoy wrote `TLS error: 268435581:…` and, in code details,
+# spaces as `_`. Parsed with `str` methods, each a single pass, so the cost is linear in
+# the text whatever a peer sends (tests/unit/test_linear.py).
+_TLS_MARKS = ("TLS_error:", "TLS error:")
+# Where a reason ends: Envoy's end mark, the `}` that closes code details, or the line.
+_TLS_ENDS = (":TLS_error_end", "}", "\n")
+
+
+def tls_reason(text: str) -> str | None:
+    """The BoringSSL reason(s) in a transport failure reason or code details, or None.
+
+    The first `TLS_error:` (or `TLS error:`) followed by `[code:]library:function:` gives
+    the reason: the text up to `:TLS_error_end`, `}` or the end of the line.
+    """
+    for at in _marks(text):
+        start = _tls_fields(text, at)
+        if start is not None:
+            return _drop_error_prefixes(text[start : _tls_end(text, start)])
+    return None
+
+
+def _marks(text: str) -> Iterator[int]:
+    """Where each TLS mark starts, in order; each mark's search resumes where it stopped."""
+    ahead = [text.find(mark) for mark in _TLS_MARKS]
+    while live := [i for i in ahead if i != -1]:
+        at = min(live)
+        yield at
+        ahead = [
+            text.find(m, at + 1) if i == at else i for m, i in zip(_TLS_MARKS, ahead, strict=True)
+        ]
+
+
+def _tls_fields(text: str, at: int) -> int | None:
+    """Where the reason starts after the mark at `at`: past `[\\s_]*|?[\\s_]*`, an optional
+    numeric code, a library and a function, each ended by `:`; None when they are not there."""
+    i = _skip_blank(text, at + len(_TLS_MARKS[0]))
+    if i < len(text) and text[i] == "|":
+        i = _skip_blank(text, i + 1)
+    code_end = text.find(":", i)
+    if code_end > i and text[i:code_end].isdecimal():
+        after_code = _two_fields(text, code_end + 1)
+        if after_code is not None:
+            return after_code
+    return _two_fields(text, i)
+
+
+def _skip_blank(text: str, i: int) -> int:
+    while i < len(text) and (text[i] == "_" or text[i].isspace()):
+        i += 1
+    return i
+
+
+def _two_fields(text: str, i: int) -> int | None:
+    """The index past `[^:|]*:[^:|]*:` at `i`, or None."""
+    for _ in range(2):
+        colon = text.find(":", i)
+        if colon == -1 or text.find("|", i, colon) != -1:
+            return None
+        i = colon + 1
+    return i
+
+
+def _tls_end(text: str, start: int) -> int:
+    ends = [i for i in (text.find(end, start) for end in _TLS_ENDS) if i != -1]
+    return min(ends, default=len(text))
+
+
+def _drop_error_prefixes(reason: str) -> str:
+    """`A|268435610:SSL routines:OPENSSL_internal:B` → `A|B`."""
+    first, *rest = reason.split("|")
+    out = [first]
+    for error in rest:
+        parts = error.split(":", 3)
+        out.append(parts[3] if len(parts) == 4 and parts[0].isdecimal() else error)
+    return "|".join(out)
+
+
 _DESTINATION_RULE = re.compile(r"/destination-rule/([A-Za-z0-9.\-]+)")
 _DESTINATION_RULE_NS = re.compile(r"/namespaces/([A-Za-z0-9.\-]+)/destination-rule/")
 
@@ -564,9 +637,9 @@ _DESTINATION_RULE_NS = re.compile(r"/namespaces/([A-Za-z0-9.\-]+)/destination-ru
 def transport_detail(ev: Evidence) -> str:
     """The most telling part of the failure text: the TLS reason, the connect error, or the details."""
     source = ev.transport_failure_reason or ev.code_details
-    m = _TLS_PARTS.search(source)
-    if m:
-        return _TLS_NEXT_ERROR.sub("|", m.group("reason"))
+    reason = tls_reason(source)
+    if reason is not None:
+        return reason
     if ev.transport_failure_reason:
         return ev.transport_failure_reason
     return ev.code_details

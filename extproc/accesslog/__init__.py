@@ -23,12 +23,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from extproc.accesslog import formats, scan
-from extproc.diagnosis import Evidence
+from extproc.diagnosis import Diagnosis, Evidence, classify
 from extproc.flags import RESPONSE_FLAGS
 
 __all__ = [
     "ISTIO_ACCESS_LOG_FORMAT",
+    "Read",
     "Reading",
+    "Unread",
+    "diagnose_text",
     "parse_access_log_line",
     "read_text",
 ]
@@ -93,6 +96,32 @@ class Reading:
     def is_log(self) -> bool:
         """Whether the text held any failure evidence at all (status, flags or details)."""
         return bool({"status", "flags", "details", "grpc"} & set(self.used))
+
+
+@dataclass(frozen=True, slots=True)
+class Read:
+    """A text read, and its diagnosis (None: Envoy did not fail the response, or no evidence)."""
+
+    reading: Reading
+    diagnosis: Diagnosis | None
+
+
+@dataclass(frozen=True, slots=True)
+class Unread:
+    """A text the reader could not read, and the type of the error that stopped it."""
+
+    error: str
+
+
+def diagnose_text(text: str) -> Read | Unread:
+    """Read and classify one text (a line of a log, or a whole paste). The one place that
+    stops an error: whatever a text makes the reader raise (a bug, a RecursionError, a
+    MemoryError) makes that text unread, and the caller goes on with the next."""
+    try:
+        reading = read_text(text)
+        return Read(reading, classify(reading.evidence))
+    except Exception as exc:  # by design: any error makes this one text unread
+        return Unread(type(exc).__name__)
 
 
 def parse_access_log_line(line: str) -> Evidence:

@@ -312,7 +312,7 @@ def read_json(body: str) -> JsonLine | None:
     """Decode one JSON object line; None when it is not one (the scanner reads it then)."""
     try:
         obj = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # deep nesting: no access-log format nests so
         return None
     if not isinstance(obj, dict):
         return None

@@ -96,6 +96,19 @@ GRPC_CODES: dict[str, int] = {
     "dataloss": 15,
     "unauthenticated": 16,
 }
+# The error names clients print: grpc/grpc's upper-case names (Java's `Status.Code`,
+# grpc-js's `Status`, Python's `StatusCode`) and grpc-go's `codes.Code.String()` names.
+# `OK` is left out: it is no error, and `OK: ` is common prose.
+_UPPER_NAMES = (
+    "CANCELLED|UNKNOWN|INVALID_ARGUMENT|DEADLINE_EXCEEDED|NOT_FOUND|ALREADY_EXISTS|"
+    "PERMISSION_DENIED|RESOURCE_EXHAUSTED|FAILED_PRECONDITION|ABORTED|OUT_OF_RANGE|"
+    "UNIMPLEMENTED|INTERNAL|UNAVAILABLE|DATA_LOSS|UNAUTHENTICATED"
+)
+_GO_NAMES = (
+    "Canceled|Unknown|InvalidArgument|DeadlineExceeded|NotFound|AlreadyExists|"
+    "PermissionDenied|ResourceExhausted|FailedPrecondition|Aborted|OutOfRange|"
+    "Unimplemented|Internal|Unavailable|DataLoss|Unauthenticated"
+)
 
 _LABEL_END = r"""["']?\s{0,3}[=:]\s{0,3}["']?"""
 
@@ -150,8 +163,18 @@ _HOST_PATTERNS = (
 _UPSTREAM_HOST = _labelled("upstream_host|upstream_address", r"[^\s\"',]{1,253}")
 _SERVICE_TIME = _labelled("x-envoy-upstream-service-time|upstream_service_time", r"\d{1,12}|-|null")
 _GRPC_STATUS = _labelled("grpc-status|grpc_status", r"\d{1,2}")
+# A gRPC client's error, as each client prints it; each form names its group:
+# grpc-go `rpc error: code = Unavailable desc = …` (internal/status/status.go, String);
+# grpc-js `14 UNAVAILABLE: …` (packages/grpc-js/src/call.ts); Java `UNAVAILABLE: …`,
+# also after `io.grpc.StatusRuntimeException: ` (api/src/main/java/io/grpc/Status.java,
+# formatThrowableMessage); Python `StatusCode.UNAVAILABLE`; and a Go name with a colon
+# (`Unavailable: upstream connect error …`) where Envoy's own words follow.
 _GRPC_ERROR = re.compile(
-    r"(?:rpc error: code = (\w{2,20}) desc =|\b(\d{1,2}) ([A-Z_]{2,20}):|\b([A-Z_]{4,20}): upstream)"
+    rf"rpc error: code = (?P<go>\w{{2,20}}) desc ="
+    rf"|\b(?P<number>\d{{1,2}}) (?P<js>{_UPPER_NAMES}):"
+    rf"|\bStatusCode\.(?P<python>{_UPPER_NAMES})\b"
+    rf"|(?<![\w.])(?P<java>{_UPPER_NAMES}): "
+    rf"|(?<![\w.])(?P<short>{_GO_NAMES}): (?=upstream |no healthy upstream)"
 )
 # The doctor's own `dr="ns/name"` parameter (JSON-escaped in a JSON log), or Istio's metadata.
 _DR = re.compile(r"""(?:\bdr=\\?"?|/destination-rule/)([A-Za-z0-9.\-/]{1,253})""")
@@ -237,9 +260,7 @@ def _scan_pasted(text: str, found: Found) -> None:
     """A local-reply body or a gRPC client error: the details Envoy would have logged."""
     grpc = _GRPC_ERROR.search(text)
     if grpc and found.grpc_status is None:
-        number, name = grpc.group(2), grpc.group(1) or grpc.group(3) or grpc.group(2)
-        code = int(number) if number else GRPC_CODES.get(name.replace("_", "").lower())
-        found.grpc_status = code
+        found.grpc_status = _grpc_code(grpc)
     if found.details:
         return
     reset = _RESET_BODY.search(text)
@@ -255,6 +276,14 @@ def _scan_pasted(text: str, found: Found) -> None:
             found.details = details
             found.status = found.status or (None if found.grpc_status else status)
             return
+
+
+def _grpc_code(match: re.Match[str]) -> int | None:
+    """The status code a gRPC error names: its number, else its name (any form)."""
+    if match["number"]:
+        return int(match["number"])
+    name = next(name for name in match.groups() if name)
+    return GRPC_CODES.get(name.replace("_", "").lower())
 
 
 def destination_rule(text: str) -> str:

@@ -2,7 +2,8 @@
 
 Strategy: the log is read as bytes in fixed-size chunks and cut into lines of at most
 `MAX_LINE` bytes (the rest of a longer line is skipped, and counted), so neither a huge
-log nor a huge line has to fit in memory. Each line is read (`read_text`) and classified;
+log nor a huge line has to fit in memory. Each line is read and classified
+(`diagnose_text`, which turns any error into an unread line, counted by error type);
 successes and lines with no evidence are only counted. Failures are counted per group
 (reason, cluster, DestinationRule), and the number of groups is capped: past
 `MAX_GROUPS`, new groups fold into one "other" group.
@@ -15,8 +16,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from extproc.accesslog import Reading, read_text
-from extproc.diagnosis import Diagnosis, classify
+from extproc.accesslog import Read, Reading, Unread, diagnose_text
+from extproc.diagnosis import Diagnosis
 
 MAX_LINE = 32 * 1024
 MAX_GROUPS = 1000
@@ -60,20 +61,25 @@ class Summary:
     successes: int = 0
     not_log: int = 0
     truncated: int = 0
+    # Lines the reader could not read, by the type of the error (never fatal).
+    unread: Counter[str] = field(default_factory=Counter)
     forms: Counter[str] = field(default_factory=Counter)
     missing: Counter[str] = field(default_factory=Counter)
     groups: dict[tuple[str, str, str], Group] = field(default_factory=dict)
     # The only log line, when there was exactly one: then a single diagnosis is shown.
     single: tuple[Reading, Diagnosis | None] | None = None
 
-    def add(self, number: int, reading: Reading) -> None:
+    def add(self, number: int, result: Read | Unread) -> None:
         """Count one line; group it when it is a failure."""
         self.lines = max(self.lines, number)
+        if isinstance(result, Unread):
+            self.unread[result.error] += 1
+            return
+        reading, diagnosis = result.reading, result.diagnosis
         if not reading.is_log:
             self.not_log += 1
             return
         self.forms[reading.form] += 1
-        diagnosis = classify(reading.evidence)
         log_lines = self.failures + self.successes
         self.single = (reading, diagnosis) if log_lines == 0 else None
         if diagnosis is None:
@@ -110,6 +116,7 @@ class Summary:
             "successes": self.successes,
             "not_log_lines": self.not_log,
             "truncated_lines": self.truncated,
+            "unread_lines": dict(self.unread.most_common()),
             "formats": dict(self.forms.most_common()),
             "missing_fields": dict(self.missing.most_common()),
             "groups": [g.as_dict() for g in self.ranked()],
@@ -160,5 +167,5 @@ def summarise(
         if not text.strip():
             summary.lines = number
             continue
-        summary.add(number, read_text(text))
+        summary.add(number, diagnose_text(text))
     return summary

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import time
 import tracemalloc
 
 import grpc
@@ -14,7 +16,8 @@ from hypothesis import strategies as st
 from extproc.config import policy_from_mapping
 from extproc.metrics import MESSAGE_KINDS
 from extproc.server import SERVICE_NAME, ExtProcServer, StreamState, handle
-from tests.conftest import attributes, http_headers, request_headers
+from tests.conftest import attributes, http_headers, mutated, request_headers, response_headers
+from tests.cost import LINEAR_RATIO, REPEATS
 from tests.grpc.test_server import exchange
 
 POLICY = policy_from_mapping(
@@ -177,3 +180,42 @@ class TestGarbageOnTheWire:
                 assert err.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
             (answer,) = await exchange(ch, request_headers([(":authority", "a")]))
             assert answer.WhichOneof("response") == "request_headers"
+
+
+def hostile_tfr(size: int) -> pb.ProcessingRequest:
+    """A failing response whose transport failure reason repeats a TLS mark with no end
+    for `size` characters, then a newline: what made the old regex quadratic."""
+    tfr = "TLS_error:a:b:c " * (size // 16) + "\n!"
+    return response_headers(
+        [(":status", "503")],
+        {"response.code": 503, "response.flags": 32, "upstream.transport_failure_reason": tfr},
+    )
+
+
+@pytest.mark.asyncio
+class TestHostileCostOnTheWire:
+    async def test_hostile_reason_costs_linear_time_and_the_clean_stream_is_answered(self):
+        """Over a real grpc.aio server, a 96 KB hostile transport failure reason costs about
+        what 8x the work of a 12 KB one should (one loop serves every stream, so this is
+        what a clean stream beside it waits), and a clean stream beside it is answered."""
+        small, large = hostile_tfr(12 * 1024), hostile_tfr(96 * 1024)
+        clean = request_headers([(":authority", "shop.example.com")])
+        async with (
+            ExtProcServer(POLICY, "127.0.0.1:0", grace=1.0) as server,
+            grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch,
+        ):
+            # CPU time of the process (the server's loop and gRPC's threads): on a loaded
+            # machine wall time also counts while other processes hold the CPU.
+            async def seconds(message: pb.ProcessingRequest) -> float:
+                started = time.process_time()
+                (answer,) = await exchange(ch, message)
+                assert answer.WhichOneof("response") == "response_headers"
+                return time.process_time() - started
+
+            best_small = best_large = float("inf")
+            for _ in range(REPEATS):
+                best_small = min(best_small, await seconds(small))
+                best_large = min(best_large, await seconds(large))
+            _, (answer,) = await asyncio.gather(seconds(large), exchange(ch, clean))
+        assert best_large / best_small < LINEAR_RATIO, (best_small, best_large)
+        assert mutated(answer, "request_headers")[":authority"] == "echo.demo"
