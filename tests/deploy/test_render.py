@@ -24,7 +24,7 @@ from extproc.render import (
     render_all,
 )
 from extproc.render.envoy_config import HttpFilter, typed
-from extproc.render.istio import render_envoy_filter
+from extproc.render.istio import render_envoy_filters
 from extproc.render.k8s import render_manifests
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,7 +50,7 @@ class TestDeployDirectory:
         """Each target renders in each of its modes, and every mesh manifest asks for the diagnosis attributes."""
         for target in TARGETS:
             for mode in modes(target):
-                files = render(target, RenderOptions(mode=mode))
+                files = render(target, RenderOptions(mode=mode, cilium_service="a/b:80"))
                 assert files
                 if target not in ("k8s", "monitoring"):
                     for text in files.values():
@@ -193,14 +193,14 @@ def run(argv: list[str]) -> int:
 
 class TestCommand:
     def test_prints_yaml_documents(self, capsys):
-        """`extproc render istio` prints the EnvoyFilter as YAML."""
+        """`extproc render istio` prints the EnvoyFilters (sidecars', gateways') as YAML."""
         assert run(["render", "istio", "--mode", "always"]) == 0
-        (doc,) = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
-        assert doc["kind"] == "EnvoyFilter"
+        docs = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
+        assert [d["kind"] for d in docs] == ["EnvoyFilter", "EnvoyFilter"]
 
     def test_clusterwide_variant(self, capsys):
         """--clusterwide prints the CiliumClusterwideEnvoyConfig."""
-        assert run(["render", "cilium", "--clusterwide"]) == 0
+        assert run(["render", "cilium", "--clusterwide", "--cilium-service", "a/b:80"]) == 0
         (doc,) = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
         assert doc["kind"] == "CiliumClusterwideEnvoyConfig"
 
@@ -217,17 +217,30 @@ class TestCommand:
 
     def test_cilium_defaults_to_always(self, capsys):
         """`render cilium` without --mode renders always mode, the only one cilium-envoy supports."""
-        assert run(["render", "cilium"]) == 0
+        assert run(["render", "cilium", "--cilium-service", "a/b:80"]) == 0
         (doc,) = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
         assert "composite" not in yaml.safe_dump(doc)
         assert "ExternalProcessor" in yaml.safe_dump(doc)
 
     def test_cilium_gated_is_refused(self, capsys):
         """`render cilium --mode gated` exits 2 saying why (no composite filter) and what to use."""
-        assert run(["render", "cilium", "--mode", "gated"]) == 2
+        assert run(["render", "cilium", "--mode", "gated", "--cilium-service", "a/b:80"]) == 2
         err = capsys.readouterr().err
         assert "envoy.filters.http.composite" in err
         assert "--mode always" in err
+
+    def test_cilium_needs_its_service(self, capsys):
+        """`render cilium` without --cilium-service exits 2 and says what to give, not a placeholder."""
+        assert run(["render", "cilium"]) == 2
+        assert "--cilium-service is required" in capsys.readouterr().err
+
+    def test_all_without_service_skips_cilium(self, capsys):
+        """`render all` without --cilium-service prints the other targets and says why cilium is not."""
+        assert run(["render", "all", "--mode", "always"]) == 0
+        out = capsys.readouterr()
+        kinds = {d["kind"] for d in yaml.safe_load_all(out.out) if d and "kind" in d}
+        assert "EnvoyFilter" in kinds and "CiliumEnvoyConfig" not in kinds
+        assert "needs --cilium-service" in out.err
 
     def test_all_gated_skips_cilium(self, capsys):
         """`render all --mode gated` prints the other targets and says cilium was skipped."""
@@ -254,9 +267,9 @@ class TestIstioPlacement:
     @pytest.mark.parametrize("mode", list(RenderMode))
     def test_first_on_outbound_and_gateway_before_router_inbound(self, mode):
         """Outbound and gateway filters go first, ahead of Istio's metadata exchange; inbound ones before the router."""
-        envoy_filter = render_envoy_filter(RenderOptions(mode=mode))
         placement = {
             (patch["match"]["context"], patch["patch"]["operation"])
+            for envoy_filter in render_envoy_filters(RenderOptions(mode=mode))
             for patch in envoy_filter["spec"]["configPatches"]
             if patch["applyTo"] == "HTTP_FILTER"
         }
@@ -287,9 +300,13 @@ class TestDirection:
     @pytest.mark.parametrize("mode", list(RenderMode))
     def test_istio_context_says_where_it_sits(self, mode):
         """Each EnvoyFilter context's filters carry their direction: the gateway is the edge."""
-        envoy_filter = render_envoy_filter(RenderOptions(mode=mode))
         by_context: dict[str, set[str]] = {}
-        for patch in envoy_filter["spec"]["configPatches"]:
+        patches = [
+            p
+            for ef in render_envoy_filters(RenderOptions(mode=mode))
+            for p in ef["spec"]["configPatches"]
+        ]
+        for patch in patches:
             if patch["applyTo"] == "HTTP_FILTER":
                 context = patch["match"]["context"]
                 by_context.setdefault(context, set()).update(directions_in(patch["patch"]["value"]))
@@ -302,7 +319,7 @@ class TestDirection:
     @pytest.mark.parametrize(("edge", "expected"), [(False, {"outbound"}), (True, {"edge"})])
     def test_cilium_is_in_mesh_unless_edge(self, edge, expected):
         """A CEC's filter is in-mesh (outbound rules) unless --cilium-edge."""
-        options = RenderOptions(mode=RenderMode.ALWAYS, cilium_edge=edge)
+        options = RenderOptions(mode=RenderMode.ALWAYS, cilium_edge=edge, cilium_service="a/b:80")
         assert directions_in(cilium.render_envoy_config(options, clusterwide=False)) == expected
 
     def test_plain_envoy_defaults_to_edge(self):
