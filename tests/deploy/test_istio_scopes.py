@@ -1,0 +1,187 @@
+"""The rendered EnvoyFilters as istiod would apply them: which proxies, which listeners, what order.
+
+The Istio stand-in (istio_pilot.py) selects, orders and applies the EnvoyFilters with
+istiod's rules to listeners built as istiod builds them; these tests read where the
+doctor's filters land and which direction they declare.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from extproc.filter_config import ANNOTATION_GUARD_FILTER, DIRECTION_METADATA
+from extproc.render import RenderMode, RenderOptions
+from extproc.render.istio import render_envoy_filters
+from extproc.render.options import NAME, IstioScope
+
+from .istio_pilot import ROUTER, Proxy, apply
+
+ROOT = "istio-system"
+SIDECAR = Proxy("web", router=False, namespace="default", labels={"app": "web"})
+HBONE_SIDECAR = Proxy("web", router=False, namespace="default", labels={"app": "web"}, hbone=True)
+INGRESS = Proxy("in", router=True, namespace=ROOT, labels={"istio": "ingressgateway"})
+EGRESS = Proxy("out", router=True, namespace=ROOT, labels={"istio": "egressgateway"})
+
+
+def rendered(mode: RenderMode = RenderMode.ALWAYS, **scope: Any) -> list[dict[str, Any]]:
+    return render_envoy_filters(RenderOptions(mode=mode, istio=IstioScope(**scope)))
+
+
+def filters_of(listeners: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    (lis,) = [lis for lis in listeners if lis["name"] == name]
+    return list(lis["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"])
+
+
+def doctor(filters: list[dict[str, Any]]) -> list[tuple[int, str]]:
+    """(position, declared direction) of each of the doctor's filters."""
+    out = []
+    for n, f in enumerate(filters):
+        text = json.dumps(f)
+        if DIRECTION_METADATA in text:
+            direction = text.split(f'"key": "{DIRECTION_METADATA}", "value": "')[1].split('"')[0]
+            out.append((n, direction))
+    return out
+
+
+def names(filters: list[dict[str, Any]]) -> list[str]:
+    return [f["name"] for f in filters]
+
+
+def user_insert_first(namespace: str, context: str) -> dict[str, Any]:
+    """A user's EnvoyFilter at the default priority putting its own filter first."""
+    value = {"name": "user.first", "typed_config": {"@type": "type.googleapis.com/x"}}
+    return {
+        "metadata": {"name": "user", "namespace": namespace},
+        "spec": {
+            "configPatches": [
+                {
+                    "applyTo": "HTTP_FILTER",
+                    "match": {"context": context},
+                    "patch": {"operation": "INSERT_FIRST", "value": value},
+                }
+            ]
+        },
+    }
+
+
+@pytest.mark.parametrize("mode", list(RenderMode))
+class TestWhereTheDoctorLands:
+    def test_sidecar_outbound_first_and_outbound(self, mode):
+        """On a sidecar's outbound listener the doctor is first (ahead of metadata exchange), declaring outbound."""
+        listeners, _ = apply(rendered(mode), SIDECAR, ROOT)
+        filters = filters_of(listeners, "0.0.0.0_8080")
+        found = doctor(filters)
+        assert found and found[0][0] == 0
+        assert {d for _, d in found} == {"outbound"}
+        after = filters[found[-1][0] + 1 :]
+        assert names(after)[:2] == [ANNOTATION_GUARD_FILTER, "istio.metadata_exchange"]
+
+    def test_sidecar_inbound_just_before_the_router(self, mode):
+        """On virtualInbound the doctor follows Istio's authn/authz and precedes the router, declaring inbound."""
+        listeners, _ = apply(rendered(mode), SIDECAR, ROOT)
+        filters = filters_of(listeners, "virtualInbound")
+        found = doctor(filters)
+        assert {d for _, d in found} == {"inbound"}
+        assert names(filters)[-2:] == [ANNOTATION_GUARD_FILTER, ROUTER]
+        assert names(filters).index("envoy.filters.http.rbac") < found[0][0]
+
+    def test_ingress_gateway_first_and_edge(self, mode):
+        """On the ingress gateway the doctor is first and declares the edge (Istio marks it OUTBOUND)."""
+        listeners, _ = apply(rendered(mode), INGRESS, ROOT)
+        found = doctor(filters_of(listeners, "0.0.0.0_8080"))
+        assert found and found[0][0] == 0
+        assert {d for _, d in found} == {"edge"}
+
+    def test_egress_gateway_is_left_alone(self, mode):
+        """An egress gateway gets neither the doctor nor its cluster: its clients are sidecars."""
+        listeners, clusters = apply(rendered(mode), EGRESS, ROOT)
+        assert doctor(filters_of(listeners, "0.0.0.0_8080")) == []
+        assert clusters == []
+
+    def test_hbone_tunnel_does_not_pass_the_doctor(self, mode):
+        """With HBONE, connect_terminate (the tunnel itself) has no doctor; main_internal's requests do."""
+        listeners, _ = apply(rendered(mode), HBONE_SIDECAR, ROOT)
+        assert doctor(filters_of(listeners, "connect_terminate")) == []
+        assert {d for _, d in doctor(filters_of(listeners, "main_internal"))} == {"inbound"}
+
+    def test_each_proxy_gets_the_cluster_once(self, mode):
+        """The server's cluster is added once per sidecar and once per ingress gateway, never twice."""
+        for proxy in (SIDECAR, INGRESS):
+            _, clusters = apply(rendered(mode), proxy, ROOT)
+            assert [c["name"] for c in clusters] == [NAME]
+
+
+class TestCompetingFilters:
+    @pytest.mark.parametrize(
+        ("proxy", "listener", "context"),
+        [
+            (SIDECAR, "0.0.0.0_8080", "SIDECAR_OUTBOUND"),
+            (INGRESS, "0.0.0.0_8080", "GATEWAY"),
+        ],
+    )
+    @pytest.mark.parametrize("where", ["root", "workload"])
+    def test_user_insert_first_lands_behind(self, proxy, listener, context, where):
+        """A user's INSERT_FIRST at the default priority, root or workload namespace, lands behind the doctor."""
+        namespace = ROOT if where == "root" else proxy.namespace
+        envoy_filters = [*rendered(), user_insert_first(namespace, context)]
+        listeners, _ = apply(envoy_filters, proxy, ROOT)
+        filters = filters_of(listeners, listener)
+        assert doctor(filters)[0][0] == 0
+        assert "user.first" in names(filters)
+
+    def test_a_higher_priority_goes_ahead(self):
+        """A user who needs to be ahead of the doctor can: with a higher priority."""
+        user = user_insert_first(SIDECAR.namespace, "SIDECAR_OUTBOUND")
+        user["spec"]["priority"] = 2000
+        listeners, _ = apply([*rendered(), user], SIDECAR, ROOT)
+        assert names(filters_of(listeners, "0.0.0.0_8080"))[0] == "user.first"
+
+
+class TestScope:
+    def test_one_namespace_only(self):
+        """--istio-namespace: that namespace's sidecars get the doctor, other namespaces' do not."""
+        envoy_filters = rendered(namespace="shop")
+        shop = Proxy("cart", router=False, namespace="shop", labels={"app": "cart"})
+        for proxy, expected in ((shop, True), (SIDECAR, False)):
+            listeners, _ = apply(envoy_filters, proxy, ROOT)
+            assert bool(doctor(filters_of(listeners, "0.0.0.0_8080"))) is expected
+
+    def test_workload_selector(self):
+        """--istio-selector: only sidecars whose labels include it."""
+        envoy_filters = rendered(workload_selector=(("app", "cart"),))
+        cart = Proxy("cart", router=False, namespace="default", labels={"app": "cart", "v": "1"})
+        for proxy, expected in ((cart, True), (SIDECAR, False)):
+            listeners, _ = apply(envoy_filters, proxy, ROOT)
+            assert bool(doctor(filters_of(listeners, "virtualInbound"))) is expected
+
+    def test_one_gateway(self):
+        """--istio-gateway-selector and --istio-only gateways: that gateway alone, no sidecar."""
+        selector = (("gateway.networking.k8s.io/gateway-name", "public"),)
+        envoy_filters = rendered(gateway_selector=selector, sidecars=False)
+        public = Proxy("public", router=True, namespace=ROOT, labels=dict(selector))
+        listeners, _ = apply(envoy_filters, public, ROOT)
+        assert doctor(filters_of(listeners, "0.0.0.0_8080"))
+        for proxy in (INGRESS, SIDECAR):
+            listeners, _ = apply(envoy_filters, proxy, ROOT)
+            assert doctor(filters_of(listeners, "0.0.0.0_8080")) == []
+
+    def test_root_namespace_is_the_meshes(self):
+        """With meshConfig.rootNamespace istio-config, --istio-root-namespace reaches every namespace."""
+        envoy_filters = rendered(root_namespace="istio-config")
+        listeners, _ = apply(envoy_filters, SIDECAR, "istio-config")
+        assert doctor(filters_of(listeners, "0.0.0.0_8080"))
+        listeners, _ = apply(rendered(), SIDECAR, "istio-config")
+        assert doctor(filters_of(listeners, "0.0.0.0_8080")) == []
+
+    @pytest.mark.parametrize(
+        ("version", "expected"), [("1.28.1", True), ("1.18.3", False), ("", False)]
+    )
+    def test_proxy_version(self, version, expected):
+        """Only proxies whose Istio version has the filters the doctor needs are patched."""
+        proxy = Proxy("web", router=False, namespace="default", version=version)
+        listeners, clusters = apply(rendered(), proxy, ROOT)
+        assert bool(doctor(filters_of(listeners, "0.0.0.0_8080"))) is expected
+        assert bool(clusters) is expected
