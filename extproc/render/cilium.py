@@ -29,20 +29,22 @@ Service's CEC cannot take away the cluster another's filter uses. The parser set
 `traffic_direction`; the filter says where it sits (outbound: the clients are pods in
 the cluster, or edge with `--cilium-edge`).
 
-Endpoints (cilium/cilium pkg/ciliumenvoyconfig/k8s_reflector.go at 011404e0 and
-controller.go `computeLoadAssignments` at 01c123c6; pkg/loadbalancer `ProxyRedirect.Redirects`):
-cilium-agent publishes a Service's backends as the ClusterLoadAssignment `NS/NAME:PORT`
-only for the ports a CEC lists (`services[].ports`, `backendServices[].number`); with none
-listed it publishes `NS/NAME:*` and `NS/NAME` holding the backends of every port, and it
-redirects every port of each `services[]` entry into the listener. So the CEC lists the
-one port, both for the redirect and for the endpoints. The server is reached the same
-way: cilium-envoy runs with `hostNetwork: true` and, by default, no cluster DNS policy
-(install/kubernetes/cilium/templates/cilium-envoy/daemonset.yaml at 02515d1e: `dnsPolicy`
-only when `envoy.dnsPolicy` is set, and it defaults to nil), so the Service's DNS name may
-not resolve there. The server's cluster is EDS instead, fed from the doctor's Service as a
+Endpoints (cilium/cilium; pkg/ciliumenvoyconfig/k8s_reflector.go:145-165 at 011404e0, the
+ports a CEC names; controller.go at 01c123c6: `computeLoadAssignments` :398-536,
+`getProxyRedirect` :79-99; pkg/loadbalancer/service.go:164-169 at 008d8c1b,
+`ProxyRedirect.Redirects`): cilium-agent publishes a Service's backends as the
+ClusterLoadAssignment `NS/NAME:PORT` only for the ports a CEC lists (`services[].ports`,
+`backendServices[].number`); with none listed it publishes `NS/NAME:*` and `NS/NAME`
+holding the backends of every port, and it redirects every port of each `services[]`
+entry into the listener. So the CEC lists the one port, both for the redirect and for the
+endpoints. The server is reached the same way: cilium-envoy runs with `hostNetwork: true`
+and, by default, no cluster DNS policy (install/kubernetes/cilium/templates/cilium-envoy/
+daemonset.yaml:205-208 at 02515d1e: `dnsPolicy` only when `envoy.dnsPolicy` is set; the
+chart's values reference gives it no default), so the Service's DNS name may not resolve
+there. The server's cluster is EDS instead, fed from the doctor's Service as a
 `backendServices` entry (`eds_cluster_config.service_name` names the shared assignment,
-the cluster keeps its per-CEC name). Only with `--extproc-address` does it keep a fixed
-address.
+the cluster keeps its per-CEC name, as Cilium's testdata/shared_cluster.txtar at 035b1474
+does). Only with `--extproc-address` does it keep a fixed address.
 """
 
 from __future__ import annotations

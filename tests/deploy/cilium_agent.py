@@ -5,17 +5,19 @@ computes the ClusterLoadAssignments cilium-agent would send cilium-envoy by EDS 
 and which backends each holds) and which Service ports it redirects into the listener.
 Each rule is copied from cilium/cilium's source (facts, not code), cited where it is used:
 
-- C1 `k8s_reflector.go` at 011404e06ed8, the CEC transform: the ports a CEC names for a
-  Service are the union of `services[].ports` (numbers) and `backendServices[].number`
+- C1 `k8s_reflector.go:145-165` at 011404e06ed8, the CEC transform: the ports a CEC names
+  for a Service are the union of `services[].ports` (numbers) and `backendServices[].number`
   (numbers or port names).
-- C2 `controller.go` at 01c123c6ae9c, `computeLoadAssignments`: with no ports named, every
-  active backend goes under the key `*`; otherwise a backend with port names matches a
-  named port by name, or by that name's Service port number; a backend without a port
-  name matches the Service's nameless port by number. Each key K is published as
-  `NS/NAME:K`, and `*` also as plain `NS/NAME` ("for backward compatibility").
-- C3 `controller.go` at 01c123c6ae9c, `getProxyRedirect`: a `services[]` entry redirects
-  with `Ports: svcl.Ports`; pkg/loadbalancer `ProxyRedirect.Redirects`: an empty list
-  redirects every frontend port, otherwise only the listed ones.
+- C2 `controller.go:398-536` at 01c123c6ae9c, `computeLoadAssignments`: with no ports
+  named, every active backend goes under the key `*` (:420, :433); otherwise a backend
+  with port names matches a named port by name, or by that name's Service port number
+  (:451-467); a backend without a port name matches the Service's nameless port by number
+  (:435-446). Each key K is published as `NS/NAME:K` (:521), and `*` also as plain
+  `NS/NAME` (:527, "for backward compatibility").
+- C3 `controller.go:79-99` at 01c123c6ae9c, `getProxyRedirect`: a `services[]` entry
+  redirects with `Ports: svcl.Ports` (:97); pkg/loadbalancer/service.go:164-169 at
+  008d8c1b7110, `ProxyRedirect.Redirects`: an empty list redirects every frontend port,
+  otherwise only the listed ones.
 - C4 namespaces: a `services[]` entry of a namespaced CEC is always the CEC's namespace
   (testdata/namespaced-cross.txtar at 24564ecd6f3a); a `backendServices[]` namespace
   defaults to the CEC's (CCEC: `default`), per the field's doc in

@@ -142,12 +142,12 @@ def matched_filters(
 ) -> list[dict[str, Any]]:
     """I1 and I2: the EnvoyFilters that reach `proxy`, in the order istiod applies them.
 
-    Creation time is the position in `envoy_filters` (the first was created first).
+    Creation time is `metadata.creationTimestamp` (RFC 3339, as the API server sets it);
+    a rendered filter has none and counts as the oldest.
     """
     namespaces = [root_namespace]
     if proxy.namespace != root_namespace:
         namespaces.append(proxy.namespace)
-    created = {id(f): n for n, f in enumerate(envoy_filters)}
     matched = [
         f
         for ns in namespaces
@@ -155,10 +155,16 @@ def matched_filters(
         if f["metadata"]["namespace"] == ns and _selected(f, proxy)
     ]
 
-    def order(f: dict[str, Any]) -> tuple[int, bool, int, str]:
-        name = f"{f['metadata']['name']}.{f['metadata']['namespace']}"
-        root_last = f["metadata"]["namespace"] != root_namespace
-        return (f["spec"].get("priority", 0), root_last, created[id(f)], name)
+    def order(f: dict[str, Any]) -> tuple[int, bool, str, str]:
+        meta = f["metadata"]
+        root_last = meta["namespace"] != root_namespace
+        created = meta.get("creationTimestamp", "")
+        return (
+            f["spec"].get("priority", 0),
+            root_last,
+            created,
+            f"{meta['name']}.{meta['namespace']}",
+        )
 
     return sorted(matched, key=order)
 

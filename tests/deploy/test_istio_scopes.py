@@ -8,16 +8,22 @@ doctor's filters land and which direction they declare.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from extproc.filter_config import ANNOTATION_GUARD_FILTER, DIRECTION_METADATA
 from extproc.render import RenderMode, RenderOptions
 from extproc.render.istio import render_envoy_filters
 from extproc.render.options import NAME, IstioScope
 
-from .istio_pilot import ROUTER, Proxy, apply
+from .istio_pilot import ROUTER, Proxy, apply, patches_for
+
+ORDER_CASES = yaml.safe_load(
+    (Path(__file__).parent / "data" / "istio_order_cases.yaml").read_text()
+)
 
 ROOT = "istio-system"
 SIDECAR = Proxy("web", router=False, namespace="default", labels={"app": "web"})
@@ -54,7 +60,12 @@ def user_insert_first(namespace: str, context: str) -> dict[str, Any]:
     """A user's EnvoyFilter at the default priority putting its own filter first."""
     value = {"name": "user.first", "typed_config": {"@type": "type.googleapis.com/x"}}
     return {
-        "metadata": {"name": "user", "namespace": namespace},
+        # Created after ours, as a user's filter applied to a running mesh would be.
+        "metadata": {
+            "name": "user",
+            "namespace": namespace,
+            "creationTimestamp": "2026-12-02T10:00:00Z",
+        },
         "spec": {
             "configPatches": [
                 {
@@ -65,6 +76,39 @@ def user_insert_first(namespace: str, context: str) -> dict[str, Any]:
             ]
         },
     }
+
+
+class TestStandInMatchesIstio:
+    @pytest.mark.parametrize("case", ORDER_CASES["cases"], ids=lambda c: c["name"].split()[0])
+    def test_order_of_envoy_filters(self, case):
+        """The stand-in applies EnvoyFilters in the order istiod's own tests expect."""
+        envoy_filters = [
+            {
+                "metadata": {
+                    "name": f["name"],
+                    "namespace": f["namespace"],
+                    "creationTimestamp": f["created"],
+                },
+                "spec": {
+                    "priority": f.get("priority", 0),
+                    "configPatches": [
+                        {
+                            "applyTo": "HTTP_FILTER",
+                            "match": {"proxy": {"proxyVersion": "foobar"}},
+                            "patch": {"operation": "INSERT_BEFORE", "value": {"name": f["name"]}},
+                        }
+                    ],
+                },
+            }
+            for f in case["filters"]
+        ]
+        proxy = Proxy("p", router=False, namespace=case["proxy"]["namespace"], version="foobar")
+        patches = patches_for(envoy_filters, proxy, case["root_namespace"])
+        by_name = {f["metadata"]["name"]: f["metadata"]["namespace"] for f in envoy_filters}
+        got = [
+            f"{by_name[p['patch']['value']['name']]}/{p['patch']['value']['name']}" for p in patches
+        ]
+        assert got == case["expected"]
 
 
 @pytest.mark.parametrize("mode", list(RenderMode))
