@@ -242,6 +242,30 @@ class TestCommand:
         assert "EnvoyFilter" in kinds and "CiliumEnvoyConfig" not in kinds
         assert "needs --cilium-service" in out.err
 
+    def test_istio_scope_flags(self, capsys):
+        """The --istio-* flags scope the EnvoyFilters: namespace, sidecar selector, priority, one kind."""
+        argv = ["render", "istio", "--istio-namespace", "shop", "--istio-selector", "app=cart"]
+        assert run([*argv, "--istio-only", "sidecars", "--istio-priority", "10"]) == 0
+        (doc,) = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
+        assert doc["metadata"]["namespace"] == "shop"
+        assert doc["spec"]["workloadSelector"] == {"labels": {"app": "cart"}}
+        assert doc["spec"]["priority"] == 10
+
+    @pytest.mark.parametrize(
+        ("flag", "value"),
+        [
+            ("--istio-selector", "app"),
+            ("--istio-gateway-selector", "=x"),
+            ("--istio-namespace", "Bad_NS"),
+            ("--istio-proxy-version", "(unclosed"),
+            ("--istio-priority", str(2**31)),
+        ],
+    )
+    def test_bad_istio_flag_exits_2(self, capsys, flag, value):
+        """A bad --istio-* value exits 2 and names the flag."""
+        assert run(["render", "istio", flag, value]) == 2
+        assert flag in capsys.readouterr().err
+
     def test_all_gated_skips_cilium(self, capsys):
         """`render all --mode gated` prints the other targets and says cilium was skipped."""
         assert run(["render", "all", "--mode", "gated"]) == 0
