@@ -8,7 +8,6 @@ local upstreams and the doctor's Service backed by the real server.
 
 from __future__ import annotations
 
-import http.client
 from collections.abc import Iterator
 from contextlib import ExitStack
 from http.server import BaseHTTPRequestHandler
@@ -27,6 +26,7 @@ from extproc.server import ExtProcServer
 
 from .cilium_agent import Service, eds_resource_name, load_assignments, redirected_ports
 from .placement import cilium_bootstrap
+from .test_placed_e2e import ECHOED, ForgingEcho, get
 
 CASES = yaml.safe_load((Path(__file__).parent / "data" / "cilium_agent_cases.yaml").read_text())
 TARGET = "default/my-service:8080"
@@ -133,8 +133,6 @@ class OtherPort(BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, int]]:
     """A real Envoy with the rendered CEC, fed what the agent publishes; listener ports by name."""
-    from .test_placed_e2e import ForgingEcho
-
     with ExitStack() as stack:
         http = stack.enter_context(HttpUpstream(ForgingEcho))
         other = stack.enter_context(HttpUpstream(OtherPort))
@@ -149,22 +147,8 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, int]]:
 class TestRealEnvoyOnTheNode:
     def test_request_reaches_the_backend_through_the_doctor(self, node):
         """A request reaches the http port's backend, and the doctor acted on it on the way."""
-        from .test_placed_e2e import ECHOED, get
-
         (port,) = node.values()
         status, _, received = get(port, ECHOED)
         assert status == 200
         # The outbound rules strip an echoed x-envoy-* header: only the doctor does that here.
         assert "x-envoy-attempt-count" not in received
-
-    def test_a_plain_request_is_answered(self, node):
-        """No request is answered by Envoy itself for lack of endpoints (no 503 UH)."""
-        (port,) = node.values()
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        try:
-            conn.request("GET", "/")
-            response = conn.getresponse()
-            response.read()
-            assert response.status == 200
-        finally:
-            conn.close()
