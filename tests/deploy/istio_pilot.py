@@ -19,8 +19,10 @@ Istio's rules. Everything cited is istio/istio at 86c9f01fd735 (2026-08):
   `virtualInbound` and every inbound listener (with HBONE: `connect_terminate` and
   `main_internal`, :106-110 and listener_inbound.go:136-199).
 - I5 matching, envoyfilter/listener_patch.go:612-639 (`listenerMatch`: name, portNumber,
-  skipped for virtual listeners), :641-698 (`filterChainMatch`: name, destinationPort),
+  skipped for virtual listeners), :641-698 (`filterChainMatch`: a virtual listener's
+  portNumber against the chain's destination port, chain name, SNI, destinationPort),
   :733-739 (network filter name), :751-759 (subFilter name), :761-765 (context or ANY).
+  Checked against istiod's own TestApplyListenerPatches (data/istio_patch_cases.yaml).
 - I6 operations, listener_patch.go:438-524: ADD appends; INSERT_FIRST prepends;
   INSERT_BEFORE/AFTER at the first matching filter (envoyfilter/util.go:63-116), or
   first/last without a subFilter; REPLACE and REMOVE need a subFilter; MERGE (:527-575)
@@ -196,18 +198,40 @@ def patches_for(
 
 
 def _listener_match(patch: dict[str, Any], lis: dict[str, Any]) -> bool:
-    """I5 `listenerMatch`, and the chain, network filter and context tests above it."""
+    """I5 `listenerMatch`: the listener's name, and its port unless it is a virtual one."""
     wanted = patch.get("match", {}).get("listener")
     if wanted is None:
         return True
     if wanted.get("name") and wanted["name"] != lis["name"]:
         return False
-    virtual = lis["name"] in ("virtualInbound", "virtualOutbound")
     port = wanted.get("portNumber", 0)
-    if port and not virtual and lis["address"]["socket_address"]["port_value"] != port:
+    if port and not _virtual(lis):
+        return lis.get("address", {}).get("socket_address", {}).get("port_value") == port
+    return True
+
+
+def _virtual(lis: dict[str, Any]) -> bool:
+    return lis["name"] in ("virtualInbound", "virtualOutbound")
+
+
+def _chain_match(patch: dict[str, Any], lis: dict[str, Any], chain: dict[str, Any]) -> bool:
+    """I5 `filterChainMatch` (name, SNI, destination port; a virtual listener's portNumber
+    is its chain's destination port) and the network filter's name."""
+    wanted = patch.get("match", {}).get("listener")
+    if wanted is None:
+        return True
+    fcm = chain.get("filter_chain_match", {})
+    port = wanted.get("portNumber", 0)
+    if _virtual(lis) and port and fcm.get("destination_port") != port:
         return False
-    chain = wanted.get("filterChain", {})
-    network = chain.get("filter", {}).get("name")
+    match = wanted.get("filterChain", {})
+    if match.get("name") and match["name"] != chain.get("name"):
+        return False
+    if match.get("sni") and match["sni"] not in fcm.get("server_names", []):
+        return False
+    if match.get("destinationPort") and fcm.get("destination_port") != match["destinationPort"]:
+        return False
+    network = match.get("filter", {}).get("name")
     return not network or network == HCM
 
 
@@ -245,7 +269,7 @@ def _apply_http_patch(filters: list[dict[str, Any]], patch: dict[str, Any]) -> l
         case "REMOVE":
             return [f for f in filters if sub is None or f["name"] != sub]
         case "MERGE":
-            return [_merged(f, value) if f["name"] == sub else f for f in filters]
+            return [_merged(f, value or {}) if f["name"] == sub else f for f in filters]
     raise AssertionError(f"operation {operation} is not modelled")
 
 
@@ -260,18 +284,28 @@ def apply(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(listeners, inserted clusters) of `proxy` after istiod applied the EnvoyFilters."""
     patches = patches_for(envoy_filters, proxy, root_namespace)
-    out = []
-    for context, lis in listeners_of(proxy):
-        manager = lis["filter_chains"][0]["filters"][0]["typed_config"]
-        for patch in patches:
-            if (
-                patch["applyTo"] == "HTTP_FILTER"
-                and _context_match(patch, context)
-                and _listener_match(patch, lis)
-            ):
-                manager["http_filters"] = _apply_http_patch(manager["http_filters"], patch)
-        out.append(lis)
+    out = [patch_listener(lis, context, patches) for context, lis in listeners_of(proxy)]
     return out, _inserted_clusters(patches, proxy)
+
+
+def patch_listener(
+    lis: dict[str, Any], context: str, patches: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """I5, I6: the HTTP_FILTER patches applied to each HCM chain of `lis`, in order."""
+    for chain in lis["filter_chains"]:
+        for network in chain["filters"]:
+            if network["name"] != HCM:
+                continue
+            manager = network["typed_config"]
+            for patch in patches:
+                if (
+                    patch["applyTo"] == "HTTP_FILTER"
+                    and _context_match(patch, context)
+                    and _listener_match(patch, lis)
+                    and _chain_match(patch, lis, chain)
+                ):
+                    manager["http_filters"] = _apply_http_patch(manager["http_filters"], patch)
+    return lis
 
 
 def _inserted_clusters(patches: list[dict[str, Any]], proxy: Proxy) -> list[dict[str, Any]]:

@@ -19,8 +19,11 @@ from extproc.render import RenderMode, RenderOptions
 from extproc.render.istio import render_envoy_filters
 from extproc.render.options import NAME, IstioScope
 
-from .istio_pilot import ROUTER, Proxy, apply, patches_for
+from .istio_pilot import HCM, ROUTER, Proxy, apply, patch_listener, patches_for
 
+PATCH_CASES = yaml.safe_load(
+    (Path(__file__).parent / "data" / "istio_patch_cases.yaml").read_text()
+)
 ORDER_CASES = yaml.safe_load(
     (Path(__file__).parent / "data" / "istio_order_cases.yaml").read_text()
 )
@@ -109,6 +112,63 @@ class TestStandInMatchesIstio:
             f"{by_name[p['patch']['value']['name']]}/{p['patch']['value']['name']}" for p in patches
         ]
         assert got == case["expected"]
+
+
+def as_envoy_filters(patch_set: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One EnvoyFilter per patch in namespace not-default, created in list order (the test's)."""
+    out = []
+    for n, p in enumerate(patch_set):
+        listener: dict[str, Any] = {
+            "filterChain": {"filter": {"name": HCM, "subFilter": {"name": p["subFilter"]}}}
+        }
+        for key in ("portNumber", "name"):
+            if key in p or (key == "name" and "listener" in p):
+                listener[key] = p[key] if key in p else p["listener"]
+        if "sni" in p:
+            listener["filterChain"]["sni"] = p["sni"]
+        patch: dict[str, Any] = {"operation": p["operation"]}
+        if "value" in p:
+            patch["value"] = {"name": p["value"]}
+        match = {"context": p.get("context", "ANY"), "listener": listener}
+        out.append(
+            {
+                "metadata": {
+                    "name": f"test-envoyfilter-{n}",
+                    "namespace": "not-default",
+                    "creationTimestamp": f"2026-01-01T00:00:{n:02d}Z",
+                },
+                "spec": {
+                    "priority": p.get("priority", 0),
+                    "configPatches": [{"applyTo": "HTTP_FILTER", "match": match, "patch": patch}],
+                },
+            }
+        )
+    return out
+
+
+def case_listener(spec: dict[str, Any]) -> dict[str, Any]:
+    chains = []
+    for c in spec["chains"]:
+        fcm = {k: c[k] for k in ("server_names", "destination_port") if k in c}
+        manager = {"http_filters": [{"name": f} for f in c["filters"]]}
+        chain = {"filter_chain_match": fcm, "filters": [{"name": HCM, "typed_config": manager}]}
+        chains.append({**chain, "name": c["name"]} if "name" in c else chain)
+    address = {"socket_address": {"address": "0.0.0.0", "port_value": spec["port"]}}
+    return {"name": spec["name"], "address": address, "filter_chains": chains}
+
+
+class TestStandInPatchesAsIstio:
+    @pytest.mark.parametrize("case", PATCH_CASES["cases"], ids=lambda c: c["name"].split(" (")[0])
+    def test_listener_patches(self, case):
+        """The stand-in's HTTP filter patches give the filter lists istiod's own test expects."""
+        envoy_filters = as_envoy_filters(PATCH_CASES["patch_sets"][case["patch_set"]])
+        proxy = Proxy("p", router=case["router"], namespace="not-default", version="1.2.2")
+        patches = patches_for(envoy_filters, proxy, "istio-system")
+        for spec in case["listeners"]:
+            patched = patch_listener(case_listener(spec), case["context"], patches)
+            for chain, expected in zip(patched["filter_chains"], spec["chains"], strict=True):
+                manager = chain["filters"][0]["typed_config"]
+                assert [f["name"] for f in manager["http_filters"]] == expected["expected"]
 
 
 @pytest.mark.parametrize("mode", list(RenderMode))
