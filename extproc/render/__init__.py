@@ -100,7 +100,7 @@ def notes(target: str, options: RenderOptions) -> list[str]:
     if options.mode is not RenderMode.GATED or target in _MODELESS:
         return []
     contexts = (
-        [(c, d) for c, d, _ in istio.CONTEXTS]
+        [(c, d) for c, d, _ in istio.CONTEXTS if istio.rendered(c, options.istio)]
         if target == "istio"
         else [("listener", options.direction)]
     )

@@ -74,7 +74,7 @@ from typing import Any
 from extproc.config import Direction
 from extproc.render.envoy_config import annotation_guard, doctor_filters, extproc_cluster
 from extproc.render.gate import request_gate
-from extproc.render.options import NAME, RenderOptions
+from extproc.render.options import NAME, IstioScope, RenderOptions
 
 # Inbound listeners that carry application requests. Not `connect_terminate`, the HBONE
 # tunnel's own HCM (istio/istio pilot/pkg/networking/core/waypoint.go:27-30).
@@ -89,6 +89,11 @@ CONTEXTS: tuple[tuple[str, Direction, bool], ...] = (
 )
 SIDECAR_CONTEXTS = ("SIDECAR_OUTBOUND", "SIDECAR_INBOUND")
 GATEWAY_NAME = f"{NAME}-gateway"
+
+
+def rendered(context: str, scope: IstioScope) -> bool:
+    """Whether `context`'s patches are in the render (`--istio-only`)."""
+    return scope.sidecars if context in SIDECAR_CONTEXTS else scope.gateways
 
 
 def render_envoy_filters(options: RenderOptions) -> list[dict[str, Any]]:

@@ -32,7 +32,13 @@ ISTIO_PRIORITY = 1000
 # Istio proxies whose build has ext_proc, composite and header_mutation (istio/proxy
 # release-1.19 is the first with header_mutation; ext_proc and composite since 1.12).
 ISTIO_PROXY_VERSION = r"^1\.(19|[2-9][0-9])([.-].*)?$"
+# istiod treats a longer proxyVersion as matching no proxy (pilot/pkg/model/envoyfilter.go
+# maxProxyVersionLen): refused here rather than silently patching nothing.
+MAX_PROXY_VERSION = 1024
 _INT32 = 2**31
+# Kubernetes label keys ([DNS-subdomain/]name) and values: 63 characters a name or value.
+_LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
+_LABEL_PREFIX = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +70,8 @@ class IstioScope:
             raise RenderError("--istio-only: nothing left to render")
         if not -_INT32 <= self.priority < _INT32:
             raise RenderError(f"--istio-priority: {self.priority} is not a 32-bit integer")
+        if len(self.proxy_version) > MAX_PROXY_VERSION:
+            raise RenderError(f"--istio-proxy-version: longer than {MAX_PROXY_VERSION} characters")
         try:
             re.compile(self.proxy_version)
         except re.error as exc:
@@ -80,8 +88,15 @@ def label_pairs(values: list[str] | None, flag: str) -> tuple[tuple[str, str], .
     pairs = []
     for value in values or ():
         key, sep, label = value.partition("=")
-        if not sep or not key:
-            raise RenderError(f"{flag}: expected LABEL=VALUE, got {value!r}")
+        prefix, _, name = key.rpartition("/")
+        valid = (
+            sep
+            and _LABEL_NAME.fullmatch(name)
+            and (not prefix or _LABEL_PREFIX.fullmatch(prefix))
+            and (not label or _LABEL_NAME.fullmatch(label))
+        )
+        if not valid:
+            raise RenderError(f"{flag}: expected a Kubernetes LABEL=VALUE, got {value!r}")
         pairs.append((key, label))
     return tuple(sorted(pairs))
 

@@ -255,7 +255,10 @@ class TestCommand:
         ("flag", "value"),
         [
             ("--istio-selector", "app"),
+            ("--istio-selector", "app=has space"),
+            ("--istio-selector", f"app={'v' * 64}"),
             ("--istio-gateway-selector", "=x"),
+            ("--istio-proxy-version", "1" * 1025),
             ("--istio-namespace", "Bad_NS"),
             ("--istio-proxy-version", "(unclosed"),
             ("--istio-priority", str(2**31)),
