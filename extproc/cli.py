@@ -374,6 +374,7 @@ def _render(args: argparse.Namespace) -> int:
             upstream=args.upstream,
             direction=Direction(args.direction),
             transport=args.transport,
+            istio=_istio_scope(args),
             **({"runbook_url": args.runbook_url} if args.runbook_url else {}),
         )
         if args.output_dir:
@@ -387,6 +388,11 @@ def _render(args: argparse.Namespace) -> int:
             if args.target == "all" and not supports(target, options):
                 print(f"extproc render {target}: skipped, it has no Istio SDS", file=sys.stderr)
                 continue
+            if args.target == "all" and target == "cilium" and args.cilium_service is None:
+                print(
+                    f"extproc render {target}: skipped, it needs --cilium-service", file=sys.stderr
+                )
+                continue
             chosen = replace(options, mode=mode)
             files = render(target, chosen)  # refuses an impossible mode before any note
             for note in notes(target, chosen):
@@ -398,6 +404,25 @@ def _render(args: argparse.Namespace) -> int:
         print(f"extproc render: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _istio_scope(args: argparse.Namespace) -> Any:
+    """The `--istio-*` flags as an IstioScope (raises RenderError naming a bad flag)."""
+    from extproc.render.options import IstioScope, label_pairs
+
+    given: dict[str, Any] = {
+        "root_namespace": args.istio_root_namespace,
+        "namespace": args.istio_namespace,
+        "workload_selector": label_pairs(args.istio_selector, "--istio-selector"),
+        "gateway_selector": label_pairs(args.istio_gateway_selector, "--istio-gateway-selector"),
+        "priority": args.istio_priority,
+        "proxy_version": args.istio_proxy_version,
+    }
+    return IstioScope(
+        sidecars=args.istio_only != "gateways",
+        gateways=args.istio_only != "sidecars",
+        **{key: value for key, value in given.items() if value not in (None, ())},
+    )
 
 
 def _render_to(out_dir: Path, files: dict[str, str], target: str) -> int:
@@ -454,9 +479,10 @@ def _add_render_parser(sub: Any) -> None:
     )
     render.add_argument(
         "--cilium-service",
-        default="default/my-service:8080",
+        default=None,
         metavar="NAMESPACE/NAME:PORT",
-        help="cilium: the Service whose traffic passes the doctor (default: %(default)s)",
+        help="cilium (required): the Service port whose traffic passes the doctor; only "
+        "that port is redirected to the listener",
     )
     render.add_argument(
         "--cilium-direction",
@@ -476,6 +502,7 @@ def _add_render_parser(sub: Any) -> None:
         action="store_true",
         help="cilium: print the CiliumClusterwideEnvoyConfig instead",
     )
+    _add_istio_flags(render)
     render.add_argument(
         "--envoy-listen",
         default="0.0.0.0:10000",
@@ -514,6 +541,49 @@ def _add_render_parser(sub: Any) -> None:
         help="write every mode's files in the deploy/ layout under DIR instead of printing",
     )
     render.set_defaults(func=_render)
+
+
+def _add_istio_flags(render: Any) -> None:
+    render.add_argument(
+        "--istio-root-namespace",
+        metavar="NS",
+        help="istio: the mesh's root namespace, meshConfig.rootNamespace (default: istio-system)",
+    )
+    render.add_argument(
+        "--istio-namespace",
+        metavar="NS",
+        help="istio: apply to this namespace's workloads only (the EnvoyFilters go there; "
+        "default: the root namespace, the whole mesh)",
+    )
+    render.add_argument(
+        "--istio-selector",
+        action="append",
+        metavar="LABEL=VALUE",
+        help="istio: apply to sidecars with these labels only (repeatable)",
+    )
+    render.add_argument(
+        "--istio-gateway-selector",
+        action="append",
+        metavar="LABEL=VALUE",
+        help="istio: the gateways that are the edge (repeatable; default: istio=ingressgateway; "
+        "a Gateway API gateway: gateway.networking.k8s.io/gateway-name=NAME)",
+    )
+    render.add_argument(
+        "--istio-only",
+        choices=["sidecars", "gateways"],
+        help="istio: render only the sidecars' or only the gateways' EnvoyFilter",
+    )
+    render.add_argument(
+        "--istio-priority",
+        type=int,
+        help="istio: the EnvoyFilters' priority; a higher one applies later, so its "
+        "INSERT_FIRST lands ahead of lower ones' (default: 1000)",
+    )
+    render.add_argument(
+        "--istio-proxy-version",
+        metavar="REGEX",
+        help="istio: patch only proxies whose Istio version matches (default: 1.19 and later)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -86,6 +86,7 @@ MAX_NAME = 1024  # cluster and route names: Istio's `outbound|PORT|SUBSET|FQDN` 
 MAX_ADDRESS = 256  # `IP:port`, `[IPv6]:port` (at most 53) or a pipe path (108, sun_path)
 MAX_CLUSTER_METADATA = 16 * 1024  # text-format Metadata: Istio's config path, services
 MAX_HOST = 1024  # evidence only; parsed as an authority only up to authority.MAX_LENGTH
+MAX_PEER_IDENTITY = 2048  # a SPIFFE ID is at most 2048 bytes (the SPIFFE ID standard, 2.3)
 TEXT_CAPS: Mapping[str, int] = {
     DETAILS_ATTRIBUTE: MAX_CODE_DETAILS,
     "upstream.transport_failure_reason": MAX_TRANSPORT_FAILURE_REASON,
@@ -94,6 +95,7 @@ TEXT_CAPS: Mapping[str, int] = {
     "xds.route_name": MAX_NAME,
     "xds.cluster_metadata": MAX_CLUSTER_METADATA,
     "request.host": MAX_HOST,
+    "connection.uri_san_peer_certificate": MAX_PEER_IDENTITY,
 }
 
 # The keys of our metadata namespace that carry the request phase to the response phase.
@@ -440,7 +442,7 @@ def response_phase(
         return None
     texts = None if attributes is None else {f: read_text(attributes, key) for f, key in COMPLETION}
     listener = None if attributes is None else attributes.number(LISTENER_ATTRIBUTE, 2)
-    peer = "" if attributes is None else attributes.text(PEER_ATTRIBUTE)
+    peer = "" if attributes is None else read_text(attributes, PEER_ATTRIBUTE)
     return on_response(
         policy, complete(triaged, texts, carried.host), forged, carried,
         listener=listener, declared=declared, cluster_tls=cluster_tls,

@@ -109,8 +109,27 @@ def request_line(s: Scenario) -> str:
     return f"{s.host}{s.path}" + (f" [{', '.join(routing)}]" if routing else "")
 
 
+# Under the table: what its two reason columns mean on a real cluster.
+CLUSTER_NOTE = (
+    "reason: what this demo's server says; it reads the client sidecar's admin (--envoy-admin)\n"
+    "  for the cluster's TLS settings (SNI, ALPN, TLS or not).\n"
+    "on a cluster: what the rendered deployment says, which has no admin access to the\n"
+    "  proxies (* where that context changes the reason; tests/envoy/test_doctor.py checks\n"
+    "  this column with a server without it). Gated mode, the rendered default, calls the\n"
+    "  server only for a 5xx, a 404 no upstream answered, or a gRPC error.\n"
+    "  README: 'Which reasons on a real cluster'."
+)
+
+
+def cluster_reason(outcome: Outcome) -> str:
+    """The reason without the proxy's admin context, starred where that context changes it."""
+    s = outcome.scenario
+    reason = s.reason_without_context or "-"
+    return f"{reason} *" if s.offline_reason is not None else reason
+
+
 def render_table(outcomes: Iterable[Outcome]) -> str:
-    rows = [("", "#", "request", "status", "reason", "hint", "actions")]
+    rows = [("", "#", "request", "status", "reason", "on a cluster", "hint", "actions")]
     for o in outcomes:
         rows.append(
             (
@@ -119,6 +138,7 @@ def render_table(outcomes: Iterable[Outcome]) -> str:
                 request_line(o.scenario),
                 str(o.response.status),
                 o.reason or "-",
+                cluster_reason(o),
                 _cut(o.response.header("x-extproc-hint") or "-", HINT_WIDTH),
                 ", ".join(o.actions) or "-",
             )
@@ -171,6 +191,7 @@ def run_demo(
         lab, server = stack.enter_context(running_doctor(workdir, policy, transport=transport))
         outcomes = [run_scenario(lab, s, server) for s in chosen]
         print(render_table(outcomes), file=out)
+        print("\n" + CLUSTER_NOTE, file=out)
         example = next((o for o in outcomes if o.scenario.name == EXAMPLE), None)
         if len(outcomes) == 1 or example is None:
             example = outcomes[0]

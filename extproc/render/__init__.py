@@ -15,7 +15,7 @@ import yaml
 from extproc.filter_config import GRPC, MESH_IDENTITY, TRANSPORTS
 from extproc.render import cilium, envoy_bootstrap, istio, k8s, monitoring
 from extproc.render.gate import request_gate
-from extproc.render.options import RenderError, RenderMode, RenderOptions
+from extproc.render.options import EXAMPLE_CILIUM_SERVICE, RenderError, RenderMode, RenderOptions
 
 __all__ = [
     "TARGETS",
@@ -61,7 +61,7 @@ def render(target: str, options: RenderOptions) -> dict[str, str]:
     name = str(mode) if options.transport == GRPC else f"{mode}-{options.transport}"
     match target:
         case "istio":
-            docs = {f"istio/{name}.yaml": [istio.render_envoy_filter(options)]}
+            docs = {f"istio/{name}.yaml": istio.render_envoy_filters(options)}
         case "cilium":
             docs = {
                 f"cilium/{name}.yaml": [cilium.render_envoy_config(options, clusterwide=False)],
@@ -78,8 +78,9 @@ def render(target: str, options: RenderOptions) -> dict[str, str]:
             docs = {f"monitoring/{name}": [doc] for name, doc in files}
         case _:
             raise RenderError(f"unknown target {target!r} (known: {', '.join(TARGETS)})")
+    example = target == "cilium" and options.cilium_service == EXAMPLE_CILIUM_SERVICE
     return {
-        path: _yaml(path, target, mode, options.transport, content)
+        path: _yaml(path, target, mode, options.transport, content, example=example)
         for path, content in docs.items()
     }
 
@@ -90,7 +91,13 @@ def supports(target: str, options: RenderOptions) -> bool:
 
 
 def render_all(options: RenderOptions) -> dict[str, str]:
-    """Every target in every mode and transport: the whole `deploy/` directory."""
+    """Every target in every mode and transport: the whole `deploy/` directory.
+
+    Without a --cilium-service, the cilium files are rendered for EXAMPLE_CILIUM_SERVICE
+    and say so in their header.
+    """
+    if options.cilium_service is None:
+        options = replace(options, cilium_service=EXAMPLE_CILIUM_SERVICE)
     files: dict[str, str] = {}
     for target in filter(lambda t: supports(t, options), TARGETS):
         for transport in TRANSPORTS if target != "k8s" else (GRPC,):
@@ -104,7 +111,7 @@ def notes(target: str, options: RenderOptions) -> list[str]:
     if options.mode is not RenderMode.GATED or target in _MODELESS:
         return []
     contexts = (
-        [(c, d) for c, d, _ in istio.CONTEXTS]
+        [(c, d) for c, d, _ in istio.CONTEXTS if istio.rendered(c, options.istio)]
         if target == "istio"
         else [("listener", options.direction)]
     )
@@ -128,7 +135,13 @@ _Dumper.add_representer(str, _text)
 
 
 def _yaml(
-    path: str, target: str, mode: RenderMode, transport: str, documents: list[dict[str, Any]]
+    path: str,
+    target: str,
+    mode: RenderMode,
+    transport: str,
+    documents: list[dict[str, Any]],
+    *,
+    example: bool = False,
 ) -> str:
     mode_flag = "" if target in _MODELESS else f" --mode {mode}"
     if transport != GRPC and target not in _MODELESS:
@@ -137,6 +150,11 @@ def _yaml(
         f"# deploy/{path}: rendered by `extproc render {target}{mode_flag}`.\n"
         "# Do not edit: change the options or extproc/render, then run `make deploy`.\n"
     )
+    if example:
+        header += (
+            f"# EXAMPLE: for the placeholder Service {EXAMPLE_CILIUM_SERVICE}; render yours with\n"
+            "# `extproc render cilium --cilium-service NAMESPACE/NAME:PORT`.\n"
+        )
     body = "---\n".join(
         yaml.dump(doc, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100)
         for doc in documents

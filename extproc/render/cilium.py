@@ -29,6 +29,23 @@ kind), and the ext_proc filter names exactly that: one cluster per CEC, so delet
 Service's CEC cannot take away the cluster another's filter uses. The parser sets no
 `traffic_direction`; the filter says where it sits: the edge, unless
 `--cilium-direction outbound` declares that only pods of the cluster are the clients.
+
+Endpoints (cilium/cilium; pkg/ciliumenvoyconfig/k8s_reflector.go:145-165 at 011404e0, the
+ports a CEC names; controller.go at 01c123c6: `computeLoadAssignments` :398-536,
+`getProxyRedirect` :79-99; pkg/loadbalancer/service.go:164-169 at 008d8c1b,
+`ProxyRedirect.Redirects`): cilium-agent publishes a Service's backends as the
+ClusterLoadAssignment `NS/NAME:PORT` only for the ports a CEC lists (`services[].ports`,
+`backendServices[].number`); with none listed it publishes `NS/NAME:*` and `NS/NAME`
+holding the backends of every port, and it redirects every port of each `services[]`
+entry into the listener. So the CEC lists the one port, both for the redirect and for the
+endpoints. The server is reached the same way: cilium-envoy runs with `hostNetwork: true`
+and, by default, no cluster DNS policy (install/kubernetes/cilium/templates/cilium-envoy/
+daemonset.yaml:205-208 at 02515d1e: `dnsPolicy` only when `envoy.dnsPolicy` is set; the
+chart's values reference gives it no default), so the Service's DNS name may not resolve
+there. The server's cluster is EDS instead, fed from the doctor's Service as a
+`backendServices` entry (`eds_cluster_config.service_name` names the shared assignment,
+the cluster keeps its per-CEC name, as Cilium's testdata/shared_cluster.txtar at 035b1474
+does). Only with `--extproc-address` does it keep a fixed address.
 """
 
 from __future__ import annotations
@@ -75,8 +92,15 @@ def extproc_cluster_name(options: RenderOptions, *, clusterwide: bool) -> str:
 
 
 def backend_cluster_name(options: RenderOptions) -> str:
+    """The Service's port as Cilium names its load assignment: NAMESPACE/NAME:PORT."""
     namespace, name, port = options.cilium_backend()
     return f"{namespace}/{name}:{port}"
+
+
+def server_assignment_name(options: RenderOptions) -> str:
+    """The doctor's Service port as Cilium names its load assignment."""
+    _, port = options.extproc_target(in_cluster=True)
+    return f"{options.namespace}/{NAME}:{port}"
 
 
 def direction(options: RenderOptions) -> Direction:
@@ -91,7 +115,7 @@ def render_envoy_config(options: RenderOptions, *, clusterwide: bool) -> dict[st
     """The CiliumEnvoyConfig (in the backend service's namespace) or CiliumClusterwideEnvoyConfig."""
     if options.mode is RenderMode.GATED:
         raise RenderError(GATED_REFUSED)
-    namespace, name, _ = options.cilium_backend()
+    namespace, name, port = options.cilium_backend()
     metadata: dict[str, Any] = {
         "name": config_name(options, clusterwide=clusterwide),
         "labels": {"app.kubernetes.io/name": NAME},
@@ -99,13 +123,21 @@ def render_envoy_config(options: RenderOptions, *, clusterwide: bool) -> dict[st
     if not clusterwide:
         metadata["namespace"] = namespace
     service = {"name": name, "namespace": namespace}
+    # Only this port is redirected, and only its backends are published under the name
+    # the route uses; every other port of the Service keeps Cilium's own load balancing.
+    backends = [{**service, "number": [str(port)]}]
+    if options.extproc_address is None:
+        _, server_port = options.extproc_target(in_cluster=True)
+        backends.append(
+            {"name": NAME, "namespace": options.namespace, "number": [str(server_port)]}
+        )
     return {
         "apiVersion": "cilium.io/v2",
         "kind": "CiliumClusterwideEnvoyConfig" if clusterwide else "CiliumEnvoyConfig",
         "metadata": metadata,
         "spec": {
-            "services": [service],
-            "backendServices": [service],
+            "services": [{**service, "ports": [port]}],
+            "backendServices": backends,
             "resources": resources(options, clusterwide=clusterwide),
         },
     }
@@ -113,22 +145,34 @@ def render_envoy_config(options: RenderOptions, *, clusterwide: bool) -> dict[st
 
 def resources(options: RenderOptions, *, clusterwide: bool) -> list[dict[str, Any]]:
     """The Envoy resources, each with its `@type` as Cilium expects."""
-    host, port = options.extproc_target(in_cluster=True)
-    server_name = extproc_cluster_name(options, clusterwide=clusterwide)
-    server = extproc_cluster(server_name, host, port, options)
     backend = {"name": backend_cluster_name(options), "type": "EDS", "connect_timeout": "5s"}
     return [
         {
             "@type": f"{_TYPE}.listener.v3.Listener",
-            **typed(Listener, _listener(options, server_name)),
+            **typed(
+                Listener, _listener(options, extproc_cluster_name(options, clusterwide=clusterwide))
+            ),
         },
         {
             "@type": f"{_TYPE}.route.v3.RouteConfiguration",
             **typed(RouteConfiguration, _route(options)),
         },
         {"@type": f"{_TYPE}.cluster.v3.Cluster", **typed(Cluster, backend)},
-        {"@type": f"{_TYPE}.cluster.v3.Cluster", **server},
+        {"@type": f"{_TYPE}.cluster.v3.Cluster", **_server_cluster(options, clusterwide)},
     ]
+
+
+def _server_cluster(options: RenderOptions, clusterwide: bool) -> dict[str, Any]:
+    """The server's cluster: EDS from the doctor's Service, or the fixed --extproc-address."""
+    host, port = options.extproc_target(in_cluster=True)
+    name = extproc_cluster_name(options, clusterwide=clusterwide)
+    server = extproc_cluster(name, host, port, options)
+    if options.extproc_address is not None:
+        return server
+    for fixed in ("load_assignment", "dns_lookup_family", "respect_dns_ttl"):
+        server.pop(fixed, None)
+    eds = {"service_name": server_assignment_name(options)}
+    return typed(Cluster, {**server, "type": "EDS", "eds_cluster_config": eds})
 
 
 def _listener(options: RenderOptions, server_cluster: str) -> dict[str, Any]:

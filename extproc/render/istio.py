@@ -1,10 +1,10 @@
-"""The `istio` target: one mesh-wide EnvoyFilter.
+"""The `istio` target: two EnvoyFilters, one for sidecars and one for ingress gateways.
 
-It adds the ext_proc server's cluster to every proxy and inserts the doctor's filter
-into the HTTP connection manager of sidecar outbound, sidecar inbound and gateway
-listeners. In gated mode each context gets the request matchers of its own direction:
-an inbound request legitimately carries Istio's `x-envoy-peer-metadata`, an outbound one
-must not.
+Each adds the ext_proc server's cluster and inserts the doctor's filter into the HTTP
+connection manager: sidecar outbound and sidecar inbound listeners in the first, gateway
+listeners in the second. In gated mode each context gets the request matchers of its own
+direction: an inbound request legitimately carries Istio's `x-envoy-peer-metadata`, an
+outbound one must not.
 
 Where: on outbound and gateway listeners the filter goes FIRST in the chain. Istio's own
 metadata-exchange filter adds `x-envoy-peer-metadata(-id)` to requests leaving a proxy;
@@ -19,11 +19,52 @@ OUTBOUND on sidecar outbound listeners (istio/istio pilot/pkg/networking/core/li
 and on gateway listeners too (listener.go:1183, `buildGatewayListener`), INBOUND on the
 inbound ones (listener_inbound.go:156); read at istio/istio 86c9f01f (2026-08).
 
+Scope (istio/istio at 86c9f01f; istio/api networking/v1alpha3/envoy_filter.proto at
+b8f8791d): an EnvoyFilter in the root namespace (`meshConfig.rootNamespace`, not always
+`istio-system`) applies to every proxy, one in another namespace to that namespace's
+workloads only (pilot/pkg/model/push_context.go:2332-2340); `workloadSelector` narrows it
+to workloads whose labels include the selector's (policyattachment.go:109-111).
+`--istio-namespace`, `--istio-selector` and `--istio-gateway-selector` set these, so a
+rollout can start with one namespace or one gateway.
+
+Order: istiod applies the matched EnvoyFilters sorted by `priority`, then root namespace
+first, then creation time (push_context.go:2342-2359), each patch in turn; INSERT_FIRST
+prepends (envoyfilter/listener_patch.go:462-463), so the filter applied LAST is first in
+the chain. Ours carry a high priority (ISTIO_PRIORITY): a user's INSERT_FIRST at the
+default priority 0, even in the workload's namespace, is applied before ours and so lands
+behind the doctor. A user who needs to be ahead of the doctor sets a higher priority.
+
+Gateways: the GATEWAY context matches every proxy of type router: ingress gateways,
+egress gateways and Gateway API gateways alike (listener_builder.go:192-195). The doctor
+applies the edge rules there (it strips forwarding headers and annotates for clients
+outside the mesh), right for an ingress gateway, wrong for an egress gateway whose clients
+are mesh sidecars. So gateway patches live in their own EnvoyFilter with a
+`workloadSelector`, by default `istio: ingressgateway` (the default install's ingress);
+`--istio-gateway-selector` names another (a Gateway API gateway:
+`gateway.networking.k8s.io/gateway-name=NAME`). Egress gateways get no doctor: the
+sidecar that sent the request already has it on its outbound side. The cluster patches
+name their context (SIDECAR_OUTBOUND, GATEWAY), so no proxy gets the cluster twice
+(cluster ADD with context ANY goes to both, envoyfilter/cluster_patch.go:139-146).
+
+Inbound and ambient: with HBONE, a sidecar's inbound listeners also include
+`connect_terminate` (the CONNECT tunnel's own HCM) and `main_internal`
+(listener_builder.go:106-110, listener_inbound.go:136-199). A patch matching only the HCM
+would put ext_proc on the tunnel itself, so the inbound patches name their listeners:
+`virtualInbound` and `main_internal`. ztunnel has no HTTP filters; waypoints ignore
+EnvoyFilters without `targetRefs` (policyattachment.go:139-147): the doctor does not run
+there (README, "Ambient mode").
+
+Proxy version: every patch matches only proxies whose Istio version is in
+ISTIO_PROXY_VERSION (`match.proxy.proxyVersion`, a regex on the proxy's ISTIO_VERSION,
+envoyfilter.go:223-255): older proxies, and proxies that report no version, are left
+alone rather than handed a filter their build lacks.
+
 Trust: the annotation guard (`envoy.filters.http.header_mutation`) follows the doctor's
 filters, so it is the first to see a response and removes what an upstream sent under
 `x-extproc-*`, also on responses the server never sees. Istio's proxy compiles it
-(istio/proxy bazel/extension_config/extensions_build_config.bzl:140 at 86a72d03), as it
-compiles ext_proc (:130) and composite (:123).
+(istio/proxy bazel/extension_config/extensions_build_config.bzl:140 at 86a72d03; first on
+branch release-1.19, commit 802c60ba), as it compiles ext_proc (:130) and composite (:123)
+(both since 436b34b6, 2021-10-27).
 """
 
 from __future__ import annotations
@@ -33,10 +74,12 @@ from typing import Any
 from extproc.config import Direction
 from extproc.render.envoy_config import annotation_guard, doctor_filters, extproc_cluster
 from extproc.render.gate import request_gate
-from extproc.render.options import NAME, RenderOptions
+from extproc.render.options import NAME, IstioScope, RenderOptions
 
-# An EnvoyFilter in the root namespace applies to every proxy in the mesh.
-ROOT_NAMESPACE = "istio-system"
+# Inbound listeners that carry application requests. Not `connect_terminate`, the HBONE
+# tunnel's own HCM (istio/istio pilot/pkg/networking/core/waypoint.go:27-30).
+INBOUND_LISTENERS = ("virtualInbound", "main_internal")
+HCM = "envoy.filters.network.http_connection_manager"
 
 # (patch context, direction, first in the chain?)
 CONTEXTS: tuple[tuple[str, Direction, bool], ...] = (
@@ -44,34 +87,76 @@ CONTEXTS: tuple[tuple[str, Direction, bool], ...] = (
     ("SIDECAR_INBOUND", Direction.INBOUND, False),
     ("GATEWAY", Direction.EDGE, True),
 )
+SIDECAR_CONTEXTS = ("SIDECAR_OUTBOUND", "SIDECAR_INBOUND")
+GATEWAY_NAME = f"{NAME}-gateway"
 
 
-def render_envoy_filter(options: RenderOptions) -> dict[str, Any]:
-    """The EnvoyFilter resource."""
+def rendered(context: str, scope: IstioScope) -> bool:
+    """Whether `context`'s patches are in the render (`--istio-only`)."""
+    return scope.sidecars if context in SIDECAR_CONTEXTS else scope.gateways
+
+
+def render_envoy_filters(options: RenderOptions) -> list[dict[str, Any]]:
+    """The EnvoyFilters: sidecars' (SIDECAR_* contexts) and ingress gateways' (GATEWAY)."""
+    scope = options.istio
+    filters = []
+    if scope.sidecars:
+        filters.append(_envoy_filter(options, NAME, SIDECAR_CONTEXTS, scope.workload_selector))
+    if scope.gateways:
+        filters.append(_envoy_filter(options, GATEWAY_NAME, ("GATEWAY",), scope.gateway_selector))
+    return filters
+
+
+def _envoy_filter(
+    options: RenderOptions,
+    name: str,
+    contexts: tuple[str, ...],
+    selector: tuple[tuple[str, str], ...],
+) -> dict[str, Any]:
+    scope = options.istio
     host, port = options.extproc_target(in_cluster=True)
     cluster_patch = {
         "applyTo": "CLUSTER",
-        "match": {"context": "ANY"},
+        # The first context: SIDECAR_OUTBOUND or GATEWAY, each proxy adds it once.
+        "match": _match(options, contexts[0]),
         "patch": {
             "operation": "ADD",
             "value": extproc_cluster(NAME, host, port, options),
         },
     }
+    spec: dict[str, Any] = {}
+    if selector:
+        spec["workloadSelector"] = {"labels": dict(selector)}
+    spec["priority"] = scope.priority
+    spec["configPatches"] = [
+        cluster_patch,
+        *(
+            patch
+            for context in CONTEXTS
+            if context[0] in contexts
+            for patch in _filter_patches(options, *context)
+        ),
+    ]
     return {
         "apiVersion": "networking.istio.io/v1alpha3",
         "kind": "EnvoyFilter",
         "metadata": {
-            "name": NAME,
-            "namespace": ROOT_NAMESPACE,
+            "name": name,
+            "namespace": scope.target_namespace,
             "labels": {"app.kubernetes.io/name": NAME},
         },
-        "spec": {
-            "configPatches": [
-                cluster_patch,
-                *(patch for context in CONTEXTS for patch in _filter_patches(options, *context)),
-            ]
-        },
+        "spec": spec,
     }
+
+
+def _match(options: RenderOptions, context: str, **listener: Any) -> dict[str, Any]:
+    match: dict[str, Any] = {
+        "context": context,
+        "proxy": {"proxyVersion": options.istio.proxy_version},
+    }
+    if listener:
+        match["listener"] = listener
+    return match
 
 
 def _filter_patches(
@@ -83,18 +168,25 @@ def _filter_patches(
         *doctor_filters(options.mode, NAME, gate, direction, options.transport),
         annotation_guard(options.policy, direction),
     ]
-    hcm: dict[str, Any] = {"name": "envoy.filters.network.http_connection_manager"}
     if first:
         # Each INSERT_FIRST lands before the previous one: insert in reverse.
-        filters, operation = filters[::-1], "INSERT_FIRST"
-    else:
-        hcm["subFilter"] = {"name": "envoy.filters.http.router"}
-        operation = "INSERT_BEFORE"
+        chain = {"filter": {"name": HCM}}
+        return [
+            {
+                "applyTo": "HTTP_FILTER",
+                "match": _match(options, context, filterChain=chain),
+                "patch": {"operation": "INSERT_FIRST", "value": value},
+            }
+            for value in filters[::-1]
+        ]
+    router: dict[str, Any] = {"name": HCM, "subFilter": {"name": "envoy.filters.http.router"}}
+    chain = {"filter": router}
     return [
         {
             "applyTo": "HTTP_FILTER",
-            "match": {"context": context, "listener": {"filterChain": {"filter": hcm}}},
-            "patch": {"operation": operation, "value": value},
+            "match": _match(options, context, name=listener, filterChain=chain),
+            "patch": {"operation": "INSERT_BEFORE", "value": value},
         }
+        for listener in INBOUND_LISTENERS
         for value in filters
     ]

@@ -20,6 +20,85 @@ RUNBOOK_URL = "https://github.com/extproc-doctor/extproc-doctor/blob/main/README
 GRPC_PORT = 50051
 HTTP_PORT = 50080  # the HTTP lane (`serve --http-listen`), served beside gRPC
 POLICY_FILE = "policy.yaml"
+# The Service the deploy/ examples render cilium for: a placeholder, named in their header.
+EXAMPLE_CILIUM_SERVICE = "default/my-service:8080"
+
+
+# Istio (see extproc/render/istio.py for why each default is what it is).
+ISTIO_ROOT_NAMESPACE = "istio-system"
+INGRESS_GATEWAY_SELECTOR = (("istio", "ingressgateway"),)
+# Applied after default-priority EnvoyFilters, so no one's INSERT_FIRST lands ahead of ours.
+ISTIO_PRIORITY = 1000
+# Istio proxies whose build has ext_proc, composite and header_mutation (istio/proxy
+# release-1.19 is the first with header_mutation; ext_proc and composite since 1.12).
+ISTIO_PROXY_VERSION = r"^1\.(19|[2-9][0-9])([.-].*)?$"
+# istiod treats a longer proxyVersion as matching no proxy (pilot/pkg/model/envoyfilter.go
+# maxProxyVersionLen): refused here rather than silently patching nothing.
+MAX_PROXY_VERSION = 1024
+_INT32 = 2**31
+# Kubernetes label keys ([DNS-subdomain/]name) and values: 63 characters a name or value.
+_LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
+_LABEL_PREFIX = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+
+
+@dataclass(frozen=True, slots=True)
+class IstioScope:
+    """Where the EnvoyFilters apply: which namespace, which workloads, which gateways."""
+
+    root_namespace: str = ISTIO_ROOT_NAMESPACE  # meshConfig.rootNamespace
+    # None: the root namespace (every proxy in the mesh); a namespace: only its workloads.
+    namespace: str | None = None
+    # Sidecars: only workloads with these labels (empty: every sidecar in scope).
+    workload_selector: tuple[tuple[str, str], ...] = ()
+    # Gateways: only gateway workloads with these labels (the default install's ingress).
+    gateway_selector: tuple[tuple[str, str], ...] = INGRESS_GATEWAY_SELECTOR
+    sidecars: bool = True
+    gateways: bool = True
+    priority: int = ISTIO_PRIORITY
+    proxy_version: str = ISTIO_PROXY_VERSION
+
+    def __post_init__(self) -> None:
+        for flag, value in (
+            ("--istio-root-namespace", self.root_namespace),
+            ("--istio-namespace", self.namespace),
+        ):
+            if value is not None and not _LABEL.fullmatch(value):
+                raise RenderError(f"{flag}: {value!r} is not a Kubernetes namespace")
+        if not self.gateway_selector:
+            raise RenderError("--istio-gateway-selector: gateways need a selector (LABEL=VALUE)")
+        if not (self.sidecars or self.gateways):
+            raise RenderError("--istio-only: nothing left to render")
+        if not -_INT32 <= self.priority < _INT32:
+            raise RenderError(f"--istio-priority: {self.priority} is not a 32-bit integer")
+        if len(self.proxy_version) > MAX_PROXY_VERSION:
+            raise RenderError(f"--istio-proxy-version: longer than {MAX_PROXY_VERSION} characters")
+        try:
+            re.compile(self.proxy_version)
+        except re.error as exc:
+            raise RenderError(f"--istio-proxy-version: not a regular expression: {exc}") from None
+
+    @property
+    def target_namespace(self) -> str:
+        """The EnvoyFilters' namespace."""
+        return self.namespace or self.root_namespace
+
+
+def label_pairs(values: list[str] | None, flag: str) -> tuple[tuple[str, str], ...]:
+    """`LABEL=VALUE` arguments -> sorted pairs, or RenderError naming `flag`."""
+    pairs = []
+    for value in values or ():
+        key, sep, label = value.partition("=")
+        prefix, _, name = key.rpartition("/")
+        valid = (
+            sep
+            and _LABEL_NAME.fullmatch(name)
+            and (not prefix or _LABEL_PREFIX.fullmatch(prefix))
+            and (not label or _LABEL_NAME.fullmatch(label))
+        )
+        if not valid:
+            raise RenderError(f"{flag}: expected a Kubernetes LABEL=VALUE, got {value!r}")
+        pairs.append((key, label))
+    return tuple(sorted(pairs))
 
 
 class RenderError(ValueError):
@@ -67,8 +146,9 @@ class RenderOptions:
     policy: Policy = field(default_factory=Policy)
     # The policy file's text, for the ConfigMap; "" renders the defaults.
     policy_text: str = ""
-    # Cilium: the Service whose traffic goes through the listener, NAMESPACE/NAME:PORT.
-    cilium_service: str = "default/my-service:8080"
+    # Cilium: the Service port whose traffic goes through the listener, NAMESPACE/NAME:PORT.
+    # Required to render cilium (deploy/ uses EXAMPLE_CILIUM_SERVICE).
+    cilium_service: str | None = None
     # The standalone Envoy: where it listens, and the one upstream it routes to.
     envoy_listen: str = "0.0.0.0:10000"
     upstream: str = "127.0.0.1:8080"
@@ -79,6 +159,8 @@ class RenderOptions:
     cilium_direction: Direction = Direction.EDGE
     # How Envoy calls the server: gRPC (the default), or ext_proc's http_service lane.
     transport: str = GRPC
+    # Istio: the scope of the EnvoyFilters.
+    istio: IstioScope = field(default_factory=IstioScope)
     # monitoring: the document the alerts' runbook links point into.
     runbook_url: str = RUNBOOK_URL
 
@@ -96,7 +178,8 @@ class RenderOptions:
         self._check_mtls()
         host_port(self.envoy_listen, "--envoy-listen")
         host_port(self.upstream, "--upstream")
-        self.cilium_backend()  # validates
+        if self.cilium_service is not None:
+            self.cilium_backend()  # validates
         if self.transport not in TRANSPORTS:
             raise RenderError(f"--transport: expected grpc or http, got {self.transport!r}")
         if self.direction is Direction.AUTO:
@@ -136,6 +219,11 @@ class RenderOptions:
 
     def cilium_backend(self) -> tuple[str, str, int]:
         """(namespace, name, port) of the Cilium service."""
+        if self.cilium_service is None:
+            raise RenderError(
+                "--cilium-service is required for cilium: the Service port whose traffic "
+                "passes the doctor, NAMESPACE/NAME:PORT (its port number, not the target port)"
+            )
         where, _, port = self.cilium_service.rpartition(":")
         namespace, _, name = where.partition("/")
         if not (_LABEL.fullmatch(namespace) and _LABEL.fullmatch(name) and port.isdigit()):

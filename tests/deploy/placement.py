@@ -1,10 +1,10 @@
 """Rendered fragments placed the way their control plane places them, as one Envoy bootstrap.
 
-Istio: one listener per EnvoyFilter context with the `traffic_direction` Istio gives it
+Istio: the listeners istiod builds for a sidecar and an ingress gateway, patched with
+Istio's rules (istio_pilot.py), with the `traffic_direction` Istio gives them
 (istio/istio pilot/pkg/networking/core at 86c9f01f: sidecar outbound OUTBOUND,
 listener.go:592; gateway OUTBOUND too, listener.go:1183; inbound INBOUND,
-listener_inbound.go:156), the patches applied in order (INSERT_FIRST, INSERT_BEFORE the
-router). Cilium: the CEC's resources with the names Cilium gives them and the parts it
+listener_inbound.go:156). Cilium: the CEC's resources with the names Cilium gives them and the parts it
 fills in (cilium/cilium pkg/ciliumenvoyconfig/cec_resource_parser.go `ParseResources` and
 pkg/policy/api `ResourceQualifiedName`, at 02fbb426): listener and route names prefixed
 with NAMESPACE/CEC-NAME/ always, cluster names only when they have no `/`, the `rds`
@@ -14,19 +14,26 @@ reference rewritten, the listener's address and the EDS source filled in.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
-ROUTER = {
-    "name": "envoy.filters.http.router",
-    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
-}
-ISTIO_DIRECTIONS = {
-    "SIDECAR_OUTBOUND": "OUTBOUND",
-    "SIDECAR_INBOUND": "INBOUND",
-    "GATEWAY": "OUTBOUND",
-}
+from .cilium_agent import Service, feed_from_files, load_assignments
+from .istio_pilot import Proxy, apply
+
 UPSTREAM = "upstream"
 _LOOPBACK_0 = {"socket_address": {"address": "127.0.0.1", "port_value": 0}}
+# The proxies the Istio placement runs: a sidecar and the default install's ingress gateway.
+SIDECAR = Proxy("web", router=False, namespace="default", labels={"app": "web"})
+INGRESS = Proxy(
+    "ingress", router=True, namespace="istio-system", labels={"istio": "ingressgateway"}
+)
+# Their listeners by the names the tests use.
+ISTIO_LISTENERS = {
+    (SIDECAR.name, "0.0.0.0_8080"): "sidecar_outbound",
+    (SIDECAR.name, "virtualInbound"): "sidecar_inbound",
+    (INGRESS.name, "0.0.0.0_8080"): "gateway",
+}
 
 
 def upstream_cluster(name: str, port: int) -> dict[str, Any]:
@@ -42,60 +49,40 @@ def upstream_cluster(name: str, port: int) -> dict[str, Any]:
     }
 
 
-def listener(
-    name: str, http_filters: list[dict[str, Any]], upstream: bool, **extra: Any
-) -> dict[str, Any]:
-    """A listener on 127.0.0.1:0; with `upstream`, every request routes to the `upstream` cluster."""
-    routes = [{"match": {"prefix": "/"}, "route": {"cluster": UPSTREAM}}] if upstream else []
-    virtual_hosts = [{"name": name, "domains": ["*"], "routes": routes}]
-    manager = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-        "stat_prefix": name,
-        "route_config": {"name": name, "virtual_hosts": virtual_hosts},
-        "http_filters": http_filters,
-    }
-    hcm = {"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}
-    return {
-        "name": name,
-        "address": _LOOPBACK_0,
-        "filter_chains": [{"filters": [hcm]}],
-        **extra,
-    }
-
-
 def apply_envoy_filter(
-    envoy_filter: dict[str, Any], upstream_port: int | None = None
+    envoy_filters: list[dict[str, Any]],
+    upstream_port: int | None = None,
+    root_namespace: str = "istio-system",
 ) -> dict[str, Any]:
-    """A bootstrap with one listener per context (named after it, lower case), patched as Istio does."""
-    listeners = {
-        context: listener(
-            context.lower(),
-            [copy.deepcopy(ROUTER)],
-            upstream_port is not None,
-            traffic_direction=direction,
-        )
-        for context, direction in ISTIO_DIRECTIONS.items()
+    """One bootstrap with the sidecar's and the ingress gateway's HTTP listeners, patched by istiod.
+
+    The EnvoyFilters are applied by the Istio stand-in (istio_pilot.py) to each proxy's
+    listeners; the listeners are renamed (ISTIO_LISTENERS) and moved to 127.0.0.1:0 so one
+    Envoy runs them all; with `upstream_port` every route goes to the `upstream` cluster.
+    """
+    listeners, clusters = [], {}
+    if upstream_port is not None:
+        clusters[UPSTREAM] = upstream_cluster(UPSTREAM, upstream_port)
+    for proxy in (SIDECAR, INGRESS):
+        patched, inserted = apply(envoy_filters, proxy, root_namespace)
+        clusters.update({c["name"]: c for c in inserted})
+        for lis in patched:
+            name = ISTIO_LISTENERS.get((proxy.name, lis["name"]))
+            if name is not None:
+                listeners.append(_runnable(lis, name, upstream_port is not None))
+    return {"static_resources": {"listeners": listeners, "clusters": list(clusters.values())}}
+
+
+def _runnable(lis: dict[str, Any], name: str, upstream: bool) -> dict[str, Any]:
+    """`lis` on 127.0.0.1:0 under `name`; with `upstream`, every request routes there."""
+    routes = [{"match": {"prefix": "/"}, "route": {"cluster": UPSTREAM}}] if upstream else []
+    manager = lis["filter_chains"][0]["filters"][0]["typed_config"]
+    manager["route_config"] = {
+        "name": name,
+        "virtual_hosts": [{"name": name, "domains": ["*"], "routes": routes}],
     }
-    clusters = [] if upstream_port is None else [upstream_cluster(UPSTREAM, upstream_port)]
-    for patch in envoy_filter["spec"]["configPatches"]:
-        value = copy.deepcopy(patch["patch"]["value"])
-        if patch["applyTo"] == "CLUSTER":
-            assert patch["patch"]["operation"] == "ADD"
-            clusters.append(value)
-            continue
-        assert patch["applyTo"] == "HTTP_FILTER"
-        chain = listeners[patch["match"]["context"]]["filter_chains"][0]["filters"][0]
-        filters = chain["typed_config"]["http_filters"]
-        if patch["patch"]["operation"] == "INSERT_FIRST":
-            filters.insert(0, value)
-            continue
-        assert patch["patch"]["operation"] == "INSERT_BEFORE"
-        assert (
-            patch["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"]
-            == ROUTER["name"]
-        )
-        filters.insert(len(filters) - 1, value)
-    return {"static_resources": {"listeners": list(listeners.values()), "clusters": clusters}}
+    manager["stat_prefix"] = name
+    return {**lis, "name": name, "address": _LOOPBACK_0}
 
 
 def qualified(namespace: str, cec: str, name: str, *, force: bool = False) -> str:
@@ -108,11 +95,18 @@ def qualified(namespace: str, cec: str, name: str, *, force: bool = False) -> st
     return f"{namespace}/{cec}/{name}"
 
 
-def cilium_bootstrap(config: dict[str, Any], upstream_port: int | None = None) -> dict[str, Any]:
+def cilium_bootstrap(
+    config: dict[str, Any],
+    services: Mapping[str, Service] | None = None,
+    where: Path | None = None,
+) -> dict[str, Any]:
     """The CEC's resources as static resources, named and completed the way Cilium does.
 
-    With `upstream_port`, the Service's EDS cluster gets that endpoint (Cilium would send it
-    by EDS); otherwise it keeps its EDS source, pointing at an ADS cluster that never answers.
+    With `services` (and a directory `where` for the EDS files), each EDS cluster gets
+    the endpoints cilium-agent would publish for them (tests/deploy/cilium_agent.py);
+    a cluster whose assignment nothing publishes, or every EDS cluster without
+    `services`, keeps an ADS source that never answers, as on a node where the agent
+    publishes nothing under that name.
     """
     namespace = config["metadata"].get("namespace", "")
     cec = config["metadata"]["name"]
@@ -129,18 +123,15 @@ def cilium_bootstrap(config: dict[str, Any], upstream_port: int | None = None) -
     assert qualified(namespace, cec, rds["route_config_name"], force=True) == route["name"]
     manager["route_config"] = route
     cilium_listener["address"] = _LOOPBACK_0
-    clusters = []
-    for cluster in by_type["Cluster"]:
+    clusters = by_type["Cluster"]
+    for cluster in clusters:
         cluster["name"] = qualified(namespace, cec, cluster["name"])
-        if cluster.get("type") != "EDS":
-            clusters.append(cluster)
-        elif upstream_port is not None:
-            clusters.append(upstream_cluster(cluster["name"], upstream_port))
-        else:
-            cluster["eds_cluster_config"] = {
-                "eds_config": {"ads": {}, "resource_api_version": "V3"}
-            }
-            clusters.append(cluster)
+        if cluster.get("type") == "EDS":
+            eds = cluster.setdefault("eds_cluster_config", {})
+            eds["eds_config"] = {"ads": {}, "resource_api_version": "V3"}
+    if services is not None:
+        assert where is not None
+        feed_from_files(clusters, load_assignments(config, services), where)
     return {
         "node": {"id": "cilium-envoy", "cluster": "cilium-envoy"},
         "static_resources": {"listeners": [cilium_listener], "clusters": [*clusters, _ads()]},

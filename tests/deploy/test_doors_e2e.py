@@ -395,8 +395,8 @@ def istio_sidecar(upstream_port: int, server_port: int, sds_socket: Path) -> dic
     """`render istio --extproc-mtls istio` applied as istiod applies it, with istio-agent's
     `sds-grpc` cluster and node; the doctor's Service name pinned to the test's server."""
     options = RenderOptions(mode=RenderMode.ALWAYS, extproc_mtls="istio")
-    envoy_filter = yaml.safe_load(render("istio", options)["istio/always.yaml"])
-    bootstrap = apply_envoy_filter(envoy_filter, upstream_port)
+    envoy_filters = list(yaml.safe_load_all(render("istio", options)["istio/always.yaml"]))
+    bootstrap = apply_envoy_filter(envoy_filters, upstream_port)
     (cluster,) = [c for c in bootstrap["static_resources"]["clusters"] if c["name"] == NAME]
     cluster["type"] = "STATIC"
     endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]

@@ -17,6 +17,7 @@ import yaml
 from extproc.filter_config import GRPC, HTTP, HTTP_MIN_ENVOY, TRANSPORTS
 from extproc.lab import validate
 from extproc.render import TARGETS, RenderMode, RenderOptions, modes, render
+from extproc.render.options import EXAMPLE_CILIUM_SERVICE
 
 from .envoys import VERSIONS, envoy_of, envoy_version
 from .placement import apply_envoy_filter, cilium_bootstrap
@@ -29,10 +30,10 @@ pytestmark = pytest.mark.envoy
 
 def rendered(
     target: str, mode: RenderMode, suffix: str = "", transport: str = GRPC
-) -> dict[str, Any]:
+) -> list[dict[str, Any]]:
     name = f"{mode}" if transport == GRPC else f"{mode}-{transport}"
-    options = RenderOptions(mode=mode, transport=transport)
-    return yaml.safe_load(render(target, options)[f"{target}/{name}{suffix}.yaml"])
+    options = RenderOptions(mode=mode, transport=transport, cilium_service=EXAMPLE_CILIUM_SERVICE)
+    return list(yaml.safe_load_all(render(target, options)[f"{target}/{name}{suffix}.yaml"]))
 
 
 def fragments() -> list[tuple[str, RenderMode, str, str]]:
@@ -47,13 +48,13 @@ def fragments() -> list[tuple[str, RenderMode, str, str]]:
     ]
 
 
-def as_bootstrap(target: str, document: dict[str, Any]) -> dict[str, Any]:
+def as_bootstrap(target: str, documents: list[dict[str, Any]]) -> dict[str, Any]:
     match target:
         case "istio":
-            return apply_envoy_filter(document)
+            return apply_envoy_filter(documents)
         case "cilium":
-            return cilium_bootstrap(document)
-    return document
+            return cilium_bootstrap(documents[0])
+    return documents[0]
 
 
 @pytest.fixture(scope="module", params=VERSIONS)
@@ -86,7 +87,9 @@ class TestEnvoyAcceptsEveryFragment:
         for target in ENVOY_TARGETS:
             for mode in modes(target):
                 for transport in TRANSPORTS:
-                    options = RenderOptions(mode=mode, transport=transport)
+                    options = RenderOptions(
+                        mode=mode, transport=transport, cilium_service=EXAMPLE_CILIUM_SERVICE
+                    )
                     assert set(render(target, options)) <= files
 
     def test_extproc_tls_cluster(self, tmp_path):
@@ -110,7 +113,7 @@ class TestEnvoyAcceptsEveryFragment:
         accepts it."""
         options = RenderOptions(mode=RenderMode.ALWAYS, extproc_mtls="istio")
         bootstrap = as_bootstrap(
-            "istio", yaml.safe_load(render("istio", options)["istio/always.yaml"])
+            "istio", list(yaml.safe_load_all(render("istio", options)["istio/always.yaml"]))
         )
         bootstrap["static_resources"]["clusters"].append(ISTIO_SDS_STAND_IN)
         # SDS needs the node's identity, which istio-agent always sets.

@@ -79,8 +79,10 @@ def outside(build: dict[str, Any], used: dict[str, set[str]]) -> dict[str, set[s
 
 def rendered_documents(target: str) -> Iterator[tuple[str, Any]]:
     for mode in modes(target):
-        for path, text in render(target, RenderOptions(mode=mode)).items():
-            yield path, yaml.safe_load(text)
+        options = RenderOptions(mode=mode, cilium_service="default/s:80")
+        for path, text in render(target, options).items():
+            for document in yaml.safe_load_all(text):
+                yield path, document
 
 
 class TestMeshExtensions:
@@ -110,8 +112,9 @@ class TestMeshExtensions:
     def test_istio_gets_the_guard_filter_cilium_the_route(self, extension_of):
         """header_mutation is used where the mesh compiles it (Istio), never on Cilium."""
         mutation = "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation"
-        istio = render("istio", RenderOptions(mode=RenderMode.ALWAYS))["istio/always.yaml"]
-        cilium = render("cilium", RenderOptions(mode=RenderMode.ALWAYS))["cilium/always.yaml"]
-        assert mutation in types_in(yaml.safe_load(istio))
+        options = RenderOptions(mode=RenderMode.ALWAYS, cilium_service="default/s:80")
+        istio = render("istio", options)["istio/always.yaml"]
+        cilium = render("cilium", options)["cilium/always.yaml"]
+        assert mutation in types_in(list(yaml.safe_load_all(istio)))
         assert mutation not in types_in(yaml.safe_load(cilium))
         assert "response_headers_to_remove" in cilium

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import http.client
 import json
+import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from http.server import BaseHTTPRequestHandler
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,13 +27,16 @@ from extproc.filter_config import ANNOTATION_HEADERS
 from extproc.lab import BackgroundServer, EnvoyProcess, HttpUpstream
 from extproc.lab.envoy import free_port
 from extproc.render import RenderMode, RenderOptions, render
+from extproc.render.options import GRPC_PORT, NAME
 from extproc.server import ExtProcServer
 
+from .cilium_agent import Service
 from .placement import apply_envoy_filter, cilium_bootstrap
 
 pytestmark = pytest.mark.envoy
 
 FORGED = "upstream_app_error;forged=?1"
+CILIUM_SERVICE = "default/my-service:8080"
 # A client's headers that the edge rules remove and a sidecar keeps (forwarding), and one
 # that the echoed-headers rule removes at the edge and outbound, not inbound.
 FORWARDING = {
@@ -73,24 +78,44 @@ def get(port: int, headers: dict[str, str]) -> tuple[int, dict[str, str], dict[s
 
 
 def placed(
-    target: str, mode: RenderMode, server: int, upstream: int, policy: Policy | None = None
+    target: str,
+    mode: RenderMode,
+    server: int,
+    upstream: int,
+    where: Path,
+    policy: Policy | None = None,
 ) -> dict[str, Any]:
-    """The target's rendered config as one bootstrap whose listeners route to `upstream`."""
+    """The target's rendered config as one bootstrap whose listeners route to `upstream`.
+
+    Cilium's clusters (the Service's and the doctor's) get their endpoints as cilium-agent
+    would publish them from the two Services, each backed on 127.0.0.1.
+    """
     options = RenderOptions(
         mode=mode,
-        extproc_address=f"127.0.0.1:{server}",
+        # Cilium reaches the doctor through its Service; the others at a fixed address.
+        extproc_address=None if target == "cilium" else f"127.0.0.1:{server}",
         envoy_listen="127.0.0.1:0",
         upstream=f"127.0.0.1:{upstream}",
         policy=policy or Policy(),
+        cilium_service=CILIUM_SERVICE,
     )
     (text, *_) = render(target, options).values()
-    document = yaml.safe_load(text)
+    documents = list(yaml.safe_load_all(text))
     match target:
         case "istio":
-            return apply_envoy_filter(document, upstream)
+            return apply_envoy_filter(documents, upstream)
         case "cilium":
-            return cilium_bootstrap(document, upstream)
-    return document
+            return cilium_bootstrap(documents[0], cilium_services(server, upstream), where)
+    return documents[0]
+
+
+def cilium_services(server: int, upstream: int) -> dict[str, Service]:
+    """The Service the CEC is for, and the doctor's, as EndpointSlices on 127.0.0.1."""
+    namespace, name_port = CILIUM_SERVICE.split("/")
+    name, port = name_port.split(":")
+    target = Service(namespace, name, {"http": int(port)}, (("http", upstream),), ("127.0.0.1",))
+    doctor = Service(NAME, NAME, {"grpc": GRPC_PORT}, (("grpc", server),), ("127.0.0.1",))
+    return {s.key: s for s in (target, doctor)}
 
 
 TARGET_MODES = [("istio", RenderMode.GATED), ("istio", RenderMode.ALWAYS)]
@@ -112,7 +137,8 @@ def started(
             server = stack.enter_context(BackgroundServer(ExtProcServer(policy))).port
         else:
             server = free_port()
-        bootstrap = placed(target, mode, server, upstream.port, policy)
+        where = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        bootstrap = placed(target, mode, server, upstream.port, where, policy)
         yield stack.enter_context(EnvoyProcess(bootstrap)).listener_ports()
 
 

@@ -25,7 +25,7 @@ from extproc.render import (
     render_all,
 )
 from extproc.render.envoy_config import HttpFilter, typed
-from extproc.render.istio import render_envoy_filter
+from extproc.render.istio import render_envoy_filters
 from extproc.render.k8s import CILIUM_POLICY_FILE, LABELS, render_manifests
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,7 +62,7 @@ class TestDeployDirectory:
         """Each target renders in each of its modes, and every mesh manifest asks for the diagnosis attributes."""
         for target in TARGETS:
             for mode in modes(target):
-                files = render(target, RenderOptions(mode=mode))
+                files = render(target, RenderOptions(mode=mode, cilium_service="a/b:80"))
                 assert files
                 if target not in ("k8s", "monitoring"):
                     for text in files.values():
@@ -153,35 +153,40 @@ class TestServerMtls:
     def test_envoy_presents_the_client_certificate(self, target):
         """Every target's ext_proc cluster presents the directory's certificate and verifies the
         server against its CA."""
-        options = RenderOptions(mode=RenderMode.ALWAYS, extproc_mtls="/etc/extproc-client/")
+        options = RenderOptions(
+            mode=RenderMode.ALWAYS, extproc_mtls="/etc/extproc-client/", cilium_service="a/b:80"
+        )
         (text,) = render(target, options).values() if target != "cilium" else [
             render(target, options)["cilium/always.yaml"]]  # fmt: skip
-        (context,) = [
+        contexts = [
             c["common_tls_context"]
-            for c in find(yaml.safe_load(text), "common_tls_context", parent=True)
+            for c in find(list(yaml.safe_load_all(text)), "common_tls_context", parent=True)
         ]
-        (certificate,) = context["tls_certificates"]
-        assert certificate["certificate_chain"]["filename"] == "/etc/extproc-client/tls.crt"
-        assert certificate["private_key"]["filename"] == "/etc/extproc-client/tls.key"
-        assert (
-            context["validation_context"]["trusted_ca"]["filename"] == "/etc/extproc-client/ca.crt"
-        )
+        assert contexts
+        for context in contexts:  # Istio: the sidecars' cluster and the gateways'
+            (certificate,) = context["tls_certificates"]
+            assert certificate["certificate_chain"]["filename"] == "/etc/extproc-client/tls.crt"
+            assert certificate["private_key"]["filename"] == "/etc/extproc-client/tls.key"
+            trusted = context["validation_context"]["trusted_ca"]["filename"]
+            assert trusted == "/etc/extproc-client/ca.crt"
 
     def test_istio_cluster_uses_the_proxy_mesh_identity(self):
         """--extproc-mtls istio: the cluster takes istio-agent's `default` certificate and
         `ROOTCA` by SDS over `sds-grpc`, as Istio's own clusters do; nothing is mounted."""
         options = RenderOptions(extproc_mtls="istio")
-        (context,) = [
+        contexts = [
             c["common_tls_context"]
-            for c in find(render_envoy_filter(options), "common_tls_context", parent=True)
+            for c in find(render_envoy_filters(options), "common_tls_context", parent=True)
         ]
-        (certificate,) = context["tls_certificate_sds_secret_configs"]
-        root = context["combined_validation_context"]["validation_context_sds_secret_config"]
-        assert (certificate["name"], root["name"]) == ("default", "ROOTCA")
-        for secret in (certificate, root):
-            (service,) = secret["sds_config"]["api_config_source"]["grpc_services"]
-            assert service["envoy_grpc"]["cluster_name"] == "sds-grpc"
-        assert "tls_certificates" not in context
+        assert len(contexts) == 2  # the sidecars' cluster and the gateways'
+        for context in contexts:
+            (certificate,) = context["tls_certificate_sds_secret_configs"]
+            root = context["combined_validation_context"]["validation_context_sds_secret_config"]
+            assert (certificate["name"], root["name"]) == ("default", "ROOTCA")
+            for secret in (certificate, root):
+                (service,) = secret["sds_config"]["api_config_source"]["grpc_services"]
+                assert service["envoy_grpc"]["cluster_name"] == "sds-grpc"
+            assert "tls_certificates" not in context
 
     def test_istio_identity_is_refused_where_no_istio_agent_runs(self, capsys):
         """Plain Envoy and cilium-envoy have no Istio SDS: the render says so; `all` skips them."""
@@ -400,14 +405,14 @@ def run(argv: list[str]) -> int:
 
 class TestCommand:
     def test_prints_yaml_documents(self, capsys):
-        """`extproc render istio` prints the EnvoyFilter as YAML."""
+        """`extproc render istio` prints the EnvoyFilters (sidecars', gateways') as YAML."""
         assert run(["render", "istio", "--mode", "always"]) == 0
-        (doc,) = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
-        assert doc["kind"] == "EnvoyFilter"
+        docs = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
+        assert [d["kind"] for d in docs] == ["EnvoyFilter", "EnvoyFilter"]
 
     def test_clusterwide_variant(self, capsys):
         """--clusterwide prints the CiliumClusterwideEnvoyConfig."""
-        assert run(["render", "cilium", "--clusterwide"]) == 0
+        assert run(["render", "cilium", "--clusterwide", "--cilium-service", "a/b:80"]) == 0
         (doc,) = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
         assert doc["kind"] == "CiliumClusterwideEnvoyConfig"
 
@@ -424,17 +429,57 @@ class TestCommand:
 
     def test_cilium_defaults_to_always(self, capsys):
         """`render cilium` without --mode renders always mode, the only one cilium-envoy supports."""
-        assert run(["render", "cilium"]) == 0
+        assert run(["render", "cilium", "--cilium-service", "a/b:80"]) == 0
         (doc,) = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
         assert "composite" not in yaml.safe_dump(doc)
         assert "ExternalProcessor" in yaml.safe_dump(doc)
 
     def test_cilium_gated_is_refused(self, capsys):
         """`render cilium --mode gated` exits 2 saying why (no composite filter) and what to use."""
-        assert run(["render", "cilium", "--mode", "gated"]) == 2
+        assert run(["render", "cilium", "--mode", "gated", "--cilium-service", "a/b:80"]) == 2
         err = capsys.readouterr().err
         assert "envoy.filters.http.composite" in err
         assert "--mode always" in err
+
+    def test_cilium_needs_its_service(self, capsys):
+        """`render cilium` without --cilium-service exits 2 and says what to give, not a placeholder."""
+        assert run(["render", "cilium"]) == 2
+        assert "--cilium-service is required" in capsys.readouterr().err
+
+    def test_all_without_service_skips_cilium(self, capsys):
+        """`render all` without --cilium-service prints the other targets and says why cilium is not."""
+        assert run(["render", "all", "--mode", "always"]) == 0
+        out = capsys.readouterr()
+        kinds = {d["kind"] for d in yaml.safe_load_all(out.out) if d and "kind" in d}
+        assert "EnvoyFilter" in kinds and "CiliumEnvoyConfig" not in kinds
+        assert "needs --cilium-service" in out.err
+
+    def test_istio_scope_flags(self, capsys):
+        """The --istio-* flags scope the EnvoyFilters: namespace, sidecar selector, priority, one kind."""
+        argv = ["render", "istio", "--istio-namespace", "shop", "--istio-selector", "app=cart"]
+        assert run([*argv, "--istio-only", "sidecars", "--istio-priority", "10"]) == 0
+        (doc,) = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
+        assert doc["metadata"]["namespace"] == "shop"
+        assert doc["spec"]["workloadSelector"] == {"labels": {"app": "cart"}}
+        assert doc["spec"]["priority"] == 10
+
+    @pytest.mark.parametrize(
+        ("flag", "value"),
+        [
+            ("--istio-selector", "app"),
+            ("--istio-selector", "app=has space"),
+            ("--istio-selector", f"app={'v' * 64}"),
+            ("--istio-gateway-selector", "=x"),
+            ("--istio-proxy-version", "1" * 1025),
+            ("--istio-namespace", "Bad_NS"),
+            ("--istio-proxy-version", "(unclosed"),
+            ("--istio-priority", str(2**31)),
+        ],
+    )
+    def test_bad_istio_flag_exits_2(self, capsys, flag, value):
+        """A bad --istio-* value exits 2 and names the flag."""
+        assert run(["render", "istio", flag, value]) == 2
+        assert flag in capsys.readouterr().err
 
     def test_all_gated_skips_cilium(self, capsys):
         """`render all --mode gated` prints the other targets and says cilium was skipped."""
@@ -461,9 +506,9 @@ class TestIstioPlacement:
     @pytest.mark.parametrize("mode", list(RenderMode))
     def test_first_on_outbound_and_gateway_before_router_inbound(self, mode):
         """Outbound and gateway filters go first, ahead of Istio's metadata exchange; inbound ones before the router."""
-        envoy_filter = render_envoy_filter(RenderOptions(mode=mode))
         placement = {
             (patch["match"]["context"], patch["patch"]["operation"])
+            for envoy_filter in render_envoy_filters(RenderOptions(mode=mode))
             for patch in envoy_filter["spec"]["configPatches"]
             if patch["applyTo"] == "HTTP_FILTER"
         }
@@ -494,9 +539,13 @@ class TestDirection:
     @pytest.mark.parametrize("mode", list(RenderMode))
     def test_istio_context_says_where_it_sits(self, mode):
         """Each EnvoyFilter context's filters carry their direction: the gateway is the edge."""
-        envoy_filter = render_envoy_filter(RenderOptions(mode=mode))
         by_context: dict[str, set[str]] = {}
-        for patch in envoy_filter["spec"]["configPatches"]:
+        patches = [
+            p
+            for ef in render_envoy_filters(RenderOptions(mode=mode))
+            for p in ef["spec"]["configPatches"]
+        ]
+        for patch in patches:
             if patch["applyTo"] == "HTTP_FILTER":
                 context = patch["match"]["context"]
                 by_context.setdefault(context, set()).update(directions_in(patch["patch"]["value"]))
@@ -509,8 +558,10 @@ class TestDirection:
     def test_cilium_is_the_edge_unless_declared_in_cluster(self):
         """A CEC's filter is the edge by default (a Service may be reachable from outside);
         --cilium-direction outbound declares in-cluster clients only."""
-        default = RenderOptions(mode=RenderMode.ALWAYS)
-        inside = RenderOptions(mode=RenderMode.ALWAYS, cilium_direction=Direction.OUTBOUND)
+        default = RenderOptions(mode=RenderMode.ALWAYS, cilium_service="a/b:80")
+        inside = RenderOptions(
+            mode=RenderMode.ALWAYS, cilium_direction=Direction.OUTBOUND, cilium_service="a/b:80"
+        )
         assert directions_in(cilium.render_envoy_config(default, clusterwide=False)) == {"edge"}
         assert directions_in(cilium.render_envoy_config(inside, clusterwide=False)) == {"outbound"}
 

@@ -112,3 +112,12 @@ class TestDemo:
         assert "search.default.svc.cluster.local/" in table
         assert "alpn_mismatch" in table
         assert 'alpn="istio-http/1.1"' in table
+
+    def test_table_says_what_a_cluster_gets(self):
+        """The demo shows, beside its own reason, the one the rendered deployment (no admin) gives."""
+        out = io.StringIO()
+        assert run_demo(scenarios=find_scenarios("5"), stay=False, out=out) == 0
+        header, _, row = out.getvalue().splitlines()[:3]
+        assert "on a cluster" in header
+        assert "alpn_mismatch" in row and "tls_handshake_rejected *" in row
+        assert "--envoy-admin" in out.getvalue()

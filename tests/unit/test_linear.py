@@ -86,6 +86,8 @@ ADVERSARIAL: dict[re.Pattern[str], tuple[str, ...]] = {
     diagnosis._DESTINATION_RULE: ("/destination-rule/a", "/destination-rule/"),
     diagnosis._DESTINATION_RULE_NS: ("/namespaces/a", "/namespaces/a/destination-rule"),
     options._LABEL: ("a-", "a"),
+    options._LABEL_NAME: ("a-", "a."),
+    options._LABEL_PREFIX: ("a-", "a."),
 }
 
 
@@ -263,7 +265,7 @@ class TestCaps:
 
     def test_every_text_attribute_read_has_a_cap(self) -> None:
         """The details and every completion attribute are in TEXT_CAPS."""
-        read = {core.DETAILS_ATTRIBUTE, *(key for _, key in core.COMPLETION)}
+        read = {core.DETAILS_ATTRIBUTE, core.PEER_ATTRIBUTE, *(key for _, key in core.COMPLETION)}
         assert read == set(core.TEXT_CAPS)
 
     def test_values_are_cut_before_the_core_reads_them(self) -> None:
