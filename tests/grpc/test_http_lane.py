@@ -13,6 +13,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import sys
 from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
@@ -25,6 +26,7 @@ from extproc import http_lane
 from extproc.config import Policy, TlsFiles
 from extproc.http_lane import HttpLane, HttpProcessor, Limits
 from extproc.lab.certs import CertificateAuthority
+from extproc.lab.envoy import free_port
 from extproc.tls import ReloadingSslContext
 
 pytestmark = pytest.mark.asyncio
@@ -448,3 +450,46 @@ class TestWarnings:
         assert [entry["error"] for entry in logs if entry["event"] == "bad_http_request"] == [
             "bad_json"
         ]
+
+
+class TestServeOption:
+    async def test_http_max_connections_reaches_the_lane(self):
+        """`serve --http-max-connections 1`: a second connection to the running server gets 503."""
+        port = free_port()
+        server = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "extproc", "serve", "--listen", "none",
+            "--http-listen", f"127.0.0.1:{port}", "--http-max-connections", "1",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            await until(lambda: _accepts(port))
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(post(CLEAN))
+            assert (await read_response(reader))[0] == 200  # the one place is taken
+            second_reader, second = await asyncio.open_connection("127.0.0.1", port)
+            status, _, body = await read_response(second_reader)
+            assert (status, orjson.loads(body)["error"]) == (503, "too_many_connections")
+            writer.close()
+            second.close()
+        finally:
+            server.terminate()
+            assert await server.wait() == 0
+
+    async def test_default_is_the_lanes_constant(self):
+        """The option's default is the lane's MAX_CONNECTIONS; zero is refused by name."""
+        from extproc.cli import ConfigError, build_parser, serve_config
+
+        parse = build_parser().parse_args
+        assert serve_config(parse(["serve"])).http_max_connections == http_lane.MAX_CONNECTIONS
+        with pytest.raises(ConfigError, match="--http-max-connections must be at least 1"):
+            serve_config(parse(["serve", "--http-max-connections", "0"]))
+
+
+def _accepts(port: int) -> bool:
+    """The server answers GET /ready on a connection it then closes (so the place is free again)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+            conn.sendall(b"GET /ready HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            return conn.recv(64).startswith(b"HTTP/1.1 200")
+    except OSError:
+        return False
