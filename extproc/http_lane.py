@@ -55,8 +55,8 @@ MAX_HEADERS = 64  # header lines in one head; over it: 431
 # request's header block at `max_request_headers_kb`, at most 8192 KiB (its own ceiling),
 # counted on the wire (names, values, ": " and CRLF). The JSON carries each value as
 # base64 (4/3) plus `{"key":"","raw_value":""},` (26 bytes) around each header, and a
-# small envelope (attributes, metadata). Measured with Envoy 1.40: 8 MiB of headers in 95
-# headers made an 11,186,347-byte POST, in 10,000 headers 11,340,477
+# small envelope (attributes, metadata). Measured with Envoy 1.40, 8 MiB less 1 KiB of
+# headers made an 11,185,587-byte POST in 95 headers, 11,380,477 in 10,000
 # (tests/deploy/test_http_lane_limits_e2e.py). So the cap covers 8 MiB of headers in up
 # to 10,000 headers (Envoy's `max_headers_count` is 100 by default), plus 1 MiB for the
 # envelope: 12,503,386 bytes. Over it: 413, and Envoy fails open for that one message.
