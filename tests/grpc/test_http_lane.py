@@ -327,6 +327,26 @@ class TestSlowPeers:
             assert errors(lane, "timeout") == 1
 
 
+@contextlib.asynccontextmanager
+async def flood(lane: HttpLane, requests: int) -> AsyncIterator[asyncio.Transport]:
+    """Pipeline `requests` requests and never read an answer; yields the server's transport.
+    Small kernel buffers on both sides, so the answers pile up in the server, not the kernel."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", lane.port))
+    connection = await until(lambda: next(iter(lane.connections), None))
+    transport = connection.transport
+    transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    sender = asyncio.create_task(loop.sock_sendall(sock, post(CLEAN) * requests))
+    try:
+        yield transport
+    finally:
+        sender.cancel()
+        sock.close()
+
+
 class TestPipelinedFlood:
     """A peer that pipelines requests and never reads the answers holds a bounded buffer."""
 
@@ -334,25 +354,12 @@ class TestPipelinedFlood:
     async def held_after_flood(requests: int) -> tuple[int, int]:
         """(bytes the server holds for the connection, messages answered) once it stops reading
         or has answered them all."""
-        loop = asyncio.get_running_loop()
-        async with lane_with() as lane:
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the peer reads nothing
-            sock.setblocking(False)
-            await loop.sock_connect(sock, ("127.0.0.1", lane.port))
-            connection = await until(lambda: next(iter(lane.connections), None))
-            transport = connection.transport
-            # Small kernel buffers on the server's side too, so the flood reaches user space.
-            transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        async with lane_with() as lane, flood(lane, requests) as transport:
+            connection = next(iter(lane.connections))
             answered = lane.processor.messages["request_headers"]
-            sender = asyncio.create_task(loop.sock_sendall(sock, post(CLEAN) * requests))
-            try:
-                await until(lambda: not transport.is_reading() or answered._value.get() == requests)
-                held = transport.get_write_buffer_size() + len(getattr(connection, "unparsed", b""))
-                return held, int(answered._value.get())
-            finally:
-                sender.cancel()
-                sock.close()
+            await until(lambda: not transport.is_reading() or answered._value.get() == requests)
+            held = transport.get_write_buffer_size() + len(getattr(connection, "unparsed", b""))
+            return held, int(answered._value.get())
 
     async def test_unread_answers_hold_a_bounded_buffer(self):
         """n and 8n pipelined requests: the server holds about the same, not 8x (was: 104 MB for 14 MB)."""
@@ -364,6 +371,87 @@ class TestPipelinedFlood:
         # What the connection may hold: the high-water mark, the answers to one feeding step
         # of requests, and one read of the event loop (256 KiB for asyncio's selector loop).
         assert held_8n <= http_lane.WRITE_HIGH_WATER + 2 * http_lane.MAX_HEAD + 256 * 1024
+
+    async def test_a_peer_that_never_reads_is_dropped_at_the_message_deadline(self):
+        """The unparsed rest of a flood starts the message clock: 408, then the connection is
+        aborted, since the peer neither reads the answer nor closes."""
+        async with lane_with(**FAST) as lane, flood(lane, 20_000) as transport:
+            await until(lambda: not transport.is_reading())
+            await until(lambda: not lane.connections)
+            assert errors(lane, "timeout") == 1
+
+    async def test_a_refused_peer_that_never_closes_is_dropped(self):
+        """After a refusal the lane half-closes and drops what follows; a peer that keeps its
+        side open is aborted at the message deadline, so it holds nothing for long."""
+        async with lane_with(**FAST) as lane:
+            reader, writer = await connect(lane)
+            writer.write(b"POST /" + b"a" * (2 * http_lane.MAX_URL))
+            assert (await read_response(reader))[0] == 414
+            await until(lambda: not lane.connections)
+            writer.close()
+
+
+class ScriptedTransport:
+    """A transport whose peer reads nothing: every answer stays buffered, and the first one
+    already passes the high-water mark (so the protocol is told to pause at once)."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.reading = True
+        self.closing = False
+        self.protocol: asyncio.Protocol | None = None
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+        assert self.protocol is not None
+        self.protocol.pause_writing()
+
+    def get_write_buffer_size(self) -> int:
+        return sum(map(len, self.written))
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.closing = True
+
+    def get_extra_info(self, name: str) -> object:
+        return None
+
+
+class TestScriptedFraming:
+    """The connection over a scripted transport: exact boundaries a socket cannot promise."""
+
+    async def test_a_waiting_message_cut_at_a_boundary_still_starts_the_clock(self):
+        """A pause that falls exactly between two messages leaves the second one unparsed: its
+        bytes arrived, so the message deadline runs for it (408), not the idle timeout."""
+        async with lane_with(**FAST) as lane:
+            connection = http_lane._Connection(lane)
+            transport = ScriptedTransport()
+            transport.protocol = connection
+            connection.connection_made(transport)  # type: ignore[arg-type]
+            # One piece of the head-reading step is exactly the first message.
+            step = http_lane.MAX_HEAD + 1
+            first = post(CLEAN + b" " * (step - len(post(CLEAN + b" " * 10_000)) + 10_000))
+            assert len(first) == step
+            connection.data_received(first + post(CLEAN))
+            assert not transport.reading and len(transport.written) == 1
+            connection.check(connection.idle_since + FAST["message_seconds"] + 0.01)
+            assert transport.written[-1].startswith(b"HTTP/1.1 408")
+            assert errors(lane, "timeout") == 1
+            connection.connection_lost(None)
 
 
 class TestConnectionCap:
