@@ -7,8 +7,9 @@ message, in one loop, on the bytes Envoy 1.40 really sends: the head it POSTs (r
 from a real Envoy, `tests/deploy/test_http_lane_limits_e2e.py` prints it) with a
 chunked body holding the ghz data's two messages as proto3 JSON. Each framing reads
 the request, collects the body and writes a whole response (the processor's answer is
-left out; it is the same for all). CPU time, best of several repeats; the processor's
-own cost is printed beside it, for scale.
+left out; it is the same for all); "the lane's _Connection" is the lane's own protocol
+with all its limits, in front of a processor that only continues. CPU time, best of
+several repeats; the processor's own cost is printed beside it, for scale.
 
     .venv/bin/pip install h11 h11-mypyc   # not project dependencies: only for this comparison
     .venv/bin/python -m bench.http_framing
@@ -29,6 +30,7 @@ import structlog
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import json_format
 
+from extproc import http_lane
 from extproc.config import Policy
 from extproc.http_lane import CONTINUE, HttpProcessor
 
@@ -106,6 +108,36 @@ class _H11Framing:
         return bytes(out)
 
 
+class _NullTransport:
+    """Takes the lane's answers and drops them: the peer reads at once."""
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_extra_info(self, name: str) -> object:
+        return None
+
+
+class _LaneFraming:
+    """The lane's own `_Connection`, limits and all, in front of a processor that only continues."""
+
+    def __init__(self) -> None:
+        processor = HttpProcessor(Policy())
+        processor.answer = lambda body, declared=None: RESPONSE  # type: ignore[method-assign]
+        self.connection = http_lane._Connection(http_lane.HttpLane(processor))
+        self.connection.connection_made(_NullTransport())  # type: ignore[arg-type]
+
+    def frame(self, data: bytes) -> bytes:
+        self.connection.data_received(data)
+        return RESPONSE
+
+
 def _best_us(step: Callable[[], object]) -> float:
     best = float("inf")
     for _ in range(REPEATS):
@@ -117,7 +149,10 @@ def _best_us(step: Callable[[], object]) -> float:
 
 
 def _framings() -> dict[str, Callable[[], Any]]:
-    framings: dict[str, Callable[[], Any]] = {"httptools": _HttptoolsFraming}
+    framings: dict[str, Callable[[], Any]] = {
+        "httptools": _HttptoolsFraming,
+        "the lane's _Connection": _LaneFraming,
+    }
     for name in ("h11", "h11_mypyc"):
         try:
             module = importlib.import_module(name)

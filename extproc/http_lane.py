@@ -373,7 +373,7 @@ class _Connection(asyncio.Protocol):
         self.limits = lane.limits
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
-        self.unparsed = memoryview(b"")  # read, not yet parsed: only while writing is paused
+        self.unparsed: bytes | memoryview = b""  # read, not parsed: only while writing is paused
         self.paused = False  # the peer is not reading our answers
         self.in_head = True  # the next bytes belong to a head
         self.head_size = 0  # bytes of the current head fed so far
@@ -424,13 +424,18 @@ class _Connection(asyncio.Protocol):
             return
         if self.started is None:  # a bare CRLF starts the clock too
             self.started = time.monotonic()
-        self.unparsed = memoryview(bytes(self.unparsed) + data if self.unparsed else data)
+        self.unparsed = bytes(self.unparsed) + data if self.unparsed else data
         self._parse()
 
     def _parse(self) -> None:
         while self.unparsed and not self.paused and self.closed_at is None:
             step = MAX_HEAD - self.head_size + 1 if self.in_head else MAX_HEAD
-            piece, self.unparsed = self.unparsed[:step], self.unparsed[step:]
+            piece = self.unparsed
+            if len(piece) > step:  # zero-copy slices of a read too long for one step
+                view = memoryview(piece)
+                piece, self.unparsed = view[:step], view[step:]
+            else:
+                self.unparsed = b""
             completed = self.completed
             try:
                 self.parser.feed_data(piece)
