@@ -280,6 +280,16 @@ class TestHead:
         assert (await read_response(reader))[0] == 200
         writer.close()
 
+    async def test_a_refused_peer_that_never_closes_is_dropped(self):
+        """After a refusal the lane half-closes and drops what follows; a peer that keeps its
+        side open is aborted at the message deadline, so it holds nothing for long."""
+        async with lane_with(**FAST) as lane:
+            reader, writer = await connect(lane)
+            writer.write(b"POST /" + b"a" * (2 * http_lane.MAX_URL))
+            assert (await read_response(reader))[0] == 414
+            await until(lambda: not lane.connections)
+            writer.close()
+
 
 class TestSlowPeers:
     """Only a complete message restarts the clocks: bytes that complete nothing cannot hold a connection."""
@@ -379,16 +389,6 @@ class TestPipelinedFlood:
             await until(lambda: not transport.is_reading())
             await until(lambda: not lane.connections)
             assert errors(lane, "timeout") == 1
-
-    async def test_a_refused_peer_that_never_closes_is_dropped(self):
-        """After a refusal the lane half-closes and drops what follows; a peer that keeps its
-        side open is aborted at the message deadline, so it holds nothing for long."""
-        async with lane_with(**FAST) as lane:
-            reader, writer = await connect(lane)
-            writer.write(b"POST /" + b"a" * (2 * http_lane.MAX_URL))
-            assert (await read_response(reader))[0] == 414
-            await until(lambda: not lane.connections)
-            writer.close()
 
 
 class ScriptedTransport:
