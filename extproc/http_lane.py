@@ -9,10 +9,13 @@ what the response needs from the request travels in our metadata namespace
 
 Three layers, as in the gRPC adapter: `HttpProcessor.answer` is bytes in, bytes out
 (parse with orjson, read the fields the core needs straight from the dicts, call the
-core, serialise); `_Connection` only frames HTTP/1.1 with httptools; `HttpLane` owns the
-listener, the readiness endpoint (`GET /ready`), timeouts and the drain. A bad envelope
-(not JSON, too large, no message kind) gets an HTTP error and a counter before the core
-runs; an exception in the core becomes a continue and `processing_failed`, in one place.
+core, serialise); `_Connection` only frames HTTP/1.1 with httptools, one message at a
+time, and keeps a connection's limits (head, URL, headers, body, back-pressure);
+`HttpLane` owns the listener, the lane-wide limits (connections, buffered bodies), the
+readiness endpoint (`GET /ready`), the timeouts' sweep and the drain. A bad envelope
+(not JSON, too large, no message kind) or a peer past a limit gets an HTTP error and a
+counter before the core runs; an exception in the core becomes a continue and
+`processing_failed`, in one place. The limits are the constants below.
 """
 
 from __future__ import annotations
