@@ -81,6 +81,10 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
             )
     if args.max_streams < 1:
         raise ConfigError(f"--max-streams must be at least 1, got {args.max_streams}")
+    if args.http_max_connections < 1:
+        raise ConfigError(
+            f"--http-max-connections must be at least 1, got {args.http_max_connections}"
+        )
     if args.metrics_cluster_label is not None and not (
         1 <= args.metrics_cluster_label <= MAX_CLUSTER_LABEL_LIMIT
     ):
@@ -91,6 +95,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     return ServeConfig(
         listen=listen,
         http_listen=args.http_listen,
+        http_max_connections=args.http_max_connections,
         policy_path=Path(args.config) if args.config else None,
         grace=args.grace,
         tls=_tls_files(args),
@@ -611,6 +616,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="also serve ext_proc's http_service protocol (JSON over HTTP/1.1; Envoy >= 1.37, "
         "work in progress in Envoy) here, or on unix:PATH; GET /ready answers probes",
+    )
+    serve.add_argument(
+        "--http-max-connections",
+        type=int,
+        default=ServeConfig().http_max_connections,
+        metavar="N",
+        help="HTTP lane connections at once; beyond it a new one gets 503 and is closed "
+        "(default: %(default)s)",
     )
     serve.add_argument(
         "--config", metavar="POLICY.yaml", help="policy file (default: built-in policy)"

@@ -300,6 +300,9 @@ class ServeConfig:
     listen: str | None = "0.0.0.0:50051"
     # The ext_proc `http_service` lane (extproc/http_lane.py), on the same event loop.
     http_listen: str | None = None
+    # Connections the HTTP lane serves at once; beyond it a new one gets 503 and a close
+    # (`http_lane.MAX_CONNECTIONS`, where the lane's other limits are).
+    http_max_connections: int = 1000
     policy_path: Path | None = None
     grace: float = 10.0
     tls: TlsFiles | None = None

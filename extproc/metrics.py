@@ -29,7 +29,8 @@ MESSAGE_KINDS = (
 TRANSPORTS = ("grpc", "http")
 # Errors an adapter counts: bad_message (no kind set), processing_failed (answered with a
 # plain continue), unknown_flags (a diagnosed response with flag bits this version does
-# not know); the HTTP lane adds what its envelope can get wrong.
+# not know); the HTTP lane adds what its envelope can get wrong, and each of its limits
+# (extproc/http_lane.py): a refused peer is counted, never only logged.
 ERRORS = (
     "bad_message",
     "processing_failed",
@@ -38,6 +39,11 @@ ERRORS = (
     "too_large",
     "bad_request",
     "timeout",
+    "uri_too_long",
+    "headers_too_large",
+    "upgrade_refused",
+    "too_many_connections",
+    "overloaded",
 )
 # Processing one message takes microseconds; the buckets resolve that and show outliers.
 _BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 50e-3)

@@ -39,7 +39,7 @@ from extproc.diagnosis import Diagnosis
 from extproc.envoy_admin import ClusterTlsCache
 from extproc.filter_config import DIRECTION_METADATA, METADATA_NAMESPACE
 from extproc.headers import NO_CHANGE, Header, RequestDecision
-from extproc.http_lane import HttpLane, HttpProcessor
+from extproc.http_lane import HttpLane, HttpProcessor, Limits
 from extproc.metrics import Metrics
 from extproc.reload import PolicyReloader
 from extproc.tls import ReloadingCredentials, ReloadingSslContext
@@ -407,7 +407,9 @@ async def serve(config: ServeConfig) -> None:
         processor = HttpProcessor(policy, metrics)
         processors.append(processor)
         context = ReloadingSslContext(config.tls).context if config.tls else None
-        lanes.append(HttpLane(processor, config.http_listen, config.grace, ssl_context=context))
+        limits = Limits(max_connections=config.http_max_connections)
+        lanes.append(HttpLane(processor, config.http_listen, config.grace, ssl_context=context,
+                              limits=limits))  # fmt: skip
     if config.metrics_listen:
         metrics.serve(config.metrics_listen)
     stopping = asyncio.Event()
