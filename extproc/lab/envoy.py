@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import random
 import shutil
 import signal
 import socket
@@ -50,25 +51,57 @@ def envoy_binary() -> Path:
     return Path(found)
 
 
+# Ports for configs that must name a port before the process that binds it starts. They
+# never come from the kernel's ephemeral range (ip_local_port_range): every outgoing
+# connection takes its source port from there, so a port picked there and released can be
+# taken by some connection before Envoy binds it ("Address already in use": seen in about
+# one run in four of the whole suite on a loaded machine). Below that range only an
+# explicit bind takes a port, and this process never hands out the same one twice.
+_PORT_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_PORT_SPAN = 8192
+_handed_out: set[int] = set()
+_offset = random.randrange(_PORT_SPAN)  # processes side by side start at different places
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(_PORT_RANGE_FILE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default; macOS and Windows start higher
+
+
 def free_port() -> int:
-    """A loopback TCP port that was free a moment ago, for configs that must name a port."""
+    """A loopback TCP port that is free now and was never handed out by this process."""
     return free_ports(1)[0]
 
 
 def free_ports(count: int) -> list[int]:
-    """`count` distinct loopback TCP ports that were free a moment ago.
+    """`count` distinct loopback TCP ports, free now, outside the ephemeral range.
 
-    Held open together while chosen, so they cannot repeat; another process may still
-    take one before it is used, the price of a config that names its ports up front.
+    Each is bound while chosen, so the ones returned are distinct and free at this moment;
+    another process could still bind one explicitly before it is used.
     """
+    global _offset  # noqa: PLW0603 (one cursor per process)
+    first = max(1024, _ephemeral_low() - _PORT_SPAN)
+    chosen: list[int] = []
     with ExitStack() as stack:
-        socks = [
-            stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            for _ in range(count)
-        ]
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in socks]
+        for _ in range(_PORT_SPAN):
+            if len(chosen) == count:
+                return chosen
+            port = first + _offset % _PORT_SPAN
+            _offset += 1
+            if port in _handed_out:
+                continue
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            _handed_out.add(port)
+            chosen.append(port)
+    if len(chosen) == count:
+        return chosen
+    raise EnvoyError(f"no {count} free loopback ports left below the ephemeral range")
 
 
 def wait_for_port(host: str, port: int, *, timeout: float = 10.0) -> None:
