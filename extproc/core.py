@@ -237,7 +237,14 @@ def complete(evidence: Evidence, texts: Mapping[str, str] | None, host: str) -> 
 
 
 class ClusterTls(Protocol):
+    """The clusters' TLS settings and the memory of their closes (`extproc.envoy_admin`)."""
+
     def enrich(self, ev: Evidence) -> Evidence: ...
+
+    @property
+    def watching(self) -> bool: ...
+
+    def answered(self, cluster: str) -> None: ...
 
 
 class Attributes(Protocol):
@@ -318,6 +325,9 @@ def response_phase(
             details=attributes.text(DETAILS_ATTRIBUTE),
         )  # fmt: skip
     if not needs_answer(triaged, forged, carried):
+        if cluster_tls is not None and cluster_tls.watching and attributes is not None:
+            # A clean answer ends its cluster's run of closes; read only while one runs.
+            cluster_tls.answered(attributes.text("xds.cluster_name"))
         return None
     texts = None if attributes is None else {f: attributes.text(key) for f, key in COMPLETION}
     listener = None if attributes is None else attributes.number(LISTENER_ATTRIBUTE, 2)

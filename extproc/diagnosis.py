@@ -72,6 +72,11 @@ class Evidence:
     cluster_alpn: tuple[str, ...] | None = None
     # True when the cluster originates TLS, False when it speaks plaintext, None when unknown.
     cluster_tls: bool | None = None
+    # The server's own memory of this cluster (`extproc.closes`): True when connections
+    # closed under requests several times in a row with no answer from the cluster in
+    # between (a mismatch fails every request), False when not (a keep-alive race follows
+    # answers), None when there is no memory (offline, or no --envoy-admin).
+    repeated_close: bool | None = None
     # Flag bits or names this Envoy sent that `flags.RESPONSE_FLAGS` does not know
     # (`bit40`, `XYZ`); kept as evidence, never matched.
     unknown_flags: str = ""
@@ -110,6 +115,7 @@ class Signature:
     cluster_tls: bool | None = None
     # True for a sidecar's inbound cluster (`inbound|…`, `InboundPassthroughCluster`).
     inbound: bool | None = None
+    repeated_close: bool | None = None
     # Overrides the reason's hint where this row knows more than the reason does.
     hint: str | None = None
 
@@ -121,9 +127,9 @@ HINTS: dict[str, str] = {
         "or add a host_rewrites entry."
     ),
     "upstream_requires_mtls": (
-        "The upstream closed a plaintext connection: it likely requires mTLS (STRICT "
-        "PeerAuthentication vs a DestinationRule with tls.mode DISABLE or a subset without "
-        "trafficPolicy); if sporadic, it may be an idle keep-alive connection closed by the upstream."
+        "The upstream requires mTLS and did not get it (a client certificate asked for and "
+        "not sent): check the DestinationRule's tls.mode (ISTIO_MUTUAL) against the "
+        "server's STRICT PeerAuthentication."
     ),
     "upstream_not_tls": (
         "Envoy spoke TLS to a port that answered in plaintext: the destination has no "
@@ -204,10 +210,9 @@ HINTS: dict[str, str] = {
         "The upstream application itself answered with this error; the mesh delivered it."
     ),
     "upstream_connection_closed": (
-        "The upstream closed a TLS connection Envoy was reusing: usually the keep-alive race, "
-        "an idle connection the upstream closed just as a request went out. Make the "
-        "upstream's idle timeout longer than Envoy's (DestinationRule "
-        "connectionPool.http.idleTimeout) and retry on reset."
+        "The upstream closed the connection under the request: now and then, the keep-alive "
+        "race (make its idle timeout longer than Envoy's, retry on reset); on every request "
+        "to a plaintext cluster, a server requiring mTLS (--envoy-admin tells them apart)."
     ),
     "rate_limited": (
         "A rate limit rejected the request (the local_ratelimit filter or the global rate "
@@ -283,9 +288,27 @@ RETRIED_APP_ERROR_HINT = (
     "URX retries exhausted, UO retry budget full); the mesh delivered its last answer."
 )
 PLAINTEXT_CLOSED_HINT = (
-    "The upstream closed a plaintext connection: it requires mTLS (STRICT "
-    "PeerAuthentication vs a DestinationRule with tls.mode DISABLE or a subset without "
-    "trafficPolicy); this cluster originates no TLS."
+    "The upstream closed a plaintext connection on every request: it requires mTLS "
+    "(STRICT PeerAuthentication vs a DestinationRule with tls.mode DISABLE or a subset "
+    "without trafficPolicy); this cluster originates no TLS."
+)
+TLS_CLOSED_HINT = (
+    "The upstream closed a TLS connection Envoy was reusing: usually the keep-alive race, "
+    "an idle connection the upstream closed just as a request went out. Make the "
+    "upstream's idle timeout longer than Envoy's (DestinationRule "
+    "connectionPool.http.idleTimeout) and retry on reset."
+)
+PLAINTEXT_RACE_HINT = (
+    "The upstream closed a plaintext connection, but not on every request (it answered "
+    "in between): the keep-alive race, an idle connection closed just as a request went "
+    "out. Make the upstream's idle timeout longer than Envoy's (DestinationRule "
+    "connectionPool.http.idleTimeout) and retry on reset."
+)
+INBOUND_CLOSED_HINT = (
+    "The app closed the connection its sidecar was reusing (the sidecar speaks plaintext "
+    "to the app, so this is no mTLS problem): the keep-alive race, or the app shutting "
+    "down; make the app's keep-alive timeout longer than the sidecar's idle timeout, and "
+    "drain before exit."
 )
 INBOUND_REFUSED_HINT = (
     "The sidecar's inbound side found nothing listening on the app's port: the app does "
@@ -402,17 +425,41 @@ CATALOGUE: tuple[Signature, ...] = (
     Signature("protocol_mismatch", flags=F.UPE, text=("protocol error",)),
     Signature("upstream_timeout", flags=F.UT, text=("response timeout", "per try timeout")),
     Signature("stream_idle_timeout", flags=F.SI, text=("stream idle timeout",)),
-    # A connection closed under a request: on a TLS cluster not a plaintext/STRICT
-    # mismatch but the keep-alive race; unknown transport names both.
-    Signature("upstream_connection_closed", flags=F.UC, text=_TERMINATION, cluster_tls=True),
+    # A connection closed under a request. The mTLS verdict needs proof: the cluster is
+    # plaintext (--envoy-admin) and it closed on every request lately, with no answer in
+    # between (`extproc.closes`). A sidecar's inbound cluster is always plaintext to the
+    # app, a TLS one cannot be the mismatch, and one close alone may be the keep-alive race.
+    Signature(
+        "upstream_connection_closed",
+        flags=F.UC,
+        text=_TERMINATION,
+        inbound=True,
+        hint=INBOUND_CLOSED_HINT,
+    ),
+    Signature(
+        "upstream_connection_closed",
+        flags=F.UC,
+        text=_TERMINATION,
+        cluster_tls=True,
+        hint=TLS_CLOSED_HINT,
+    ),
     Signature(
         "upstream_requires_mtls",
         flags=F.UC,
         text=_TERMINATION,
         cluster_tls=False,
+        repeated_close=True,
         hint=PLAINTEXT_CLOSED_HINT,
     ),
-    Signature("upstream_requires_mtls", flags=F.UC, text=_TERMINATION),
+    Signature(
+        "upstream_connection_closed",
+        flags=F.UC,
+        text=_TERMINATION,
+        cluster_tls=False,
+        repeated_close=False,
+        hint=PLAINTEXT_RACE_HINT,
+    ),
+    Signature("upstream_connection_closed", flags=F.UC, text=_TERMINATION),
     Signature("upstream_reset", flags=F.UR | F.LR, text=("remote reset", "local reset")),
     Signature("client_disconnected", flags=F.DC | F.DR, text=("downstream remote disconnect",)),
     Signature(
@@ -507,6 +554,7 @@ def _fits(sig: Signature, ev: Evidence, text: str, passthrough: bool) -> bool:
         and (sig.offers_h2 is None or sig.offers_h2 == _offers_h2(ev))
         and (sig.cluster_tls is None or sig.cluster_tls == ev.cluster_tls)
         and (sig.inbound is None or sig.inbound == _inbound(ev))
+        and (sig.repeated_close is None or sig.repeated_close == ev.repeated_close)
     )
 
 

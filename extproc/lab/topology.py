@@ -145,6 +145,8 @@ class App(StrEnum):
     # TLS with a client certificate: answers once per connection, then closes it
     # unanswered when the next request arrives (the keep-alive race).
     KEEPALIVE_CLOSE = "keepalive-close"
+    # The same, plaintext: an app behind its sidecar's inbound cluster, or without a sidecar.
+    KEEPALIVE_CLOSE_PLAIN = "keepalive-close-plain"
     SNI_REQUIRED = "sni-required"  # TLS: a handshake_failure alert to a hello without SNI
     AUTHZ_DENY = "authz-deny"  # an HTTP ext_authz service that answers 403 to every check
 
@@ -753,6 +755,7 @@ _APP_SERVERS: dict[
     App.KEEPALIVE_CLOSE: lambda certs: keepalive_close_upstream(
         _app_cert(certs, App.KEEPALIVE_CLOSE)
     ),
+    App.KEEPALIVE_CLOSE_PLAIN: lambda _: keepalive_close_upstream(None),
     App.SNI_REQUIRED: lambda certs: sni_required_upstream(_app_cert(certs, App.SNI_REQUIRED)),
     App.AUTHZ_DENY: lambda _: status_upstream(403, b"denied by the authorization service"),
 }

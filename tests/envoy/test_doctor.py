@@ -80,8 +80,10 @@ class TestWithoutEnvoyAdmin:
     def test_keepalive_race_names_both_causes(self, blind_doctor: Doctor) -> None:
         """A closed connection on a cluster of unknown transport: the hint names mTLS and keep-alive."""
         scenario = next(s for s in ALL_SCENARIOS if s.name == "keepalive_race")
-        hint = run_scenario(blind_doctor[0], scenario).response.header("x-extproc-hint") or ""
-        assert hint == HINTS["upstream_requires_mtls"]
+        outcome = run_scenario(blind_doctor[0], scenario)
+        hint = outcome.response.header("x-extproc-hint") or ""
+        assert outcome.reason == "upstream_connection_closed"
+        assert hint == HINTS["upstream_connection_closed"]
         assert "mTLS" in hint
         assert "keep-alive" in hint
 

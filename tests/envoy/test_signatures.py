@@ -137,6 +137,11 @@ OBSERVED: dict[str, Observed] = {
     "grpc_unavailable": Observed(200, F.URX, "via_upstream", "", "grpc", "grpc"),
     # A reused mTLS connection closed by the upstream: the plaintext-to-STRICT bytes.
     "keepalive_race": Observed(503, F.UC, _TERMINATION, "", _mesh("catalog"), _vh("catalog")),
+    # The same close, plaintext: on a sidecar's inbound cluster, and on a DISABLE cluster.
+    "keepalive_race_inbound": Observed(503, F.UC, _TERMINATION, "", "inbound|8080||", "inbound|8080||"),
+    "keepalive_race_plaintext": Observed(
+        503, F.UC, _TERMINATION, "", _mesh("legacy-api"), _vh("legacy-api")
+    ),
     "client_hello_no_sni": Observed(
         503, F.UF,
         _TLS_REASON + "268436496:SSL_routines:OPENSSL_internal:SSLV3_ALERT_HANDSHAKE_FAILURE"

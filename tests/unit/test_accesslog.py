@@ -240,7 +240,7 @@ class TestSummary:
         """Four refused, one closed, one success, one non-log line."""
         summary = summarise(lines_of(io.BytesIO(self.log())))
         ranked = [(g.reason, g.count) for g in summary.ranked()]
-        assert ranked == [("upstream_refused", 4), ("upstream_requires_mtls", 1)]
+        assert ranked == [("upstream_refused", 4), ("upstream_connection_closed", 1)]
         assert (summary.lines, summary.successes, summary.not_log) == (7, 1, 1)
 
     def test_first_and_last_seen(self) -> None:
@@ -283,7 +283,7 @@ class TestSummary:
         )
         assert main(["diagnose", "-"]) == 0
         out = capsys.readouterr().out
-        assert "reason:   upstream_requires_mtls" in out
+        assert "reason:   upstream_connection_closed" in out
         assert "host=shop" in out
 
 

@@ -108,6 +108,8 @@ LAB_ROWS = [
             code_details=reset("connection_termination"),
             cluster=CLUSTER,
             has_attributes=True,
+            cluster_tls=False,
+            repeated_close=True,
         ),
         "upstream_requires_mtls",
         id="plaintext-to-mtls-only",
@@ -1046,7 +1048,9 @@ ISSUE10_ROWS = [
         attrs(503, F.UC, UC_DETAILS, cluster_tls=True), "upstream_connection_closed", id="uc-tls"
     ),
     pytest.param(
-        attrs(503, F.UC, UC_DETAILS, cluster_tls=False), "upstream_requires_mtls", id="uc-plain"
+        attrs(503, F.UC, UC_DETAILS, cluster_tls=False, repeated_close=True),
+        "upstream_requires_mtls",
+        id="uc-plain",
     ),
     pytest.param(
         failed(HELLO_REFUSED_TFR, cluster_sni="api.example.com"),
@@ -1241,7 +1245,11 @@ NEAR_MISSES = [
     pytest.param(attrs(400, F.DPE, "http1.codec_error"), "protocol_mismatch", id="upe"),
     pytest.param(attrs(408, F.SI, "stream_idle_timeout"), "upstream_timeout", id="ut"),
     pytest.param(attrs(504, F.UT, "response_timeout"), "stream_idle_timeout", id="si"),
-    pytest.param(attrs(503, F.UC, UC_DETAILS), "upstream_connection_closed", id="closed-unknown"),
+    pytest.param(
+        attrs(503, F.UC, UC_DETAILS, cluster_tls=False, repeated_close=True),
+        "upstream_connection_closed",
+        id="closed-unknown",
+    ),
     pytest.param(attrs(503, F.UC, UC_DETAILS), "upstream_reset", id="reset"),
     pytest.param(attrs(503, F.UR, reset("remote_reset")), "client_disconnected", id="client"),
     pytest.param(attrs(503, F.UH, "no_healthy_upstream"), "upstream_failure", id="failure"),
