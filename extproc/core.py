@@ -63,6 +63,9 @@ CARRIED_ACTIONS = "actions"
 CARRIED_HOST = "request_host"
 CARRIED_DIRECTION = "direction"
 CARRIED_REVEAL = "reveal"
+# The key a diagnosis writes into our namespace (`diagnosis_fields`); its presence there
+# at response time means another doctor filter diagnosed the response already.
+DIAGNOSED_KEY = "reason"
 
 DECLARED = {str(d): d for d in (Direction.EDGE, Direction.OUTBOUND, Direction.INBOUND)}
 
@@ -82,6 +85,10 @@ class Carried:
     host: str = ""  # the authority the request was routed with, after any rewrite
     direction: Direction | None = None  # where the filter sits, as the request phase saw it
     reveal: bool = False  # the request carried the policy's reveal token
+    # Another of the doctor's filters already diagnosed this response (gated mode: the
+    # response-gated filter runs before the hygiene one on the response path, and its
+    # reason is in our namespace): annotate the actions only, count nothing twice.
+    diagnosed: bool = False
 
 
 NOTHING_CARRIED = Carried()
@@ -168,6 +175,7 @@ def carried_from(fields: Mapping[str, object] | None) -> Carried:
         declared_direction(direction) if isinstance(direction, str) else None,
         # Exactly what on_request writes (Struct numbers arrive as floats); not a bool.
         type(reveal) in (int, float) and reveal == 1,
+        DIAGNOSED_KEY in fields,
     )
 
 
@@ -221,7 +229,10 @@ def triage(
 
 
 def needs_answer(triaged: Evidence, forged: tuple[str, ...], carried: Carried) -> bool:
-    """False for the common case: a clean response to an unchanged request, nothing forged."""
+    """False for the common case: a clean response to an unchanged request, nothing forged;
+    and for a response another doctor filter diagnosed already, when nothing else is due."""
+    if carried.diagnosed:
+        return bool(carried.actions)
     return bool(carried.actions or forged or is_envoy_failure(triaged))
 
 
@@ -275,10 +286,16 @@ def on_response(
     declared: Direction | None = None,
     cluster_tls: ClusterTls | None = None,
 ) -> ResponseOutcome:
-    """The response headers' answer, once `needs_answer` said there is one; `evidence` complete."""
+    """The response headers' answer, once `needs_answer` said there is one; `evidence` complete.
+
+    A response another doctor filter diagnosed (`carried.diagnosed`) gets the actions
+    only: its x-extproc-* headers are that filter's, not the upstream's.
+    """
     failed = is_envoy_failure(evidence)
     diagnosis = None
-    if failed or carried.actions:
+    if carried.diagnosed:
+        forged = ()
+    elif failed or carried.actions:
         if cluster_tls is not None and failed:
             evidence = cluster_tls.enrich(evidence)
         diagnosis = classify(evidence)
@@ -314,7 +331,7 @@ def response_phase(
     """The response headers, from the few headers triage reads (`RESPONSE_SIGNS`) and the
     attributes; None for the common case, a clean response to an unchanged request, which
     the adapter answers with the continue it built once."""
-    forged = forged_of(signs)
+    forged = () if carried.diagnosed else forged_of(signs)
     if attributes is None:
         triaged = triage(signs, has_attributes=False)
     else:

@@ -79,6 +79,7 @@ def ext_proc_filter(
     response_headers: bool = True,
     direction: str | None = None,
     transport: str = GRPC,
+    forward_metadata: bool = False,
 ) -> dict[str, Any]:
     """The `envoy.filters.http.ext_proc` HTTP filter.
 
@@ -90,12 +91,14 @@ def ext_proc_filter(
     Over HTTP (`transport="http"`) a filter must have one phase only: one with both
     loses the second answer (design.md), so `ext_proc_filters` renders two. The response
     phase reads what the request phase carried in our namespace (`forwarding_namespaces`).
+    `forward_metadata` forwards it over gRPC too: gated mode's hygiene filter then sees a
+    diagnosis the response filter wrote before it, and does not make a second one.
     """
     if transport == HTTP and request_headers and response_headers:
         raise ValueError("an http_service ext_proc filter takes one header phase")
     service_key, service = _service(cluster_name, direction, transport)
     metadata_options: dict[str, Any] = {"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}}
-    if transport == HTTP and response_headers:
+    if response_headers and (transport == HTTP or forward_metadata):
         metadata_options["forwarding_namespaces"] = {"untyped": [METADATA_NAMESPACE]}
     return {
         "name": EXT_PROC_FILTER,
@@ -129,11 +132,12 @@ def ext_proc_filters(
     failure_mode_allow: bool = True,
     direction: str | None = None,
     transport: str = GRPC,
+    forward_metadata: bool = False,
 ) -> list[dict[str, Any]]:
     """The doctor's always-on filters: one over gRPC, two single-phase ones over HTTP."""
     if transport == GRPC:
         return [ext_proc_filter(cluster_name, failure_mode_allow=failure_mode_allow,
-                                direction=direction)]  # fmt: skip
+                                direction=direction, forward_metadata=forward_metadata)]  # fmt: skip
     return [
         ext_proc_filter(cluster_name, failure_mode_allow=failure_mode_allow,
                         response_headers=False, direction=direction, transport=HTTP),
