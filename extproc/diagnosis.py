@@ -28,10 +28,12 @@ PASSTHROUGH_ROUTES = frozenset({"allow_any", "block_all"})
 # A sidecar's inbound clusters: Istio's `inbound|PORT||` ones and the inbound passthrough.
 INBOUND_PASSTHROUGH = "InboundPassthroughCluster"
 INBOUND_PREFIX = "inbound|"
-# Code details of answers that are not failures: the upstream's own, a configured direct
-# response, and filters answering on purpose (a CORS preflight, the admin filter).
+# Code details of answers that are not failures: the upstream's own, filters answering on
+# purpose (a CORS preflight, the admin filter), and an internal redirect. A direct response
+# or a Lua respond() is the configuration answering: not a failure below 400, and
+# `configured_response` from 400 on.
 NOT_FAILURE_DETAILS = frozenset(
-    {"via_upstream", "direct_response", "cors_response", "admin_filter_response"}
+    {"via_upstream", "cors_response", "admin_filter_response", "internal_redirect"}
 )
 # `Evidence.cluster_sni` of a cluster with auto_sni (the SNI comes from the Host).
 AUTO_SNI = "auto"
@@ -242,6 +244,52 @@ HINTS: dict[str, str] = {
         "The client went away before the response was complete: not a mesh failure; check "
         "the client's own timeout."
     ),
+    "authz_policy_denied": (
+        "An authorization policy denied the request (an Istio AuthorizationPolicy, Envoy's "
+        "RBAC filter): the policy in the evidence did its job, or it must allow this caller."
+    ),
+    "jwt_rejected": (
+        "The request's JWT was missing or rejected (expired, wrong issuer or audience, "
+        "unknown signing key): check the token and the RequestAuthentication's issuer and jwks."
+    ),
+    "request_too_large": (
+        "The request exceeded a limit of this proxy (header size or count, often a cookie "
+        "that grew, or the body buffer): raise max_request_headers_kb or the buffer limit, "
+        "or shrink the request. Not a circuit breaker."
+    ),
+    "response_too_large": (
+        "The upstream's response exceeded the buffer of a filter that reads it whole: raise "
+        "that buffer limit or stream the response."
+    ),
+    "upgrade_rejected": (
+        "A protocol upgrade (WebSocket, CONNECT) was refused: the route does not allow it "
+        "(upgrade_configs) or the upstream did not answer 101 Switching Protocols."
+    ),
+    "overload_shed": (
+        "Envoy's overload manager shed the request: this proxy is short of memory or "
+        "connections; give the sidecar more resources or spread the load."
+    ),
+    "configured_response": (
+        "The configuration itself answered with this status (a direct_response, a "
+        "VirtualService directResponse, a Lua respond(), a cluster in maintenance mode): "
+        "no upstream was asked; check the route."
+    ),
+    "client_timeout": (
+        "The client did not send its request in time (headers or the whole request): a slow "
+        "or stalled client; see request_headers_timeout and request_timeout."
+    ),
+    "stream_duration_exceeded": (
+        "A configured maximum duration ended the stream or connection (max_stream_duration, "
+        "max_connection_duration): long-lived streams must reconnect, or raise the limit."
+    ),
+    "filter_error": (
+        "An Envoy filter failed or misbehaved (ext_proc, Lua, header mutation, a transcoder, "
+        "a filter removing required headers): check that filter's configuration, not the upstream."
+    ),
+    "origin_rejected": (
+        "The CSRF filter rejected the request's Origin: send it from an allowed origin or add "
+        "the origin to the policy's additional_origins."
+    ),
     "upstream_failure": (
         "Envoy failed the request for a reason the catalogue does not know; see the evidence."
     ),
@@ -314,6 +362,31 @@ INBOUND_REFUSED_HINT = (
     "The sidecar's inbound side found nothing listening on the app's port: the app does "
     "not listen on the port the Service's targetPort names, or listens on localhost only."
 )
+UNDERSCORE_HINT = (
+    "The request had a header name with an underscore and this listener rejects those "
+    "(headers_with_underscores_action REJECT_REQUEST): rename the header in the client."
+)
+FILTER_CHAIN_HINT = (
+    "No filter chain of the listener matched the connection: on a STRICT sidecar, a "
+    "client sending plaintext (or another SNI/ALPN than the listener serves); check the "
+    "client side's TLS settings."
+)
+RESPONSE_FRAMING_HINT = (
+    "The upstream's HTTP/1.1 response broke the framing rules (a Transfer-Encoding or "
+    "Content-Length where none is allowed): fix the upstream, or check the port's protocol."
+)
+IP_DETECTION_HINT = (
+    "The original client IP could not be detected from the request (x-forwarded-for or the "
+    "configured header) and the listener rejects such requests: check the proxies before it."
+)
+MAINTENANCE_HINT = (
+    "The cluster is in maintenance mode (runtime upstream.maintenance_mode): Envoy answers "
+    "for it on purpose; check the runtime setting."
+)
+AUTHZ_POLICY_HINT = (
+    "The AuthorizationPolicy {policy} (rule {rule}) denied the request: allow this caller "
+    "there, or the policy did its job."
+)
 LEGACY_NR_HINT = (
     "An older Envoy answered 503 NR: the route matched but names a cluster that does not "
     "exist; check the route's destination and the service's registration."
@@ -383,10 +456,63 @@ CATALOGUE: tuple[Signature, ...] = (
     Signature("upstream_refused", text=_REFUSED),
     Signature("upstream_connect_timeout", text=("connection timeout",)),
     Signature("dns_failure", flags=F.DF),
+    # Filters and limits that answer by their details (Envoy's and its filters'
+    # vocabulary, tests/unit/data/envoy_response_code_details.txt).
+    Signature("authz_policy_denied", text=("rbac access denied",)),
+    Signature("jwt_rejected", text=("jwt authn access denied",)),
+    Signature("origin_rejected", text=("csrf origin mismatch",)),
+    Signature(
+        "request_too_large",
+        text=(
+            "headers too large",
+            "too many headers",
+            "header list size too large",
+            "cookies total bytes too large",
+            "request payload too large",
+            "request payload exceeded retry buffer limit",
+        ),
+    ),
+    Signature("response_too_large", text=("response payload too large",)),
+    Signature("upgrade_rejected", text=("upgrade failed", "websocket handshake unsuccessful")),
+    Signature(
+        "client_timeout",
+        text=("request header timeout", "downstream header timeout", "request overall timeout"),
+    ),
+    Signature(
+        "stream_duration_exceeded",
+        text=("max duration timeout", "duration timeout", "max stream duration reached"),
+    ),
+    Signature(
+        "filter_error",
+        text=(
+            "filter removed required",
+            "filter added invalid",
+            "header mutation",
+            "ext proc error",
+            "transcode failure",
+        ),
+    ),
+    Signature("configured_response", text=("maintenance mode",), hint=MAINTENANCE_HINT),
+    Signature("configured_response", text=("direct response", "lua response")),
+    Signature(
+        "invalid_request_headers",
+        text=("rejecting because detection failed",),
+        hint=IP_DETECTION_HINT,
+    ),
+    Signature("downstream_protocol_error", text=("unexpected underscore",), hint=UNDERSCORE_HINT),
+    Signature(
+        "downstream_protocol_error", text=("filter chain not found",), hint=FILTER_CHAIN_HINT
+    ),
+    Signature(
+        "protocol_mismatch",
+        text=("http1.transfer encoding not allowed", "http1.content length not allowed"),
+        hint=RESPONSE_FRAMING_HINT,
+    ),
+    Signature("upstream_reset", text=("http2.remote reset", "http2.remote refuse")),
     # Routing and cluster state. Envoy before the NC flag answered 503 NR for a route
     # whose cluster does not exist; a missing route is a 404.
     Signature("cluster_not_found", flags=F.NR, status=(503, 503), hint=LEGACY_NR_HINT),
-    Signature("no_route", flags=F.NR, text=("route not found",)),
+    Signature("no_route", flags=F.NR, text=("route not found", "route configuration not found")),
     Signature("cluster_not_found", flags=F.NC, text=("cluster not found",)),
     Signature("no_healthy_upstream", flags=F.UH, text=("no healthy upstream",)),
     # Drops come from the endpoints' load assignment (the control plane), not from a
@@ -396,7 +522,9 @@ CATALOGUE: tuple[Signature, ...] = (
         flags=F.DO | F.UDO,
         hint=DROP_OVERLOAD_HINT,
     ),
-    Signature("circuit_open", flags=F.UO | F.OM, text=("overflow", "drop overload")),
+    Signature("circuit_open", text=("drop overload",)),
+    Signature("overload_shed", flags=F.OM, text=("overload",)),
+    Signature("circuit_open", flags=F.UO, text=("{overflow",)),
     Signature("circuit_open", overloaded=True),
     # Filters that refused the request on purpose, before any upstream.
     Signature(
@@ -411,19 +539,39 @@ CATALOGUE: tuple[Signature, ...] = (
     Signature("rate_limited", flags=F.RL, text=("request rate limited", "local rate limited")),
     Signature(
         "ext_authz_denied",
-        text=("ext authz error",),
+        text=("ext authz error", "ext authz invalid"),
         hint=(
-            "The external authorization service could not be asked (down, timed out) and "
-            "the filter fails closed: check the authorization service, not the upstream."
+            "The external authorization service could not be asked (down, timed out, an "
+            "invalid answer) and the filter fails closed: check the authorization service, "
+            "not the upstream."
         ),
     ),
     Signature("ext_authz_denied", flags=F.UAEX, text=("ext authz denied",)),
     Signature("fault_injected", flags=F.FI, text=("fault filter abort",)),
     Signature("invalid_request_headers", flags=F.IH, text=("request headers failed strict check",)),
-    Signature("downstream_protocol_error", flags=F.DPE, text=("codec error",)),
+    Signature(
+        "downstream_protocol_error",
+        flags=F.DPE,
+        text=(
+            "codec error",
+            "http1.",
+            "http2.",
+            "low version",
+            "missing host header",
+            "missing path rejected",
+            "invalid path",
+            "absolute path rejected",
+            "path normalization failed",
+            "early connect data",
+        ),
+    ),
     # HTTP and stream level.
     Signature("protocol_mismatch", flags=F.UPE, text=("protocol error",)),
-    Signature("upstream_timeout", flags=F.UT, text=("response timeout", "per try timeout")),
+    Signature(
+        "upstream_timeout",
+        flags=F.UT,
+        text=("response timeout", "per try timeout", "per try idle timeout"),
+    ),
     Signature("stream_idle_timeout", flags=F.SI, text=("stream idle timeout",)),
     # A connection closed under a request. The mTLS verdict needs proof: the cluster is
     # plaintext (--envoy-admin) and it closed on every request lately, with no answer in
@@ -461,14 +609,24 @@ CATALOGUE: tuple[Signature, ...] = (
     ),
     Signature("upstream_connection_closed", flags=F.UC, text=_TERMINATION),
     Signature("upstream_reset", flags=F.UR | F.LR, text=("remote reset", "local reset")),
-    Signature("client_disconnected", flags=F.DC | F.DR, text=("downstream remote disconnect",)),
+    Signature(
+        "client_disconnected",
+        flags=F.DC | F.DR,
+        text=("downstream remote disconnect", "downstream local disconnect"),
+    ),
     Signature(
         "upstream_failure",
         flags=F.UF,
+        text=("connection failure",),
         hint=(
             "Envoy could not connect to the upstream and gave no transport reason: check "
             "the port, the TLS settings on both sides, and the endpoint's reachability."
         ),
+    ),
+    # A reset whose reason no row above knows.
+    Signature(
+        "upstream_reset",
+        text=("upstream reset before response started", "upstream reset after response started"),
     ),
     # No attributes: the status and headers are all there is.
     Signature("upstream_timeout", status=(504, 504), upstream_answered=False, has_attributes=False),
@@ -534,7 +692,8 @@ def _unattributed_failure(ev: Evidence) -> bool:
     x-envoy-upstream-service-time) is the best sign there is."""
     if ev.upstream_answered is False:
         return ev.status == 404 or bool(ev.grpc_status)
-    return ev.overloaded
+    # x-envoy-overloaded below 500 is an upstream's own header (Envoy sets it on its 503s).
+    return False
 
 
 def _fits(sig: Signature, ev: Evidence, text: str, passthrough: bool) -> bool:
@@ -589,10 +748,30 @@ def classify(ev: Evidence) -> Diagnosis | None:
         if _fits(sig, ev, text, passthrough):
             # The cluster's TLS settings are evidence only where they decide the reason.
             tls_context = sig.text in (_HANDSHAKE_RESET, _HELLO_REFUSED, _TERMINATION)
-            return Diagnosis(
-                sig.reason, sig.hint or HINTS[sig.reason], evidence_of(ev, tls_context)
-            )
+            return Diagnosis(sig.reason, _hint(sig, ev), evidence_of(ev, tls_context))
     raise AssertionError("the catalogue ends with a catch-all row")  # pragma: no cover
+
+
+def _hint(sig: Signature, ev: Evidence) -> str:
+    """The row's hint; an AuthorizationPolicy denial names the policy Istio recorded."""
+    policy = authz_policy(ev.code_details) if sig.reason == "authz_policy_denied" else None
+    if policy is not None:
+        return AUTHZ_POLICY_HINT.format(policy=policy[0], rule=policy[1])
+    return sig.hint or HINTS[sig.reason]
+
+
+# Istio's RBAC policy names: `ns[NS]-policy[NAME]-rule[N]` inside Envoy's
+# `rbac_access_denied_matched_policy[...]` (istio/istio pilot/pkg/security/authz/builder).
+_ISTIO_POLICY = re.compile(
+    r"rbac_access_denied_matched_policy\[ns\[([A-Za-z0-9.\-]{1,63})\]"
+    r"-policy\[([A-Za-z0-9.\-]{1,253})\]-rule\[(\d{1,6})\]\]"
+)
+
+
+def authz_policy(code_details: str) -> tuple[str, str] | None:
+    """(`namespace/name`, rule) of the Istio AuthorizationPolicy that denied, or None."""
+    m = _ISTIO_POLICY.search(code_details)
+    return (f"{m.group(1)}/{m.group(2)}", m.group(3)) if m else None
 
 
 # `TLS_error:|268435703:SSL routines:OPENSSL_internal:WRONG_VERSION_NUMBER:TLS_error_end`
@@ -652,6 +831,7 @@ def evidence_of(ev: Evidence, tls_context: bool = False) -> tuple[tuple[str, str
         ("upstream", ev.upstream_address),
         ("host", ev.host),
         ("dr", destination_rule(ev.cluster_metadata)),
+        ("policy", _policy_evidence(ev.code_details)),
         ("tls", "" if transport is None else ("on" if transport else "off")),
         ("sni", _known(sni)),
         ("alpn", _known(None if alpn is None else " ".join(alpn))),
@@ -660,6 +840,11 @@ def evidence_of(ev: Evidence, tls_context: bool = False) -> tuple[tuple[str, str
         if value:
             items.append((key, value))
     return tuple(items)
+
+
+def _policy_evidence(code_details: str) -> str:
+    policy = authz_policy(code_details) if "rbac" in code_details else None
+    return f"{policy[0]} rule {policy[1]}" if policy else ""
 
 
 def _known(setting: str | None) -> str:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from extproc.config import Policy, policy_from_mapping
 from extproc.diagnosis import (
+    AUTHZ_POLICY_HINT,
     DROP_OVERLOAD_HINT,
     HELLO_NO_SNI_HINT,
     HELLO_REFUSED_HINT,
@@ -45,6 +46,7 @@ from extproc.lab.topology import (
     spiffe_id,
 )
 
+AUTHZ_DENY_HINT = AUTHZ_POLICY_HINT.format(policy="default/deny-all", rule=0)
 # The demo's policy: the defaults, stated as a policy so the table can name its source.
 DEMO_POLICY: Policy = policy_from_mapping({}, source="<demo policy>")
 # Incident 1 fixed: the external Host mapped to the mesh service.
@@ -182,6 +184,7 @@ MESH = Topology(
         Route("limited.demo", "echo", "limited", filters=(RouteFilter.RATE_LIMIT,)),
         Route("authz.demo", "echo", "authz", filters=(RouteFilter.EXT_AUTHZ,)),
         Route("fault.demo", "echo", "fault", filters=(RouteFilter.FAULT_ABORT,)),
+        Route("denied.demo", "echo", "denied", filters=(RouteFilter.RBAC_DENY,)),
         Route("drop.demo", "drop", "drop"),
         Route("inbound-passthrough.demo", INBOUND_PASSTHROUGH, "inbound-passthrough"),
     ),
@@ -435,6 +438,12 @@ SIGNATURE_SCENARIOS: tuple[Scenario, ...] = (
         "the port the Service names): not a Host problem",
         hint=INBOUND_REFUSED_HINT, expected_status=503,
         evidence=('cluster="InboundPassthroughCluster"',),
+    ),
+    Scenario(
+        "authz_policy_denied", "denied.demo", "/", "authz_policy_denied",
+        "Istio's AuthorizationPolicy default/deny-all, as Envoy's RBAC filter runs it, denies "
+        "the request", expected_status=403, hint=AUTHZ_DENY_HINT,
+        evidence=('policy="default/deny-all rule 0"',),
     ),
     Scenario(
         "fault_abort", "fault.demo", "/", "fault_injected",

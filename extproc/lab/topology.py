@@ -158,6 +158,7 @@ class RouteFilter(StrEnum):
     RATE_LIMIT = "rate_limit"  # a local rate limit of one request per hour
     EXT_AUTHZ = "ext_authz"  # external authorization by App.AUTHZ_DENY
     FAULT_ABORT = "fault_abort"  # fault injection: abort every request with 503
+    RBAC_DENY = "rbac_deny"  # RBAC: Istio's AuthorizationPolicy `default/deny-all` denies all
 
 
 @dataclass(frozen=True, slots=True)
@@ -507,6 +508,9 @@ _HUNDRED_PERCENT = {"numerator": 100, "denominator": "HUNDRED"}
 _FILTERS_PREFIX = "type.googleapis.com/envoy.extensions.filters.http"
 _LOCAL_RATE_LIMIT = f"{_FILTERS_PREFIX}.local_ratelimit.v3.LocalRateLimit"
 _FAULT = f"{_FILTERS_PREFIX}.fault.v3.HTTPFault"
+_RBAC = f"{_FILTERS_PREFIX}.rbac.v3.RBAC"
+# The policy name Istio gives rule 0 of AuthorizationPolicy default/deny-all.
+ISTIO_DENY_POLICY = "ns[default]-policy[deny-all]-rule[0]"
 
 # Each route filter: its entry in the HTTP filter chain, which does nothing on its own
 # (no CORS policy, no token bucket, no fault; ext_authz disabled), and the per-route
@@ -556,6 +560,24 @@ ROUTE_FILTERS: dict[RouteFilter, tuple[dict[str, Any], dict[str, Any]]] = {
     RouteFilter.FAULT_ABORT: (
         {"name": "envoy.filters.http.fault", "typed_config": {"@type": _FAULT}},
         {"@type": _FAULT, "abort": {"http_status": 503, "percentage": _HUNDRED_PERCENT}},
+    ),
+    # No rules at the top: the filter enforces nothing until a route's config says DENY.
+    RouteFilter.RBAC_DENY: (
+        {"name": "envoy.filters.http.rbac", "typed_config": {"@type": _RBAC}},
+        {
+            "@type": f"{_FILTERS_PREFIX}.rbac.v3.RBACPerRoute",
+            "rbac": {
+                "rules": {
+                    "action": "DENY",
+                    "policies": {
+                        ISTIO_DENY_POLICY: {
+                            "permissions": [{"any": True}],
+                            "principals": [{"any": True}],
+                        }
+                    },
+                }
+            },
+        },
     ),
 }
 

@@ -155,6 +155,12 @@ OBSERVED: dict[str, Observed] = {
     "cors_preflight": Observed(200, 0, "cors_response", ABSENT, "echo", "cors", code_attribute=False),
     "ext_authz_denied": Observed(403, F.UAEX, "ext_authz_denied", ABSENT, "echo", "authz"),
     "fault_abort": Observed(503, F.FI, "fault_filter_abort", ABSENT, "echo", "fault"),
+    # Istio's policy name for rule 0 of AuthorizationPolicy default/deny-all.
+    "authz_policy_denied": Observed(
+        403, 0, "rbac_access_denied_matched_policy[ns[default]-policy[deny-all]-rule[0]]",
+        ABSENT, "echo", "denied",
+    ),
+
     # drop_overloads at 100% is unconditional (UDO); below it, DO and `drop_overload`.
     "drop_overload": Observed(503, F.UDO, "unconditional_drop_overload", ABSENT, "drop", "drop"),
 }  # fmt: skip
