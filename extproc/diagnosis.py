@@ -290,6 +290,18 @@ HINTS: dict[str, str] = {
         "The CSRF filter rejected the request's Origin: send it from an allowed origin or add "
         "the origin to the policy's additional_origins."
     ),
+    "tls_peer_alert": (
+        "The upstream ended the TLS handshake with an alert (see detail): its TLS settings "
+        "refuse something in ours; compare both sides' TLS configuration."
+    ),
+    "tls_config_error": (
+        "This proxy's own TLS configuration enables nothing usable (no cipher, version, "
+        "group, certificate or key that works): check the cluster's TLS context."
+    ),
+    "tls_protocol_error": (
+        "The TLS handshake broke on a protocol error (a malformed or unexpected message, see "
+        "detail): often a middlebox or a peer that is not the TLS server it should be."
+    ),
     "upstream_failure": (
         "Envoy failed the request for a reason the catalogue does not know; see the evidence."
     ),
@@ -303,6 +315,84 @@ _HANDSHAKE_RESET = ("openssl internal:connection reset by peer",)
 # The client's BoringSSL adds this to a handshake failure alert sent in answer to its
 # ClientHello, before any certificate was asked for.
 _HELLO_REFUSED = ("handshake failure on client hello",)
+
+# BoringSSL's SSL reasons by what a user does about them (tests/unit/data/
+# boringssl_ssl_reasons.txt has them all). Each fragment follows `OPENSSL_internal:`, so it
+# matches only inside a BoringSSL error, and a prefix covers a family (`no cipher`).
+_TLS_ALPN = tuple(f"internal:{r}" for r in (
+    "invalid alpn protocol", "alpn mismatch on early data", "negotiated both npn and alpn",
+    "negotiated alps without alpn", "alps mismatch on early data", "invalid alps codepoint",
+))  # fmt: skip
+_TLS_ECH_REFUSED = ("internal:ech rejected", "alert ech required")
+_TLS_PEER_REFUSED_OUR_CERT = (
+    "alert unsupported certificate", "alert bad certificate hash value",
+    "alert bad certificate status response", "alert certificate unobtainable",
+    "alert no certificate",
+)  # fmt: skip
+_TLS_NEGOTIATION = (
+    "alert insufficient security", "alert inappropriate fallback", "alert export restriction",
+    "alert no renegotiation",
+    *(f"internal:{r}" for r in (
+        "inappropriate fallback", "wrong ssl version", "unknown ssl version", "unknown protocol",
+        "no shared group", "no common signature algorithms", "wrong curve",
+        "unsupported elliptic curve", "wrong cipher returned", "unknown cipher returned",
+        "cipher or hash unavailable", "downgrade detected", "tls13 downgrade", "dh p too long",
+        "bad dh p length", "wrong signature type", "no supported psk mode",
+        "unknown key exchange type", "second serverhello version mismatch",
+        "unsupported compression algorithm", "required cipher missing", "old session",
+        "unknown cipher type", "cipher mismatch on early data", "wrong version on early data",
+        "unsafe legacy renegotiation disabled", "no renegotiation", "renegotiation",
+        "scsv received when renegotiating", "ems state inconsistent", "resumed",
+        "negotiated tb without ems or ri", "unexpected compatibility mode",
+    )),
+)  # fmt: skip
+_TLS_THEIR_CERT = tuple(f"internal:{r}" for r in (
+    "no certificates returned", "tls peer did not respond with certificate list",
+    "cannot parse leaf cert", "server cert changed", "ecc cert not for signing",
+    "key usage bit incorrect", "bad ecc cert", "x509 lib", "x509 verification setup problems",
+    "no matching issuer", "unknown certificate type", "wrong certificate type",
+    "unsupported certificate", "peer error unsupported certificate type",
+    "invalid delegated credential", "invalid raw public key", "cert decompression failed",
+    "uncompressed cert too large", "unknown cert compression alg", "cert length mismatch",
+    "ca dn", "invalid cert types list",
+))  # fmt: skip
+_TLS_LOCAL_CONFIG = tuple(f"internal:{r}" for r in (
+    "no cipher", "no supported versions enabled", "no groups specified", "no certificate",
+    "no private key assigned", "certificate and private key mismatch", "missing key",
+    "missing rsa certificate", "null ssl", "ssl ctx has no default ssl version",
+    "no method specified", "invalid command", "connection type not set", "bio not set",
+    "invalid cipher flags", "mixed special operator with groups", "nested group",
+    "unexpected operator in group", "bad ssl filetype", "cannot have both privkey and method",
+    "invalid ticket keys length", "duplicate group", "duplicate cipher",
+    "duplicate signature algorithm", "invalid signature algorithm",
+    "unsupported credential list", "quic transport parameters misconfigured",
+    "invalid certificate property list", "invalid sct list", "ech server",
+    "unsupported ech server config", "invalid ech", "unusable ech config list",
+    "inconsistent ech negotiation", "psk no", "session id context uninitialized",
+    "ssl session id context too long", "srtp", "bad srtp", "unsupported protocol for custom key",
+    "invalid spake2plusv1 value", "pake exhausted", "peer pake mismatch",
+    "private key operation failed", "cert cb error", "ocsp cb error",
+    "bad data returned by callback", "custom extension error", "error adding extension",
+    "could not parse hints", "missing tmp", "unable to find ecdh parameters",
+    "invalid trust anchor list", "no compression specified", "invalid compression list",
+    "invalid ssl session", "attempt to reuse session in different context",
+    "session may not be created", "invalid psk for connection", "channel id not p256",
+    "invalid alpn protocol list", "mtu too small", "ticket encryption failed",
+    "no required digest",
+))  # fmt: skip
+_TLS_PEER_ALERT = ("internal:sslv3 alert", "internal:tlsv1 alert", "internal:bad alert",
+                   "internal:unknown alert type", "internal:too many warning alerts")  # fmt: skip
+# Any other TLS error Envoy reports (`TLS_error:…`, older `TLS error: …`).
+_TLS_ANY = ("tls error",)
+
+CERT_UNUSABLE_HINT = (
+    "Envoy could not use the upstream's certificate (none sent, unparsable, the wrong type "
+    "or key usage, no matching issuer): check the certificate the upstream serves."
+)
+ECH_REFUSED_HINT = (
+    "The upstream refused the TLS ClientHello's encrypted part (ECH): check the ECH "
+    "configuration both sides use."
+)
 
 # Row hints for a handshake reset once the cluster's TLS settings are known.
 SNI_MISSING_HINT = (
@@ -451,6 +541,18 @@ CATALOGUE: tuple[Signature, ...] = (
         "alpn_mismatch", text=_HANDSHAKE_RESET, sends_sni=True, offers_h2=False, hint=NO_H2_HINT
     ),
     Signature("tls_handshake_rejected", text=_HANDSHAKE_RESET),
+    # The rest of BoringSSL's vocabulary, by what a user does about it.
+    Signature("sni_rejected", text=("internal:ssl3 ext invalid servername",)),
+    Signature("alpn_mismatch", text=_TLS_ALPN),
+    Signature("tls_handshake_rejected", text=_TLS_ECH_REFUSED, hint=ECH_REFUSED_HINT),
+    Signature("client_cert_rejected", text=_TLS_PEER_REFUSED_OUR_CERT),
+    Signature("upstream_not_tls", text=("internal:https proxy request",)),
+    Signature("upstream_cert_untrusted", text=_TLS_THEIR_CERT, hint=CERT_UNUSABLE_HINT),
+    Signature("tls_protocol_error", text=("internal:missing key share",)),
+    Signature("tls_config_error", text=_TLS_LOCAL_CONFIG),
+    Signature("tls_version_mismatch", text=_TLS_NEGOTIATION),
+    Signature("tls_peer_alert", text=_TLS_PEER_ALERT),
+    Signature("tls_protocol_error", text=_TLS_ANY),
     # Transport.
     Signature("upstream_refused", text=_REFUSED, inbound=True, hint=INBOUND_REFUSED_HINT),
     Signature("upstream_refused", text=_REFUSED),

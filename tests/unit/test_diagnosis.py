@@ -1119,6 +1119,19 @@ ISSUE19_ROWS = [
         attrs(500, 0, "filter_removed_required_request_headers"), "filter_error", id="filter"
     ),
     pytest.param(attrs(403, 0, "csrf_origin_mismatch"), "origin_rejected", id="csrf"),
+    # BoringSSL reasons outside the old list (tests/unit/data/boringssl_ssl_reasons.txt).
+    pytest.param(
+        failed(tls(268436555, "TLSV1_ALERT_INTERNAL_ERROR")), "tls_peer_alert", id="peer-alert"
+    ),
+    pytest.param(
+        failed(tls(268435617, "NO_CIPHERS_AVAILABLE")), "tls_config_error", id="local-no-cipher"
+    ),
+    pytest.param(
+        failed(tls(268435628, "DECRYPTION_FAILED_OR_BAD_RECORD_MAC")),
+        "tls_protocol_error",
+        id="bad-record-mac",
+    ),
+    pytest.param(failed(tls(268435646, "NO_SHARED_GROUP")), "tls_version_mismatch", id="group"),
     # The findings: a 431 with "overflow" in its details is no circuit breaker; an upstream's
     # own x-envoy-overloaded on a 200 is no failure.
     pytest.param(
@@ -1216,6 +1229,21 @@ class TestFlagParsing:
 
 # For every reason, the nearest look-alike evidence that must NOT give it.
 NEAR_MISSES = [
+    pytest.param(
+        failed(tls(268436504, "TLSV1_ALERT_UNKNOWN_CA")),
+        "tls_peer_alert",
+        id="alert-about-our-cert",
+    ),
+    pytest.param(
+        failed(tls(268435640, "NO_SHARED_CIPHER")),
+        "tls_config_error",
+        id="shared-cipher-is-negotiation",
+    ),
+    pytest.param(
+        failed(tls(268435703, "WRONG_VERSION_NUMBER")),
+        "tls_protocol_error",
+        id="plaintext-is-not-protocol",
+    ),
     pytest.param(attrs(403, F.UAEX, "ext_authz_denied"), "authz_policy_denied", id="authz-ext"),
     pytest.param(attrs(401, 0, "via_upstream"), "jwt_rejected", id="jwt-app-401"),
     pytest.param(attrs(400, F.DPE, "http1.codec_error"), "request_too_large", id="too-large-codec"),

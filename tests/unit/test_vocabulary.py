@@ -7,12 +7,14 @@ is generated from it: `python -m tests.unit.test_vocabulary` rewrites it.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
 import envoy
 import pytest
 
+from extproc import flags as F
 from extproc.diagnosis import NOT_FAILURE_DETAILS, Evidence, classify
 
 DATA = Path(__file__).parent / "data"
@@ -36,6 +38,14 @@ def quoted(name: str) -> list[tuple[str, str]]:
 
 
 DETAILS = quoted("envoy_response_code_details.txt")
+SSL_REASONS = [reason for _, reason in quoted("boringssl_ssl_reasons.txt")]
+# The reasons a TLS failure may get: each names what to fix on which side.
+TLS_REASONS = frozenset({
+    "upstream_requires_mtls", "upstream_not_tls", "upstream_cert_untrusted",
+    "upstream_san_mismatch", "upstream_cert_expired", "client_cert_rejected", "sni_rejected",
+    "tls_handshake_rejected", "alpn_mismatch", "tls_version_mismatch", "tls_peer_alert",
+    "tls_config_error", "tls_protocol_error",
+})  # fmt: skip
 
 
 def placement(details: str) -> str:
@@ -46,8 +56,32 @@ def placement(details: str) -> str:
     return NOT_A_FAILURE if diagnosis is None else diagnosis.reason
 
 
+def tls_placement(reason: str, index: int = 0) -> str:
+    """Where the catalogue puts a TLS failure with this BoringSSL reason, written the way
+    Envoy 1.40 writes it (docs/signatures.md): in the transport failure reason and, with
+    `_` for spaces, in the code details."""
+    tfr = f"TLS_error:|{268435456 + index}:SSL routines:OPENSSL_internal:{reason}:TLS_error_end"
+    details = "upstream_reset_before_response_started{remote_connection_failure|" + tfr + "}"
+    evidence = Evidence(status=503, flags=F.UF, code_details=details.replace(" ", "_"),
+                        transport_failure_reason=tfr, has_attributes=True)  # fmt: skip
+    diagnosis = classify(evidence)
+    return NOT_A_FAILURE if diagnosis is None else diagnosis.reason
+
+
 def envoy_binary() -> bytes:
     return (Path(envoy.__path__[0]) / "_bin" / "envoy").read_bytes()
+
+
+def ssl_reasons_in(binary: bytes) -> list[str]:
+    """The SSL library's alphabetical run of reason names in BoringSSL's error table."""
+    names = [m.decode() for m in re.findall(rb"(?<=\x00)[A-Z0-9_]{3,80}(?=\x00)", binary)]
+    end = names.index("WRONG_VERSION_NUMBER")
+    start = end
+    while start > 0 and names[start - 1] < names[start]:
+        start -= 1
+    while end + 1 < len(names) and names[end] < names[end + 1]:
+        end += 1
+    return names[start : end + 1]
 
 
 class TestDetailsVocabulary:
@@ -90,7 +124,30 @@ def render() -> str:
         if details == "via_upstream":
             shown += " (the upstream's own answer; a 5xx is `upstream_app_error`)"
         lines.append(f"| {section} | `{details}` | {shown} |")
+    lines += [
+        "",
+        "## BoringSSL's TLS errors",
+        "",
+        "Each SSL reason BoringSSL can put in `upstream.transport_failure_reason`, placed as",
+        "Envoy 1.40 reports it (`TLS_error:|CODE:SSL routines:OPENSSL_internal:REASON:TLS_error_end`,",
+        "`UF`, no cluster TLS settings known).",
+        "",
+        "| BoringSSL reason | reason |",
+        "|---|---|",
+        *(f"| `{r}` | `{tls_placement(r)}` |" for r in SSL_REASONS),
+    ]
     return "\n".join(lines) + "\n"
+
+
+class TestTlsVocabulary:
+    @pytest.mark.parametrize("reason", SSL_REASONS)
+    def test_every_ssl_reason_has_a_tls_reason(self, reason: str) -> None:
+        """No TLS error falls to upstream_failure: each gets a TLS reason with its own hint."""
+        assert tls_placement(reason) in TLS_REASONS
+
+    def test_quoted_list_is_the_binarys(self) -> None:
+        """The quoted reasons are the SSL run of the error table in the Envoy 1.40 binary."""
+        assert ssl_reasons_in(envoy_binary()) == SSL_REASONS
 
 
 class TestCoverageDoc:
