@@ -82,6 +82,11 @@ class Evidence:
     # Flag bits or names this Envoy sent that `flags.RESPONSE_FLAGS` does not know
     # (`bit40`, `XYZ`); kept as evidence, never matched.
     unknown_flags: str = ""
+    # The doctor's own diagnosis, where a log line carries it
+    # (`%DYNAMIC_METADATA(extproc_doctor)%`): the live server knew more than the line (the
+    # cluster's TLS settings, its memory of closes), so offline takes its word.
+    doctor_reason: str = ""
+    doctor_hint: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -437,10 +442,9 @@ TLS_CLOSED_HINT = (
     "connectionPool.http.idleTimeout) and retry on reset."
 )
 PLAINTEXT_RACE_HINT = (
-    "The upstream closed a plaintext connection, but not on every request (it answered "
-    "in between): the keep-alive race, an idle connection closed just as a request went "
-    "out. Make the upstream's idle timeout longer than Envoy's (DestinationRule "
-    "connectionPool.http.idleTimeout) and retry on reset."
+    "The upstream closed a plaintext connection, but not on every request so far (a first "
+    "close, or answers in between): likely the keep-alive race; make its idle timeout longer "
+    "than Envoy's. If every request fails this way, it requires mTLS."
 )
 INBOUND_CLOSED_HINT = (
     "The app closed the connection its sidecar was reusing (the sidecar speaks plaintext "
@@ -840,7 +844,14 @@ def _answered(ev: Evidence) -> bool:
 
 
 def classify(ev: Evidence) -> Diagnosis | None:
-    """The first catalogue row that fits `ev`, or None when Envoy did not fail the response."""
+    """The first catalogue row that fits `ev`, or None when Envoy did not fail the response.
+
+    A log line that carries the doctor's own diagnosis gets it back, so that offline
+    and live agree."""
+    if ev.doctor_reason in HINTS:
+        return Diagnosis(
+            ev.doctor_reason, ev.doctor_hint or HINTS[ev.doctor_reason], evidence_of(ev)
+        )
     if not is_envoy_failure(ev):
         return None
     text = _normalise(ev.code_details) + "\n" + _normalise(ev.transport_failure_reason)

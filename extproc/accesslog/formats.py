@@ -290,6 +290,9 @@ JSON_ALIASES: dict[str, tuple[str, ...]] = {
     ),
     # `%GRPC_STATUS_NUMBER%`, where a format logs it (Istio's default does not).
     "grpc_status": ("grpc_status", "grpc-status", "grpc_status_number"),
+    # The doctor's own diagnosis, `%DYNAMIC_METADATA(extproc_doctor)%` (the lab's format).
+    "doctor_reason": ("extproc_doctor.reason",),
+    "doctor_hint": ("extproc_doctor.hint",),
 }
 ENVOY_GATEWAY_KEYS = frozenset(
     {":authority", "x-envoy-origin-path", "x-envoy-upstream-service-time"}

@@ -187,6 +187,8 @@ class Found:
     grpc_status: int | None = None
     time: str = ""
     destination_rule: str = ""
+    doctor_reason: str = ""
+    doctor_hint: str = ""
     used: list[str] = field(default_factory=list)
 
 
@@ -209,10 +211,21 @@ def scan(text: str) -> Found:
     found.time = time.group(0) if time else ""
     found.destination_rule = destination_rule(text)
     _scan_pasted(text, found)
-    if not _envoy_shaped(text, found):
+    doctor = _DOCTOR.search(text)
+    if doctor:
+        found.doctor_reason = doctor["header"] or doctor["reason"] or ""
+        found.doctor_hint = doctor["hint"] or ""
+    if not (_envoy_shaped(text, found) or found.doctor_reason):
         found.status, found.flags, found.grpc_status = None, "", None
     return found
 
+
+# The doctor's own diagnosis in a line: its header (`x-extproc-diagnosis: REASON;…`), or
+# its metadata as `%DYNAMIC_METADATA(extproc_doctor)%` prints it (`{"reason":…,"hint":…}`).
+_DOCTOR = re.compile(
+    r"x-extproc-diagnosis\W{1,4}(?P<header>[a-z_]{3,40})"
+    r'|\{"reason":\s?"(?P<reason>[a-z_]{3,40})",\s?"hint":\s?"(?P<hint>[^"\\]{0,400})'
+)
 
 # Envoy-shaped structure. Without one of these a status, a flag word or a gRPC code is
 # no evidence: "502 UH oh", "Washington DC office returned 500", an nginx line or an
@@ -329,4 +342,5 @@ PATTERNS: tuple[re.Pattern[str], ...] = (
     *(p for p, _, _ in _BODY_DETAILS),
     _LABELLED_FLAGS,
     _REQUEST_LINE_FLAGS,
+    _DOCTOR,
 )

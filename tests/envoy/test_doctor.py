@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+import json
 
 import pytest
 
-from extproc.diagnosis import HINTS
+from extproc.accesslog import parse_access_log_line
+from extproc.diagnosis import HINTS, classify
 from extproc.lab import ALL_SCENARIOS, BackgroundServer, Lab, Scenario, find_scenarios
 from extproc.lab.demo import run_demo, run_scenario
 
@@ -50,6 +52,10 @@ class TestScenarios:
         assert entry["extproc_doctor"]["reason"] == scenario.expected_reason
         assert entry["extproc_doctor"]["hint"] == scenario.expected_hint
         assert entry["extproc_diagnosis"] == diagnosis
+        # Offline and live agree: `extproc diagnose` reads the doctor's own diagnosis.
+        offline = classify(parse_access_log_line(json.dumps(entry)))
+        assert offline is not None
+        assert (offline.reason, offline.hint) == (scenario.expected_reason, scenario.expected_hint)
 
     def test_refused_is_never_an_mtls_reason(self, doctor: Doctor) -> None:
         """A refused port behind an mTLS cluster is diagnosed by the refusal, not by TLS."""
