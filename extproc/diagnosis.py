@@ -214,7 +214,9 @@ HINTS: dict[str, str] = {
     ),
     "dns_failure": "DNS resolution of the upstream failed: check the host name and the resolver.",
     "upstream_app_error": (
-        "The upstream application itself answered with this error; the mesh delivered it."
+        "The upstream, or its own sidecar, answered with this error (a 503 from the sidecar "
+        "in front of the app looks the same here); the mesh between delivered it: check the "
+        "upstream's logs and its sidecar's."
     ),
     "upstream_connection_closed": (
         "The upstream closed the connection under the request: now and then, the keep-alive "
@@ -427,8 +429,8 @@ DROP_OVERLOAD_HINT = (
     "sends for this cluster."
 )
 RETRIED_APP_ERROR_HINT = (
-    "The upstream application answered with this error, also on each retry (see flags: "
-    "URX retries exhausted, UO retry budget full); the mesh delivered its last answer."
+    "The upstream (or its own sidecar) answered with this error, also on each retry (see "
+    "flags: URX retries exhausted, UO retry budget full); the mesh delivered its last answer."
 )
 PLAINTEXT_CLOSED_HINT = (
     "The upstream closed a plaintext connection on every request: it requires mTLS "

@@ -1157,6 +1157,11 @@ class TestIssue19Cases:
         assert ("policy", "foo/deny-all rule 0") in diagnosis.evidence
         assert "foo/deny-all (rule 0)" in diagnosis.hint
 
+    def test_app_error_hint_names_the_upstreams_sidecar(self) -> None:
+        """A via_upstream 503 may be the upstream's sidecar's own reply: the hint says so."""
+        diagnosis = classify(attrs(503, 0, "via_upstream"))
+        assert diagnosis is not None and "its own sidecar" in diagnosis.hint
+
     def test_upstream_overloaded_header_on_200_is_no_failure(self) -> None:
         """An upstream's own x-envoy-overloaded on a 200 gets no diagnosis, no warning."""
         assert classify(Evidence(status=200, upstream_answered=True, overloaded=True)) is None
