@@ -746,6 +746,9 @@ CATALOGUE: tuple[Signature, ...] = (
     ),
     Signature("no_route", status=(404, 404), upstream_answered=False, has_attributes=False),
     Signature(
+        "request_too_large", status=(431, 431), upstream_answered=False, has_attributes=False
+    ),
+    Signature(
         "upstream_failure",
         status=(500, 599),
         has_attributes=False,
@@ -798,6 +801,9 @@ def is_envoy_failure(ev: Evidence) -> bool:
 def _unattributed_failure(ev: Evidence) -> bool:
     """Without attributes, a 404 or a gRPC error that Envoy itself produced (no
     x-envoy-upstream-service-time) is the best sign there is."""
+    if ev.status == 431:
+        # Request headers over the limit: Envoy's own answer unless the upstream's.
+        return ev.upstream_answered is not True
     if ev.upstream_answered is False:
         return ev.status == 404 or bool(ev.grpc_status)
     # x-envoy-overloaded below 500 is an upstream's own header (Envoy sets it on its 503s).

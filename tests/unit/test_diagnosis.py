@@ -1109,6 +1109,11 @@ ISSUE19_ROWS = [
     ),
     pytest.param(attrs(431, F.DPE, "http1.headers_too_large"), "request_too_large", id="431"),
     pytest.param(attrs(413, 0, "request_payload_too_large"), "request_too_large", id="413"),
+    pytest.param(
+        Evidence(status=431, upstream_answered=False),
+        "request_too_large",
+        id="431-without-attributes",
+    ),
     pytest.param(attrs(500, 0, "response_payload_too_large"), "response_too_large", id="resp-413"),
     pytest.param(attrs(403, 0, "upgrade_failed"), "upgrade_rejected", id="upgrade"),
     pytest.param(attrs(503, 0, "overload"), "overload_shed", id="overload"),
