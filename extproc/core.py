@@ -52,6 +52,7 @@ COMPLETION: tuple[tuple[str, str], ...] = (
     ("route", "xds.route_name"),
     ("cluster_metadata", "xds.cluster_metadata"),
     ("host", "request.host"),
+    ("upstream_tls_version", "upstream.tls_version"),
 )
 LISTENER_ATTRIBUTE = "xds.listener_direction"
 FLAGS_ATTRIBUTE = "response.flags"

@@ -74,6 +74,9 @@ class Evidence:
     cluster_alpn: tuple[str, ...] | None = None
     # True when the cluster originates TLS, False when it speaks plaintext, None when unknown.
     cluster_tls: bool | None = None
+    # `upstream.tls_version` (`TLSv1.3`): Envoy sets it only on a TLS upstream connection,
+    # so it proves TLS without --envoy-admin; its absence proves nothing.
+    upstream_tls_version: str = ""
     # The server's own memory of this cluster (`extproc.closes`): True when connections
     # closed under requests several times in a row with no answer from the cluster in
     # between (a mismatch fails every request), False when not (a keep-alive race follows
@@ -825,10 +828,17 @@ def _fits(sig: Signature, ev: Evidence, text: str, passthrough: bool) -> bool:
         and (sig.grpc_status is None or ev.grpc_status in sig.grpc_status)
         and (sig.sends_sni is None or sig.sends_sni == _sends_sni(ev))
         and (sig.offers_h2 is None or sig.offers_h2 == _offers_h2(ev))
-        and (sig.cluster_tls is None or sig.cluster_tls == ev.cluster_tls)
+        and (sig.cluster_tls is None or sig.cluster_tls == _cluster_tls(ev))
         and (sig.inbound is None or sig.inbound == _inbound(ev))
         and (sig.repeated_close is None or sig.repeated_close == ev.repeated_close)
     )
+
+
+def _cluster_tls(ev: Evidence) -> bool | None:
+    """The cluster's transport: from --envoy-admin, else TLS when the connection was TLS."""
+    if ev.cluster_tls is not None:
+        return ev.cluster_tls
+    return True if ev.upstream_tls_version else None
 
 
 def _inbound(ev: Evidence) -> bool:
@@ -937,7 +947,7 @@ def evidence_of(ev: Evidence, tls_context: bool = False) -> tuple[tuple[str, str
     """
     sni = ev.cluster_sni if tls_context else None
     alpn = ev.cluster_alpn if tls_context else None
-    transport = None if not tls_context or ev.cluster_tls is None else ev.cluster_tls
+    transport = _cluster_tls(ev) if tls_context else None
     items: list[tuple[str, str | int]] = []
     if ev.status is not None:
         items.append(("status", ev.status))

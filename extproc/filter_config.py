@@ -37,6 +37,9 @@ RESPONSE_ATTRIBUTES: tuple[str, ...] = (
     # mode) did not.
     "request.host",
     "xds.listener_direction",
+    # Set only on a TLS upstream connection (`TLSv1.3`): a closed connection on a TLS
+    # cluster is no plaintext/STRICT mismatch, known without --envoy-admin.
+    "upstream.tls_version",
 )
 
 # Envoy waits this long for each answer before it applies failure_mode_allow. The

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from extproc.accesslog import parse_access_log_line
-from extproc.diagnosis import HINTS, classify
+from extproc.diagnosis import HINTS, TLS_CLOSED_HINT, classify
 from extproc.lab import ALL_SCENARIOS, BackgroundServer, Lab, Scenario, find_scenarios
 from extproc.lab.demo import run_demo, run_scenario
 
@@ -83,15 +83,23 @@ class TestWithoutEnvoyAdmin:
         assert "SNI" in hint
         assert "ALPN" in hint
 
-    def test_keepalive_race_names_both_causes(self, blind_doctor: Doctor) -> None:
-        """A closed connection on a cluster of unknown transport: the hint names mTLS and keep-alive."""
+    def test_keepalive_race_on_tls_is_known_without_admin(self, blind_doctor: Doctor) -> None:
+        """Without --envoy-admin, Envoy's upstream.tls_version proves the closed connection was
+        TLS: the keep-alive race, never the plaintext/STRICT mismatch."""
         scenario = next(s for s in ALL_SCENARIOS if s.name == "keepalive_race")
+        outcome = run_scenario(blind_doctor[0], scenario)
+        assert outcome.reason == "upstream_connection_closed"
+        assert outcome.response.header("x-extproc-hint") == TLS_CLOSED_HINT
+        assert 'tls="on"' in (outcome.response.header("x-extproc-diagnosis") or "")
+
+    def test_plaintext_close_without_admin_names_both_causes(self, blind_doctor: Doctor) -> None:
+        """A closed plaintext connection, transport unknown: the hint names mTLS and keep-alive."""
+        scenario = next(s for s in ALL_SCENARIOS if s.name == "requires_mtls")
         outcome = run_scenario(blind_doctor[0], scenario)
         hint = outcome.response.header("x-extproc-hint") or ""
         assert outcome.reason == "upstream_connection_closed"
         assert hint == HINTS["upstream_connection_closed"]
-        assert "mTLS" in hint
-        assert "keep-alive" in hint
+        assert "mTLS" in hint and "keep-alive" in hint
 
 
 class TestEvidenceNamesTheRetries:

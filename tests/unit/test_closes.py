@@ -60,6 +60,13 @@ class TestVerdict:
         assert diagnosis.reason == "upstream_connection_closed"
         assert diagnosis.reason not in MISCONFIGURATION
 
+    def test_tls_version_proves_tls_without_admin(self) -> None:
+        """Envoy's upstream.tls_version on the closed connection: TLS, the keep-alive race."""
+        diagnosis = classify(close(upstream_tls_version="TLSv1.3"))
+        assert diagnosis is not None
+        assert diagnosis.reason == "upstream_connection_closed"
+        assert ("tls", "on") in diagnosis.evidence
+
     def test_plaintext_every_request_is_the_mismatch(self) -> None:
         """A plaintext cluster that closed every request lately is upstream_requires_mtls."""
         diagnosis = classify(close(cluster_tls=False, repeated_close=True))
