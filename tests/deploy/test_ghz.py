@@ -37,9 +37,10 @@ class TestGhzFiles:
         for message, asked in ((request, REQUEST_ATTRIBUTES), (response, RESPONSE_ATTRIBUTES)):
             (sent,) = message.attributes.values()
             assert set(sent.fields) <= set(asked)
-        assert set(response.attributes["envoy.filters.http.ext_proc"].fields) == set(
-            RESPONSE_ATTRIBUTES
-        )
+        # Envoy leaves out `upstream.tls_version` where no TLS connection was made (a refused
+        # port: seen with Envoy 1.40); every other asked attribute is there.
+        sent = set(response.attributes["envoy.filters.http.ext_proc"].fields)
+        assert sent == set(RESPONSE_ATTRIBUTES) - {"upstream.tls_version"}
 
     def test_server_cleans_nothing_and_diagnoses_the_refusal(self):
         """The clean request needs no change; the response is diagnosed as Envoy 1.40's refused port."""
