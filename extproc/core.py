@@ -61,6 +61,7 @@ COMPLETION: tuple[tuple[str, str], ...] = (
     ("route", "xds.route_name"),
     ("cluster_metadata", "xds.cluster_metadata"),
     ("host", "request.host"),
+    ("upstream_tls_version", "upstream.tls_version"),
 )
 LISTENER_ATTRIBUTE = "xds.listener_direction"
 FLAGS_ATTRIBUTE = "response.flags"
@@ -87,6 +88,7 @@ MAX_ADDRESS = 256  # `IP:port`, `[IPv6]:port` (at most 53) or a pipe path (108, 
 MAX_CLUSTER_METADATA = 16 * 1024  # text-format Metadata: Istio's config path, services
 MAX_HOST = 1024  # evidence only; parsed as an authority only up to authority.MAX_LENGTH
 MAX_PEER_IDENTITY = 2048  # a SPIFFE ID is at most 2048 bytes (the SPIFFE ID standard, 2.3)
+MAX_TLS_VERSION = 16  # `TLSv1.3`: Envoy names the negotiated version, nothing longer
 TEXT_CAPS: Mapping[str, int] = {
     DETAILS_ATTRIBUTE: MAX_CODE_DETAILS,
     "upstream.transport_failure_reason": MAX_TRANSPORT_FAILURE_REASON,
@@ -96,6 +98,7 @@ TEXT_CAPS: Mapping[str, int] = {
     "xds.cluster_metadata": MAX_CLUSTER_METADATA,
     "request.host": MAX_HOST,
     "connection.uri_san_peer_certificate": MAX_PEER_IDENTITY,
+    "upstream.tls_version": MAX_TLS_VERSION,
 }
 
 # The keys of our metadata namespace that carry the request phase to the response phase.
@@ -103,6 +106,9 @@ CARRIED_ACTIONS = "actions"
 CARRIED_HOST = "request_host"
 CARRIED_DIRECTION = "direction"
 CARRIED_REVEAL = "reveal"
+# The key a diagnosis writes into our namespace (`diagnosis_fields`); its presence there
+# at response time means another doctor filter diagnosed the response already.
+DIAGNOSED_KEY = "reason"
 
 DECLARED = {str(d): d for d in (Direction.EDGE, Direction.OUTBOUND, Direction.INBOUND)}
 
@@ -164,6 +170,10 @@ class Carried:
     host: str = ""  # the authority the request was routed with, after any rewrite
     direction: Direction | None = None  # where the filter sits, as the request phase saw it
     reveal: bool = False  # the request carried the policy's reveal token
+    # Another of the doctor's filters already diagnosed this response (gated mode: the
+    # response-gated filter runs before the hygiene one on the response path, and its
+    # reason is in our namespace): annotate the actions only, count nothing twice.
+    diagnosed: bool = False
 
 
 NOTHING_CARRIED = Carried()
@@ -281,6 +291,7 @@ def carried_from(fields: Mapping[str, object] | None) -> Carried:
         declared_direction(direction) if isinstance(direction, str) else None,
         # Exactly what on_request writes (Struct numbers arrive as floats); not a bool.
         type(reveal) in (int, float) and reveal == 1,
+        DIAGNOSED_KEY in fields,
     )
 
 
@@ -334,7 +345,10 @@ def triage(
 
 
 def needs_answer(triaged: Evidence, forged: tuple[str, ...], carried: Carried) -> bool:
-    """False for the common case: a clean response to an unchanged request, nothing forged."""
+    """False for the common case: a clean response to an unchanged request, nothing forged;
+    and for a response another doctor filter diagnosed already, when nothing else is due."""
+    if carried.diagnosed:
+        return bool(carried.actions)
     return bool(carried.actions or forged or is_envoy_failure(triaged))
 
 
@@ -350,7 +364,14 @@ def complete(evidence: Evidence, texts: Mapping[str, str] | None, host: str) -> 
 
 
 class ClusterTls(Protocol):
+    """The clusters' TLS settings and the memory of their closes (`extproc.envoy_admin`)."""
+
     def enrich(self, ev: Evidence) -> Evidence: ...
+
+    @property
+    def watching(self) -> bool: ...
+
+    def answered(self, cluster: str) -> None: ...
 
 
 class Attributes(Protocol):
@@ -389,10 +410,15 @@ def on_response(
 ) -> ResponseOutcome:
     """The response headers' answer, once `needs_answer` said there is one; `evidence` complete.
 
-    `mesh_peer`: the caller presented a mesh identity (`PEER_ATTRIBUTE`)."""
+    `mesh_peer`: the caller presented a mesh identity (`PEER_ATTRIBUTE`). A response
+    another doctor filter diagnosed (`carried.diagnosed`) gets the actions only: its
+    x-extproc-* headers are that filter's, not the upstream's.
+    """
     failed = is_envoy_failure(evidence)
     diagnosis = None
-    if failed or carried.actions:
+    if carried.diagnosed:
+        forged = ()
+    elif failed or carried.actions:
         if cluster_tls is not None and failed:
             evidence = cluster_tls.enrich(evidence)
         diagnosis = classify(evidence)
@@ -428,7 +454,7 @@ def response_phase(
     """The response headers, from the few headers triage reads (`RESPONSE_SIGNS`) and the
     attributes; None for the common case, a clean response to an unchanged request, which
     the adapter answers with the continue it built once."""
-    forged = forged_of(signs)
+    forged = () if carried.diagnosed else forged_of(signs)
     if attributes is None:
         triaged = triage(signs, has_attributes=False)
     else:
@@ -439,6 +465,9 @@ def response_phase(
             details=attributes.text(DETAILS_ATTRIBUTE)[:MAX_CODE_DETAILS],
         )  # fmt: skip
     if not needs_answer(triaged, forged, carried):
+        if cluster_tls is not None and cluster_tls.watching and attributes is not None:
+            # A clean answer ends its cluster's run of closes; read only while one runs.
+            cluster_tls.answered(read_text(attributes, "xds.cluster_name"))
         return None
     texts = None if attributes is None else {f: read_text(attributes, key) for f, key in COMPLETION}
     listener = None if attributes is None else attributes.number(LISTENER_ATTRIBUTE, 2)

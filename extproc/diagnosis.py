@@ -29,10 +29,12 @@ PASSTHROUGH_ROUTES = frozenset({"allow_any", "block_all"})
 # A sidecar's inbound clusters: Istio's `inbound|PORT||` ones and the inbound passthrough.
 INBOUND_PASSTHROUGH = "InboundPassthroughCluster"
 INBOUND_PREFIX = "inbound|"
-# Code details of answers that are not failures: the upstream's own, a configured direct
-# response, and filters answering on purpose (a CORS preflight, the admin filter).
+# Code details of answers that are not failures: the upstream's own, filters answering on
+# purpose (a CORS preflight, the admin filter), and an internal redirect. A direct response
+# or a Lua respond() is the configuration answering: not a failure below 400, and
+# `configured_response` from 400 on.
 NOT_FAILURE_DETAILS = frozenset(
-    {"via_upstream", "direct_response", "cors_response", "admin_filter_response"}
+    {"via_upstream", "cors_response", "admin_filter_response", "internal_redirect"}
 )
 # `Evidence.cluster_sni` of a cluster with auto_sni (the SNI comes from the Host).
 AUTO_SNI = "auto"
@@ -73,9 +75,22 @@ class Evidence:
     cluster_alpn: tuple[str, ...] | None = None
     # True when the cluster originates TLS, False when it speaks plaintext, None when unknown.
     cluster_tls: bool | None = None
+    # `upstream.tls_version` (`TLSv1.3`): Envoy sets it only on a TLS upstream connection,
+    # so it proves TLS without --envoy-admin; its absence proves nothing.
+    upstream_tls_version: str = ""
+    # The server's own memory of this cluster (`extproc.closes`): True when connections
+    # closed under requests several times in a row with no answer from the cluster in
+    # between (a mismatch fails every request), False when not (a keep-alive race follows
+    # answers), None when there is no memory (offline, or no --envoy-admin).
+    repeated_close: bool | None = None
     # Flag bits or names this Envoy sent that `flags.RESPONSE_FLAGS` does not know
     # (`bit40`, `XYZ`); kept as evidence, never matched.
     unknown_flags: str = ""
+    # The doctor's own diagnosis, where a log line carries it
+    # (`%DYNAMIC_METADATA(extproc_doctor)%`): the live server knew more than the line (the
+    # cluster's TLS settings, its memory of closes), so offline takes its word.
+    doctor_reason: str = ""
+    doctor_hint: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +126,7 @@ class Signature:
     cluster_tls: bool | None = None
     # True for a sidecar's inbound cluster (`inbound|…`, `InboundPassthroughCluster`).
     inbound: bool | None = None
+    repeated_close: bool | None = None
     # Overrides the reason's hint where this row knows more than the reason does.
     hint: str | None = None
 
@@ -122,9 +138,9 @@ HINTS: dict[str, str] = {
         "or add a host_rewrites entry."
     ),
     "upstream_requires_mtls": (
-        "The upstream closed a plaintext connection: it likely requires mTLS (STRICT "
-        "PeerAuthentication vs a DestinationRule with tls.mode DISABLE or a subset without "
-        "trafficPolicy); if sporadic, it may be an idle keep-alive connection closed by the upstream."
+        "The upstream requires mTLS and did not get it (a client certificate asked for and "
+        "not sent): check the DestinationRule's tls.mode (ISTIO_MUTUAL) against the "
+        "server's STRICT PeerAuthentication."
     ),
     "upstream_not_tls": (
         "Envoy spoke TLS to a port that answered in plaintext: the destination has no "
@@ -202,13 +218,14 @@ HINTS: dict[str, str] = {
     ),
     "dns_failure": "DNS resolution of the upstream failed: check the host name and the resolver.",
     "upstream_app_error": (
-        "The upstream application itself answered with this error; the mesh delivered it."
+        "The upstream, or its own sidecar, answered with this error (a 503 from the sidecar "
+        "in front of the app looks the same here); the mesh between delivered it: check the "
+        "upstream's logs and its sidecar's."
     ),
     "upstream_connection_closed": (
-        "The upstream closed a TLS connection Envoy was reusing: usually the keep-alive race, "
-        "an idle connection the upstream closed just as a request went out. Make the "
-        "upstream's idle timeout longer than Envoy's (DestinationRule "
-        "connectionPool.http.idleTimeout) and retry on reset."
+        "The upstream closed the connection under the request: now and then, the keep-alive "
+        "race (make its idle timeout longer than Envoy's, retry on reset); on every request "
+        "to a plaintext cluster, a server requiring mTLS (--envoy-admin tells them apart)."
     ),
     "rate_limited": (
         "A rate limit rejected the request (the local_ratelimit filter or the global rate "
@@ -238,6 +255,64 @@ HINTS: dict[str, str] = {
         "The client went away before the response was complete: not a mesh failure; check "
         "the client's own timeout."
     ),
+    "authz_policy_denied": (
+        "An authorization policy denied the request (an Istio AuthorizationPolicy, Envoy's "
+        "RBAC filter): the policy in the evidence did its job, or it must allow this caller."
+    ),
+    "jwt_rejected": (
+        "The request's JWT was missing or rejected (expired, wrong issuer or audience, "
+        "unknown signing key): check the token and the RequestAuthentication's issuer and jwks."
+    ),
+    "request_too_large": (
+        "The request exceeded a limit of this proxy (header size or count, often a cookie "
+        "that grew, or the body buffer): raise max_request_headers_kb or the buffer limit, "
+        "or shrink the request. Not a circuit breaker."
+    ),
+    "response_too_large": (
+        "The upstream's response exceeded the buffer of a filter that reads it whole: raise "
+        "that buffer limit or stream the response."
+    ),
+    "upgrade_rejected": (
+        "A protocol upgrade (WebSocket, CONNECT) was refused: the route does not allow it "
+        "(upgrade_configs) or the upstream did not answer 101 Switching Protocols."
+    ),
+    "overload_shed": (
+        "Envoy's overload manager shed the request: this proxy is short of memory or "
+        "connections; give the sidecar more resources or spread the load."
+    ),
+    "configured_response": (
+        "The configuration itself answered with this status (a direct_response, a "
+        "VirtualService directResponse, a Lua respond(), a cluster in maintenance mode): "
+        "no upstream was asked; check the route."
+    ),
+    "client_timeout": (
+        "The client did not send its request in time (headers or the whole request): a slow "
+        "or stalled client; see request_headers_timeout and request_timeout."
+    ),
+    "stream_duration_exceeded": (
+        "A configured maximum duration ended the stream or connection (max_stream_duration, "
+        "max_connection_duration): long-lived streams must reconnect, or raise the limit."
+    ),
+    "filter_error": (
+        "An Envoy filter failed or misbehaved (ext_proc, Lua, header mutation, a transcoder, "
+        "a filter removing required headers): check that filter's configuration, not the upstream."
+    ),
+    "origin_rejected": (
+        "The CSRF filter rejected the request's Origin: send it from an allowed origin or add "
+        "the origin to the policy's additional_origins."
+    ),
+    "tls_peer_alert": (
+        "The upstream ended the TLS handshake with an alert (see detail): its TLS settings "
+        "refuse something in ours; compare both sides' TLS configuration."
+    ),
+    "tls_config_error": (
+        "This proxy's own TLS configuration enables nothing usable (no cipher, version, "
+        "group, certificate or key that works): check the cluster's TLS context."
+    ),
+    "tls_protocol_error": (
+        "The TLS handshake broke on a protocol error (a malformed or unexpected message, see "
+        "detail): often a middlebox or a peer that is not the TLS server it should be."
+    ),
     "upstream_failure": (
         "Envoy failed the request for a reason the catalogue does not know; see the evidence."
     ),
@@ -251,6 +326,84 @@ _HANDSHAKE_RESET = ("openssl internal:connection reset by peer",)
 # The client's BoringSSL adds this to a handshake failure alert sent in answer to its
 # ClientHello, before any certificate was asked for.
 _HELLO_REFUSED = ("handshake failure on client hello",)
+
+# BoringSSL's SSL reasons by what a user does about them (tests/unit/data/
+# boringssl_ssl_reasons.txt has them all). Each fragment follows `OPENSSL_internal:`, so it
+# matches only inside a BoringSSL error, and a prefix covers a family (`no cipher`).
+_TLS_ALPN = tuple(f"internal:{r}" for r in (
+    "invalid alpn protocol", "alpn mismatch on early data", "negotiated both npn and alpn",
+    "negotiated alps without alpn", "alps mismatch on early data", "invalid alps codepoint",
+))  # fmt: skip
+_TLS_ECH_REFUSED = ("internal:ech rejected", "alert ech required")
+_TLS_PEER_REFUSED_OUR_CERT = (
+    "alert unsupported certificate", "alert bad certificate hash value",
+    "alert bad certificate status response", "alert certificate unobtainable",
+    "alert no certificate",
+)  # fmt: skip
+_TLS_NEGOTIATION = (
+    "alert insufficient security", "alert inappropriate fallback", "alert export restriction",
+    "alert no renegotiation",
+    *(f"internal:{r}" for r in (
+        "inappropriate fallback", "wrong ssl version", "unknown ssl version", "unknown protocol",
+        "no shared group", "no common signature algorithms", "wrong curve",
+        "unsupported elliptic curve", "wrong cipher returned", "unknown cipher returned",
+        "cipher or hash unavailable", "downgrade detected", "tls13 downgrade", "dh p too long",
+        "bad dh p length", "wrong signature type", "no supported psk mode",
+        "unknown key exchange type", "second serverhello version mismatch",
+        "unsupported compression algorithm", "required cipher missing", "old session",
+        "unknown cipher type", "cipher mismatch on early data", "wrong version on early data",
+        "unsafe legacy renegotiation disabled", "no renegotiation", "renegotiation",
+        "scsv received when renegotiating", "ems state inconsistent", "resumed",
+        "negotiated tb without ems or ri", "unexpected compatibility mode",
+    )),
+)  # fmt: skip
+_TLS_THEIR_CERT = tuple(f"internal:{r}" for r in (
+    "no certificates returned", "tls peer did not respond with certificate list",
+    "cannot parse leaf cert", "server cert changed", "ecc cert not for signing",
+    "key usage bit incorrect", "bad ecc cert", "x509 lib", "x509 verification setup problems",
+    "no matching issuer", "unknown certificate type", "wrong certificate type",
+    "unsupported certificate", "peer error unsupported certificate type",
+    "invalid delegated credential", "invalid raw public key", "cert decompression failed",
+    "uncompressed cert too large", "unknown cert compression alg", "cert length mismatch",
+    "ca dn", "invalid cert types list",
+))  # fmt: skip
+_TLS_LOCAL_CONFIG = tuple(f"internal:{r}" for r in (
+    "no cipher", "no supported versions enabled", "no groups specified", "no certificate",
+    "no private key assigned", "certificate and private key mismatch", "missing key",
+    "missing rsa certificate", "null ssl", "ssl ctx has no default ssl version",
+    "no method specified", "invalid command", "connection type not set", "bio not set",
+    "invalid cipher flags", "mixed special operator with groups", "nested group",
+    "unexpected operator in group", "bad ssl filetype", "cannot have both privkey and method",
+    "invalid ticket keys length", "duplicate group", "duplicate cipher",
+    "duplicate signature algorithm", "invalid signature algorithm",
+    "unsupported credential list", "quic transport parameters misconfigured",
+    "invalid certificate property list", "invalid sct list", "ech server",
+    "unsupported ech server config", "invalid ech", "unusable ech config list",
+    "inconsistent ech negotiation", "psk no", "session id context uninitialized",
+    "ssl session id context too long", "srtp", "bad srtp", "unsupported protocol for custom key",
+    "invalid spake2plusv1 value", "pake exhausted", "peer pake mismatch",
+    "private key operation failed", "cert cb error", "ocsp cb error",
+    "bad data returned by callback", "custom extension error", "error adding extension",
+    "could not parse hints", "missing tmp", "unable to find ecdh parameters",
+    "invalid trust anchor list", "no compression specified", "invalid compression list",
+    "invalid ssl session", "attempt to reuse session in different context",
+    "session may not be created", "invalid psk for connection", "channel id not p256",
+    "invalid alpn protocol list", "mtu too small", "ticket encryption failed",
+    "no required digest",
+))  # fmt: skip
+_TLS_PEER_ALERT = ("internal:sslv3 alert", "internal:tlsv1 alert", "internal:bad alert",
+                   "internal:unknown alert type", "internal:too many warning alerts")  # fmt: skip
+# Any other TLS error Envoy reports (`TLS_error:…`, older `TLS error: …`).
+_TLS_ANY = ("tls error",)
+
+CERT_UNUSABLE_HINT = (
+    "Envoy could not use the upstream's certificate (none sent, unparsable, the wrong type "
+    "or key usage, no matching issuer): check the certificate the upstream serves."
+)
+ECH_REFUSED_HINT = (
+    "The upstream refused the TLS ClientHello's encrypted part (ECH): check the ECH "
+    "configuration both sides use."
+)
 
 # Row hints for a handshake reset once the cluster's TLS settings are known.
 SNI_MISSING_HINT = (
@@ -280,17 +433,59 @@ DROP_OVERLOAD_HINT = (
     "sends for this cluster."
 )
 RETRIED_APP_ERROR_HINT = (
-    "The upstream application answered with this error, also on each retry (see flags: "
-    "URX retries exhausted, UO retry budget full); the mesh delivered its last answer."
+    "The upstream (or its own sidecar) answered with this error, also on each retry (see "
+    "flags: URX retries exhausted, UO retry budget full); the mesh delivered its last answer."
 )
 PLAINTEXT_CLOSED_HINT = (
-    "The upstream closed a plaintext connection: it requires mTLS (STRICT "
-    "PeerAuthentication vs a DestinationRule with tls.mode DISABLE or a subset without "
-    "trafficPolicy); this cluster originates no TLS."
+    "The upstream closed a plaintext connection on every request: it requires mTLS "
+    "(STRICT PeerAuthentication vs a DestinationRule with tls.mode DISABLE or a subset "
+    "without trafficPolicy); this cluster originates no TLS."
+)
+TLS_CLOSED_HINT = (
+    "The upstream closed a TLS connection Envoy was reusing: usually the keep-alive race, "
+    "an idle connection the upstream closed just as a request went out. Make the "
+    "upstream's idle timeout longer than Envoy's (DestinationRule "
+    "connectionPool.http.idleTimeout) and retry on reset."
+)
+PLAINTEXT_RACE_HINT = (
+    "The upstream closed a plaintext connection, but not on every request so far (a first "
+    "close, or answers in between): likely the keep-alive race; make its idle timeout longer "
+    "than Envoy's. If every request fails this way, it requires mTLS."
+)
+INBOUND_CLOSED_HINT = (
+    "The app closed the connection its sidecar was reusing (the sidecar speaks plaintext "
+    "to the app, so this is no mTLS problem): the keep-alive race, or the app shutting "
+    "down; make the app's keep-alive timeout longer than the sidecar's idle timeout, and "
+    "drain before exit."
 )
 INBOUND_REFUSED_HINT = (
     "The sidecar's inbound side found nothing listening on the app's port: the app does "
     "not listen on the port the Service's targetPort names, or listens on localhost only."
+)
+UNDERSCORE_HINT = (
+    "The request had a header name with an underscore and this listener rejects those "
+    "(headers_with_underscores_action REJECT_REQUEST): rename the header in the client."
+)
+FILTER_CHAIN_HINT = (
+    "No filter chain of the listener matched the connection: on a STRICT sidecar, a "
+    "client sending plaintext (or another SNI/ALPN than the listener serves); check the "
+    "client side's TLS settings."
+)
+RESPONSE_FRAMING_HINT = (
+    "The upstream's HTTP/1.1 response broke the framing rules (a Transfer-Encoding or "
+    "Content-Length where none is allowed): fix the upstream, or check the port's protocol."
+)
+IP_DETECTION_HINT = (
+    "The original client IP could not be detected from the request (x-forwarded-for or the "
+    "configured header) and the listener rejects such requests: check the proxies before it."
+)
+MAINTENANCE_HINT = (
+    "The cluster is in maintenance mode (runtime upstream.maintenance_mode): Envoy answers "
+    "for it on purpose; check the runtime setting."
+)
+AUTHZ_POLICY_HINT = (
+    "The AuthorizationPolicy {policy} (rule {rule}) denied the request: allow this caller "
+    "there, or the policy did its job."
 )
 LEGACY_NR_HINT = (
     "An older Envoy answered 503 NR: the route matched but names a cluster that does not "
@@ -356,15 +551,80 @@ CATALOGUE: tuple[Signature, ...] = (
         "alpn_mismatch", text=_HANDSHAKE_RESET, sends_sni=True, offers_h2=False, hint=NO_H2_HINT
     ),
     Signature("tls_handshake_rejected", text=_HANDSHAKE_RESET),
+    # The rest of BoringSSL's vocabulary, by what a user does about it.
+    Signature("sni_rejected", text=("internal:ssl3 ext invalid servername",)),
+    Signature("alpn_mismatch", text=_TLS_ALPN),
+    Signature("tls_handshake_rejected", text=_TLS_ECH_REFUSED, hint=ECH_REFUSED_HINT),
+    Signature("client_cert_rejected", text=_TLS_PEER_REFUSED_OUR_CERT),
+    Signature("upstream_not_tls", text=("internal:https proxy request",)),
+    Signature("upstream_cert_untrusted", text=_TLS_THEIR_CERT, hint=CERT_UNUSABLE_HINT),
+    Signature("tls_protocol_error", text=("internal:missing key share",)),
+    Signature("tls_config_error", text=_TLS_LOCAL_CONFIG),
+    Signature("tls_version_mismatch", text=_TLS_NEGOTIATION),
+    Signature("tls_peer_alert", text=_TLS_PEER_ALERT),
+    Signature("tls_protocol_error", text=_TLS_ANY),
     # Transport.
     Signature("upstream_refused", text=_REFUSED, inbound=True, hint=INBOUND_REFUSED_HINT),
     Signature("upstream_refused", text=_REFUSED),
     Signature("upstream_connect_timeout", text=("connection timeout",)),
     Signature("dns_failure", flags=F.DF),
+    # Filters and limits that answer by their details (Envoy's and its filters'
+    # vocabulary, tests/unit/data/envoy_response_code_details.txt).
+    Signature("authz_policy_denied", text=("rbac access denied",)),
+    Signature("jwt_rejected", text=("jwt authn access denied",)),
+    Signature("origin_rejected", text=("csrf origin mismatch",)),
+    Signature(
+        "request_too_large",
+        text=(
+            "headers too large",
+            "too many headers",
+            "header list size too large",
+            "cookies total bytes too large",
+            "request payload too large",
+            "request payload exceeded retry buffer limit",
+        ),
+    ),
+    Signature("response_too_large", text=("response payload too large",)),
+    Signature("upgrade_rejected", text=("upgrade failed", "websocket handshake unsuccessful")),
+    Signature(
+        "client_timeout",
+        text=("request header timeout", "downstream header timeout", "request overall timeout"),
+    ),
+    Signature(
+        "stream_duration_exceeded",
+        text=("max duration timeout", "duration timeout", "max stream duration reached"),
+    ),
+    Signature(
+        "filter_error",
+        text=(
+            "filter removed required",
+            "filter added invalid",
+            "header mutation",
+            "ext proc error",
+            "transcode failure",
+        ),
+    ),
+    Signature("configured_response", text=("maintenance mode",), hint=MAINTENANCE_HINT),
+    Signature("configured_response", text=("direct response", "lua response")),
+    Signature(
+        "invalid_request_headers",
+        text=("rejecting because detection failed",),
+        hint=IP_DETECTION_HINT,
+    ),
+    Signature("downstream_protocol_error", text=("unexpected underscore",), hint=UNDERSCORE_HINT),
+    Signature(
+        "downstream_protocol_error", text=("filter chain not found",), hint=FILTER_CHAIN_HINT
+    ),
+    Signature(
+        "protocol_mismatch",
+        text=("http1.transfer encoding not allowed", "http1.content length not allowed"),
+        hint=RESPONSE_FRAMING_HINT,
+    ),
+    Signature("upstream_reset", text=("http2.remote reset", "http2.remote refuse")),
     # Routing and cluster state. Envoy before the NC flag answered 503 NR for a route
     # whose cluster does not exist; a missing route is a 404.
     Signature("cluster_not_found", flags=F.NR, status=(503, 503), hint=LEGACY_NR_HINT),
-    Signature("no_route", flags=F.NR, text=("route not found",)),
+    Signature("no_route", flags=F.NR, text=("route not found", "route configuration not found")),
     Signature("cluster_not_found", flags=F.NC, text=("cluster not found",)),
     Signature("no_healthy_upstream", flags=F.UH, text=("no healthy upstream",)),
     # Drops come from the endpoints' load assignment (the control plane), not from a
@@ -374,7 +634,9 @@ CATALOGUE: tuple[Signature, ...] = (
         flags=F.DO | F.UDO,
         hint=DROP_OVERLOAD_HINT,
     ),
-    Signature("circuit_open", flags=F.UO | F.OM, text=("overflow", "drop overload")),
+    Signature("circuit_open", text=("drop overload",)),
+    Signature("overload_shed", flags=F.OM, text=("overload",)),
+    Signature("circuit_open", flags=F.UO, text=("{overflow",)),
     Signature("circuit_open", overloaded=True),
     # Filters that refused the request on purpose, before any upstream.
     Signature(
@@ -389,40 +651,94 @@ CATALOGUE: tuple[Signature, ...] = (
     Signature("rate_limited", flags=F.RL, text=("request rate limited", "local rate limited")),
     Signature(
         "ext_authz_denied",
-        text=("ext authz error",),
+        text=("ext authz error", "ext authz invalid"),
         hint=(
-            "The external authorization service could not be asked (down, timed out) and "
-            "the filter fails closed: check the authorization service, not the upstream."
+            "The external authorization service could not be asked (down, timed out, an "
+            "invalid answer) and the filter fails closed: check the authorization service, "
+            "not the upstream."
         ),
     ),
     Signature("ext_authz_denied", flags=F.UAEX, text=("ext authz denied",)),
     Signature("fault_injected", flags=F.FI, text=("fault filter abort",)),
     Signature("invalid_request_headers", flags=F.IH, text=("request headers failed strict check",)),
-    Signature("downstream_protocol_error", flags=F.DPE, text=("codec error",)),
+    Signature(
+        "downstream_protocol_error",
+        flags=F.DPE,
+        text=(
+            "codec error",
+            "http1.",
+            "http2.",
+            "low version",
+            "missing host header",
+            "missing path rejected",
+            "invalid path",
+            "absolute path rejected",
+            "path normalization failed",
+            "early connect data",
+        ),
+    ),
     # HTTP and stream level.
     Signature("protocol_mismatch", flags=F.UPE, text=("protocol error",)),
-    Signature("upstream_timeout", flags=F.UT, text=("response timeout", "per try timeout")),
+    Signature(
+        "upstream_timeout",
+        flags=F.UT,
+        text=("response timeout", "per try timeout", "per try idle timeout"),
+    ),
     Signature("stream_idle_timeout", flags=F.SI, text=("stream idle timeout",)),
-    # A connection closed under a request: on a TLS cluster not a plaintext/STRICT
-    # mismatch but the keep-alive race; unknown transport names both.
-    Signature("upstream_connection_closed", flags=F.UC, text=_TERMINATION, cluster_tls=True),
+    # A connection closed under a request. The mTLS verdict needs proof: the cluster is
+    # plaintext (--envoy-admin) and it closed on every request lately, with no answer in
+    # between (`extproc.closes`). A sidecar's inbound cluster is always plaintext to the
+    # app, a TLS one cannot be the mismatch, and one close alone may be the keep-alive race.
+    Signature(
+        "upstream_connection_closed",
+        flags=F.UC,
+        text=_TERMINATION,
+        inbound=True,
+        hint=INBOUND_CLOSED_HINT,
+    ),
+    Signature(
+        "upstream_connection_closed",
+        flags=F.UC,
+        text=_TERMINATION,
+        cluster_tls=True,
+        hint=TLS_CLOSED_HINT,
+    ),
     Signature(
         "upstream_requires_mtls",
         flags=F.UC,
         text=_TERMINATION,
         cluster_tls=False,
+        repeated_close=True,
         hint=PLAINTEXT_CLOSED_HINT,
     ),
-    Signature("upstream_requires_mtls", flags=F.UC, text=_TERMINATION),
+    Signature(
+        "upstream_connection_closed",
+        flags=F.UC,
+        text=_TERMINATION,
+        cluster_tls=False,
+        repeated_close=False,
+        hint=PLAINTEXT_RACE_HINT,
+    ),
+    Signature("upstream_connection_closed", flags=F.UC, text=_TERMINATION),
     Signature("upstream_reset", flags=F.UR | F.LR, text=("remote reset", "local reset")),
-    Signature("client_disconnected", flags=F.DC | F.DR, text=("downstream remote disconnect",)),
+    Signature(
+        "client_disconnected",
+        flags=F.DC | F.DR,
+        text=("downstream remote disconnect", "downstream local disconnect"),
+    ),
     Signature(
         "upstream_failure",
         flags=F.UF,
+        text=("connection failure",),
         hint=(
             "Envoy could not connect to the upstream and gave no transport reason: check "
             "the port, the TLS settings on both sides, and the endpoint's reachability."
         ),
+    ),
+    # A reset whose reason no row above knows.
+    Signature(
+        "upstream_reset",
+        text=("upstream reset before response started", "upstream reset after response started"),
     ),
     # No attributes: the status and headers are all there is.
     Signature("upstream_timeout", status=(504, 504), upstream_answered=False, has_attributes=False),
@@ -433,6 +749,9 @@ CATALOGUE: tuple[Signature, ...] = (
         has_attributes=False,
     ),
     Signature("no_route", status=(404, 404), upstream_answered=False, has_attributes=False),
+    Signature(
+        "request_too_large", status=(431, 431), upstream_answered=False, has_attributes=False
+    ),
     Signature(
         "upstream_failure",
         status=(500, 599),
@@ -486,9 +805,13 @@ def is_envoy_failure(ev: Evidence) -> bool:
 def _unattributed_failure(ev: Evidence) -> bool:
     """Without attributes, a 404 or a gRPC error that Envoy itself produced (no
     x-envoy-upstream-service-time) is the best sign there is."""
+    if ev.status == 431:
+        # Request headers over the limit: Envoy's own answer unless the upstream's.
+        return ev.upstream_answered is not True
     if ev.upstream_answered is False:
         return ev.status == 404 or bool(ev.grpc_status)
-    return ev.overloaded
+    # x-envoy-overloaded below 500 is an upstream's own header (Envoy sets it on its 503s).
+    return False
 
 
 def _fits(sig: Signature, ev: Evidence, text: str, passthrough: bool) -> bool:
@@ -506,9 +829,17 @@ def _fits(sig: Signature, ev: Evidence, text: str, passthrough: bool) -> bool:
         and (sig.grpc_status is None or ev.grpc_status in sig.grpc_status)
         and (sig.sends_sni is None or sig.sends_sni == _sends_sni(ev))
         and (sig.offers_h2 is None or sig.offers_h2 == _offers_h2(ev))
-        and (sig.cluster_tls is None or sig.cluster_tls == ev.cluster_tls)
+        and (sig.cluster_tls is None or sig.cluster_tls == _cluster_tls(ev))
         and (sig.inbound is None or sig.inbound == _inbound(ev))
+        and (sig.repeated_close is None or sig.repeated_close == ev.repeated_close)
     )
+
+
+def _cluster_tls(ev: Evidence) -> bool | None:
+    """The cluster's transport: from --envoy-admin, else TLS when the connection was TLS."""
+    if ev.cluster_tls is not None:
+        return ev.cluster_tls
+    return True if ev.upstream_tls_version else None
 
 
 def _inbound(ev: Evidence) -> bool:
@@ -532,7 +863,14 @@ def _answered(ev: Evidence) -> bool:
 
 
 def classify(ev: Evidence) -> Diagnosis | None:
-    """The first catalogue row that fits `ev`, or None when Envoy did not fail the response."""
+    """The first catalogue row that fits `ev`, or None when Envoy did not fail the response.
+
+    A log line that carries the doctor's own diagnosis gets it back, so that offline
+    and live agree."""
+    if ev.doctor_reason in HINTS:
+        return Diagnosis(
+            ev.doctor_reason, ev.doctor_hint or HINTS[ev.doctor_reason], evidence_of(ev)
+        )
     if not is_envoy_failure(ev):
         return None
     text = _normalise(ev.code_details) + "\n" + _normalise(ev.transport_failure_reason)
@@ -542,10 +880,30 @@ def classify(ev: Evidence) -> Diagnosis | None:
         if _fits(sig, ev, text, passthrough):
             # The cluster's TLS settings are evidence only where they decide the reason.
             tls_context = sig.text in (_HANDSHAKE_RESET, _HELLO_REFUSED, _TERMINATION)
-            return Diagnosis(
-                sig.reason, sig.hint or HINTS[sig.reason], evidence_of(ev, tls_context)
-            )
+            return Diagnosis(sig.reason, _hint(sig, ev), evidence_of(ev, tls_context))
     raise AssertionError("the catalogue ends with a catch-all row")  # pragma: no cover
+
+
+def _hint(sig: Signature, ev: Evidence) -> str:
+    """The row's hint; an AuthorizationPolicy denial names the policy Istio recorded."""
+    policy = authz_policy(ev.code_details) if sig.reason == "authz_policy_denied" else None
+    if policy is not None:
+        return AUTHZ_POLICY_HINT.format(policy=policy[0], rule=policy[1])
+    return sig.hint or HINTS[sig.reason]
+
+
+# Istio's RBAC policy names: `ns[NS]-policy[NAME]-rule[N]` inside Envoy's
+# `rbac_access_denied_matched_policy[...]` (istio/istio pilot/pkg/security/authz/builder).
+_ISTIO_POLICY = re.compile(
+    r"rbac_access_denied_matched_policy\[ns\[([A-Za-z0-9.\-]{1,63})\]"
+    r"-policy\[([A-Za-z0-9.\-]{1,253})\]-rule\[(\d{1,6})\]\]"
+)
+
+
+def authz_policy(code_details: str) -> tuple[str, str] | None:
+    """(`namespace/name`, rule) of the Istio AuthorizationPolicy that denied, or None."""
+    m = _ISTIO_POLICY.search(code_details)
+    return (f"{m.group(1)}/{m.group(2)}", m.group(3)) if m else None
 
 
 # `TLS_error:|268435703:SSL routines:OPENSSL_internal:WRONG_VERSION_NUMBER:TLS_error_end`
@@ -662,7 +1020,7 @@ def evidence_of(ev: Evidence, tls_context: bool = False) -> tuple[tuple[str, str
     """
     sni = ev.cluster_sni if tls_context else None
     alpn = ev.cluster_alpn if tls_context else None
-    transport = None if not tls_context or ev.cluster_tls is None else ev.cluster_tls
+    transport = _cluster_tls(ev) if tls_context else None
     items: list[tuple[str, str | int]] = []
     if ev.status is not None:
         items.append(("status", ev.status))
@@ -677,6 +1035,7 @@ def evidence_of(ev: Evidence, tls_context: bool = False) -> tuple[tuple[str, str
         ("upstream", ev.upstream_address),
         ("host", ev.host),
         ("dr", destination_rule(ev.cluster_metadata)),
+        ("policy", _policy_evidence(ev.code_details)),
         ("tls", "" if transport is None else ("on" if transport else "off")),
         ("sni", _known(sni)),
         ("alpn", _known(None if alpn is None else " ".join(alpn))),
@@ -685,6 +1044,11 @@ def evidence_of(ev: Evidence, tls_context: bool = False) -> tuple[tuple[str, str
         if value:
             items.append((key, value))
     return tuple(items)
+
+
+def _policy_evidence(code_details: str) -> str:
+    policy = authz_policy(code_details) if "rbac" in code_details else None
+    return f"{policy[0]} rule {policy[1]}" if policy else ""
 
 
 def _known(setting: str | None) -> str:

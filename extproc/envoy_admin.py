@@ -38,6 +38,7 @@ from typing import Any, Self
 
 import structlog
 
+from extproc.closes import ClosedConnections
 from extproc.diagnosis import AUTO_SNI, Evidence
 
 log = structlog.get_logger("extproc.envoy_admin")
@@ -213,6 +214,8 @@ class ClusterTlsCache:
         self._refreshing: asyncio.Task[bool] | None = None
         self._last_refresh = float("-inf")
         self._periodic: asyncio.Task[None] | None = None
+        # Closes per cluster: with the transport, they decide the mTLS verdict.
+        self.closes = ClosedConnections()
 
     def lookup(self, cluster: str) -> ClusterTls | None:
         """The cluster's TLS settings if known; never waits. A miss schedules a refresh."""
@@ -223,8 +226,18 @@ class ClusterTlsCache:
         return None
 
     def enrich(self, ev: Evidence) -> Evidence:
-        """`ev` with its cluster's TLS settings, when the cache knows them."""
-        return with_cluster_tls(ev, self.lookup(ev.cluster))
+        """`ev` with its cluster's TLS settings, when the cache knows them, and whether
+        its cluster has closed connections on every request lately (`extproc.closes`)."""
+        return self.closes.observe(with_cluster_tls(ev, self.lookup(ev.cluster)))
+
+    @property
+    def watching(self) -> bool:
+        """Whether a clean answer's cluster is worth reading (some cluster has closes)."""
+        return self.closes.watching
+
+    def answered(self, cluster: str) -> None:
+        """The cluster answered a request cleanly."""
+        self.closes.answered(cluster)
 
     async def refresh(self) -> bool:
         """Re-read the clusters; False (and a warning) when the admin endpoint failed."""

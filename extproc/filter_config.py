@@ -42,6 +42,9 @@ RESPONSE_ATTRIBUTES: tuple[str, ...] = (
     # nothing on plaintext): at an inbound sidecar `response_annotations: auto` shows the
     # annotations only to a mesh peer (tests/envoy/test_trust_e2e.py).
     "connection.uri_san_peer_certificate",
+    # Set only on a TLS upstream connection (`TLSv1.3`): a closed connection on a TLS
+    # cluster is no plaintext/STRICT mismatch, known without --envoy-admin.
+    "upstream.tls_version",
 )
 
 # Envoy waits this long for each answer before it applies failure_mode_allow. The
@@ -127,6 +130,7 @@ def ext_proc_filter(
     response_headers: bool = True,
     direction: str | None = None,
     transport: str = GRPC,
+    forward_metadata: bool = False,
 ) -> dict[str, Any]:
     """The `envoy.filters.http.ext_proc` HTTP filter.
 
@@ -138,12 +142,14 @@ def ext_proc_filter(
     Over HTTP (`transport="http"`) a filter must have one phase only: one with both
     loses the second answer (design.md), so `ext_proc_filters` renders two. The response
     phase reads what the request phase carried in our namespace (`forwarding_namespaces`).
+    `forward_metadata` forwards it over gRPC too: gated mode's hygiene filter then sees a
+    diagnosis the response filter wrote before it, and does not make a second one.
     """
     if transport == HTTP and request_headers and response_headers:
         raise ValueError("an http_service ext_proc filter takes one header phase")
     service_key, service = _service(cluster_name, direction, transport)
     metadata_options: dict[str, Any] = {"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}}
-    if transport == HTTP and response_headers:
+    if response_headers and (transport == HTTP or forward_metadata):
         metadata_options["forwarding_namespaces"] = {"untyped": [METADATA_NAMESPACE]}
     only_response = transport == HTTP and not request_headers
     return {
@@ -181,11 +187,12 @@ def ext_proc_filters(
     failure_mode_allow: bool = True,
     direction: str | None = None,
     transport: str = GRPC,
+    forward_metadata: bool = False,
 ) -> list[dict[str, Any]]:
     """The doctor's always-on filters: one over gRPC, two single-phase ones over HTTP."""
     if transport == GRPC:
         return [ext_proc_filter(cluster_name, failure_mode_allow=failure_mode_allow,
-                                direction=direction)]  # fmt: skip
+                                direction=direction, forward_metadata=forward_metadata)]  # fmt: skip
     return [
         ext_proc_filter(cluster_name, failure_mode_allow=failure_mode_allow,
                         response_headers=False, direction=direction, transport=HTTP),

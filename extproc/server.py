@@ -14,7 +14,7 @@ import math
 import signal
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
@@ -199,8 +199,11 @@ def on_response_headers(
     signs = {h.key: h.raw_value or h.value.encode() for h in request.response_headers.headers.headers
              if h.key in core.RESPONSE_SIGNS}  # fmt: skip
     fields = _attributes(request)
+    carried = state.carried
+    if _diagnosed_before(request):
+        carried = replace(carried, diagnosed=True)
     outcome = core.response_phase(
-        policy, signs, None if fields is None else _StructAttributes(fields), state.carried,
+        policy, signs, None if fields is None else _StructAttributes(fields), carried,
         declared=state.declared, cluster_tls=state.cluster_tls,
     )  # fmt: skip
     if outcome is None:
@@ -209,6 +212,15 @@ def on_response_headers(
     if outcome.answer is None:
         return CONTINUE["response_headers"]
     return encode("response_headers", outcome.answer)
+
+
+def _diagnosed_before(request: pb.ProcessingRequest) -> bool:
+    """Whether Envoy forwarded our namespace with a diagnosis in it (gated mode's hygiene
+    filter, after the response filter diagnosed; `filter_config.ext_proc_filter`)."""
+    if not request.HasField("metadata_context"):
+        return False
+    ours = request.metadata_context.filter_metadata.get(METADATA_NAMESPACE)
+    return ours is not None and core.DIAGNOSED_KEY in ours.fields
 
 
 def handle(

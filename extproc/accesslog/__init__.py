@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from extproc.accesslog import formats, scan
+from extproc.annotate import printable
 from extproc.diagnosis import Diagnosis, Evidence, classify
 from extproc.flags import RESPONSE_FLAGS
 
@@ -47,6 +48,9 @@ ISTIO_ACCESS_LOG_FORMAT = (
     "%UPSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_REMOTE_ADDRESS% "
     "%REQUESTED_SERVER_NAME% %ROUTE_NAME%\\n"
 )
+# The doctor's own reason and hint read from a line are at most this long (a hint is
+# under 300 characters; tests/unit/test_diagnosis.py checks).
+MAX_DOCTOR_TEXT = 400
 # Evidence the diagnosis needs, by the Istio JSON key, and the operator that logs it.
 OPERATORS: tuple[tuple[str, str], ...] = (
     ("response_code_details", "%RESPONSE_CODE_DETAILS%"),
@@ -170,6 +174,8 @@ def _from_fields(
         upstream_answered=answered,
         cluster_metadata=_metadata(dr),
         has_attributes="response_code_details" in logged,
+        doctor_reason=values.get("doctor_reason", "")[:MAX_DOCTOR_TEXT],
+        doctor_hint=printable(values.get("doctor_hint", ""), MAX_DOCTOR_TEXT),
     )
     used = tuple(name for name, key in _USED_NAMES if values.get(key))
     missing = tuple(op for key, op in OPERATORS if key not in logged)
@@ -195,6 +201,8 @@ def _from_scan(text: str) -> Reading:
         upstream_answered=answered,
         cluster_metadata=_metadata(found.destination_rule),
         has_attributes=bool(found.details or found.tfr),
+        doctor_reason=found.doctor_reason,
+        doctor_hint=printable(found.doctor_hint, MAX_DOCTOR_TEXT),
     )
     present = {
         "status": found.status,

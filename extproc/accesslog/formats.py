@@ -290,10 +290,19 @@ JSON_ALIASES: dict[str, tuple[str, ...]] = {
     ),
     # `%GRPC_STATUS_NUMBER%`, where a format logs it (Istio's default does not).
     "grpc_status": ("grpc_status", "grpc-status", "grpc_status_number"),
+    # The doctor's own diagnosis, `%DYNAMIC_METADATA(extproc_doctor)%` (the lab's format).
+    "doctor_reason": ("extproc_doctor.reason",),
+    "doctor_hint": ("extproc_doctor.hint",),
 }
 ENVOY_GATEWAY_KEYS = frozenset(
     {":authority", "x-envoy-origin-path", "x-envoy-upstream-service-time"}
 )
+# Fields only an Envoy access log has: a JSON object with none of them (`{"status": 503}`)
+# is no access-log line.
+ENVOY_JSON_FIELDS = frozenset(
+    {"response_flags", "response_code_details", "upstream_transport_failure_reason",
+     "upstream_cluster", "upstream_service_time"}
+)  # fmt: skip
 # Keys only Istio's JSON encoding has together (its text format's fields, JSON-named).
 ISTIO_JSON_KEYS = frozenset({"response_code", "response_flags", "upstream_cluster", "authority"})
 
@@ -329,6 +338,8 @@ def read_json(body: str) -> JsonLine | None:
         form = "envoy-gateway-json"
     elif obj.keys() >= ISTIO_JSON_KEYS:
         form = "istio-json"
+    elif ENVOY_JSON_FIELDS.isdisjoint(fields):
+        return None  # a status alone is any application's JSON: the scanner decides
     else:
         form = "json"
     return JsonLine(form, fields)

@@ -210,6 +210,8 @@ class Found:
     grpc_status: int | None = None
     time: str = ""
     destination_rule: str = ""
+    doctor_reason: str = ""
+    doctor_hint: str = ""
     used: list[str] = field(default_factory=list)
 
 
@@ -232,7 +234,43 @@ def scan(text: str) -> Found:
     found.time = time.group(0) if time else ""
     found.destination_rule = destination_rule(text)
     _scan_pasted(text, found)
+    doctor = _DOCTOR.search(text)
+    if doctor:
+        found.doctor_reason = doctor["header"] or doctor["reason"] or ""
+        found.doctor_hint = doctor["hint"] or ""
+    if not (_envoy_shaped(text, found) or found.doctor_reason):
+        found.status, found.flags, found.grpc_status = None, "", None
     return found
+
+
+# The doctor's own diagnosis in a line: its header (`x-extproc-diagnosis: REASON;…`), or
+# its metadata as `%DYNAMIC_METADATA(extproc_doctor)%` prints it (`{"reason":…,"hint":…}`).
+_DOCTOR = re.compile(
+    r"x-extproc-diagnosis\W{1,4}(?P<header>[a-z_]{3,40})"
+    r'|\{"reason":\s?"(?P<reason>[a-z_]{3,40})",\s?"hint":\s?"(?P<hint>[^"\\]{0,400})'
+)
+
+# Envoy-shaped structure. Without one of these a status, a flag word or a gRPC code is
+# no evidence: "502 UH oh", "Washington DC office returned 500", an nginx line or an
+# application's own JSON `{"status": 503}` say nothing about Envoy.
+_LABELLED_FLAGS = _labelled("response_flags|response_flag", r"[A-Za-z,|-]{1,80}")
+_REQUEST_LINE_FLAGS = re.compile(
+    r"HTTP/\d(?:\.\d)?\"?\s{1,3}\d{3}\s{1,3}([A-Z]{2,5}(?:,[A-Z]{2,5}){0,8}|-)(?=\s)"
+)
+
+
+def _envoy_shaped(text: str, found: Found) -> bool:
+    """Whether the text shows Envoy's own structure: code details or a transport failure
+    reason (Envoy's vocabulary), an Istio/Envoy cluster name, a labelled flags field, or
+    Envoy's `"METHOD PATH PROTOCOL" STATUS FLAGS` (nginx logs bytes where Envoy logs flags)."""
+    if found.details or found.tfr:
+        return True
+    if _CLUSTER_PATTERNS[0].search(text) or _CLUSTER_PATTERNS[1].search(text):
+        return True
+    return any(
+        m is not None and (m.group(1) == "-" or is_flags_token(m.group(1), any_known=True))
+        for m in (_LABELLED_FLAGS.search(text), _REQUEST_LINE_FLAGS.search(text))
+    )
 
 
 def _scan_status(text: str, found: Found) -> None:
@@ -331,4 +369,7 @@ PATTERNS: tuple[re.Pattern[str], ...] = (
     _DR_NS,
     _RESET_BODY,
     *(p for p, _, _ in _BODY_DETAILS),
+    _LABELLED_FLAGS,
+    _REQUEST_LINE_FLAGS,
+    _DOCTOR,
 )

@@ -15,16 +15,20 @@ from dataclasses import dataclass
 
 from extproc.config import Policy, policy_from_mapping
 from extproc.diagnosis import (
+    AUTHZ_POLICY_HINT,
     DROP_OVERLOAD_HINT,
     HELLO_NO_SNI_HINT,
     HELLO_REFUSED_HINT,
     HINTS,
+    INBOUND_CLOSED_HINT,
     INBOUND_PASSTHROUGH,
     INBOUND_REFUSED_HINT,
     NO_H2_HINT,
     PLAINTEXT_CLOSED_HINT,
+    PLAINTEXT_RACE_HINT,
     RETRIED_APP_ERROR_HINT,
     SNI_MISSING_HINT,
+    TLS_CLOSED_HINT,
 )
 from extproc.lab.topology import (
     CORS_ORIGIN,
@@ -42,6 +46,7 @@ from extproc.lab.topology import (
     spiffe_id,
 )
 
+AUTHZ_DENY_HINT = AUTHZ_POLICY_HINT.format(policy="default/deny-all", rule=0)
 # The demo's policy: the defaults, stated as a policy so the table can name its source.
 DEMO_POLICY: Policy = policy_from_mapping({}, source="<demo policy>")
 # Incident 1 fixed: the external Host mapped to the mesh service.
@@ -149,6 +154,10 @@ MESH = Topology(
             App.KEEPALIVE_CLOSE,
             Tls(sni=f"outbound_.8080_._.{mesh_host('catalog')}", expect_san=spiffe_id(App.KEEPALIVE_CLOSE)),
         ),
+        # The same app, plaintext: behind a sidecar's inbound cluster (Istio's
+        # `inbound|8080||`), and behind an outbound cluster with tls.mode DISABLE.
+        Destination("inbound|8080||", App.KEEPALIVE_CLOSE_PLAIN),
+        Destination(outbound("legacy-api"), App.KEEPALIVE_CLOSE_PLAIN),
         Destination("drop", App.ECHO, drop_all=True),
         # A sidecar's inbound passthrough to an app port where nothing listens.
         Destination(INBOUND_PASSTHROUGH, NOWHERE),
@@ -169,16 +178,20 @@ MESH = Topology(
         Route("grpc.demo", "grpc", "grpc", retry_on="unavailable"),
         Route(mesh_host("catalog"), outbound("catalog")),
         Route(_CDN, f"outbound|443||{_CDN}", "cdn"),
+        Route("inbound-keepalive.demo", "inbound|8080||", "inbound|8080||"),
+        Route(mesh_host("legacy-api"), outbound("legacy-api")),
         Route("cors.demo", "echo", "cors", filters=(RouteFilter.CORS,)),
         Route("limited.demo", "echo", "limited", filters=(RouteFilter.RATE_LIMIT,)),
         Route("authz.demo", "echo", "authz", filters=(RouteFilter.EXT_AUTHZ,)),
         Route("fault.demo", "echo", "fault", filters=(RouteFilter.FAULT_ABORT,)),
+        Route("denied.demo", "echo", "denied", filters=(RouteFilter.RBAC_DENY,)),
         Route("drop.demo", "drop", "drop"),
         Route("inbound-passthrough.demo", INBOUND_PASSTHROUGH, "inbound-passthrough"),
     ),
     # Istio's passthrough: plaintext to wherever the client meant to go, here `app`.
     passthrough_target="app",
-    apps=(App.ECHO, App.FAILING, App.GRPC_UNAVAILABLE, App.KEEPALIVE_CLOSE, App.SNI_REQUIRED, App.AUTHZ_DENY),
+    apps=(App.ECHO, App.FAILING, App.GRPC_UNAVAILABLE, App.KEEPALIVE_CLOSE, App.KEEPALIVE_CLOSE_PLAIN,
+          App.SNI_REQUIRED, App.AUTHZ_DENY),
 )  # fmt: skip
 
 
@@ -257,18 +270,21 @@ MESH_INCIDENTS: tuple[Scenario, ...] = (
     ),
     Scenario(
         "requires_mtls", mesh_host("ratings"), "/", "upstream_requires_mtls",
-        f"DestinationRule ratings says tls.mode DISABLE; {_STRICT} closes the plaintext",
+        f"DestinationRule ratings says tls.mode DISABLE; {_STRICT} closes the plaintext, "
+        "every request",
         incident=3, hint=PLAINTEXT_CLOSED_HINT, evidence=('dr="default/ratings"', 'tls="off"'),
+        repeat=2, offline_reason="upstream_connection_closed",
     ),
     Scenario(
         "subset_plaintext", mesh_host("reviews"), "/", "upstream_requires_mtls",
         "subset v2 has no trafficPolicy, overriding mesh-wide mTLS: plaintext to "
-        f"{_STRICT}",
+        f"{_STRICT}, every request",
         incident=4, headers=((SUBSET_HEADER, "v2"),), hint=PLAINTEXT_CLOSED_HINT,
         evidence=(
             'cluster="outbound|8080|v2|reviews.default.svc.cluster.local"',
             'dr="default/reviews"',
         ),
+        repeat=2, offline_reason="upstream_connection_closed",
     ),
     Scenario(
         "subset_mtls", mesh_host("reviews"), "/", None,
@@ -356,8 +372,23 @@ EDGE_SCENARIOS: tuple[Scenario, ...] = (
     Scenario(
         "keepalive_race", mesh_host("catalog"), "/", "upstream_connection_closed",
         "an mTLS app closes a kept-alive connection just as the sidecar reuses it",
-        repeat=2, expected_status=503, evidence=('flags="UC"', 'tls="on"'),
-        offline_reason="upstream_requires_mtls",
+        repeat=2, expected_status=503, evidence=('flags="UC"', 'tls="on"'), hint=TLS_CLOSED_HINT,
+        # Without --envoy-admin, Envoy's upstream.tls_version still proves TLS.
+        offline_reason="upstream_connection_closed", offline_hint=TLS_CLOSED_HINT,
+    ),
+    Scenario(
+        "keepalive_race_inbound", "inbound-keepalive.demo", "/", "upstream_connection_closed",
+        "an app closes a kept-alive connection just as its sidecar's inbound cluster "
+        "(plaintext to the app) reuses it: no mTLS problem",
+        repeat=2, expected_status=503, evidence=('flags="UC"', 'cluster="inbound|8080||"'),
+        hint=INBOUND_CLOSED_HINT,
+    ),
+    Scenario(
+        "keepalive_race_plaintext", mesh_host("legacy-api"), "/", "upstream_connection_closed",
+        "a plaintext cluster (tls.mode DISABLE): its app answers each connection's first "
+        "request and closes it on the second; answers come between the closes, so no mismatch",
+        repeat=4, expected_status=503, evidence=('flags="UC"', 'tls="off"'),
+        hint=PLAINTEXT_RACE_HINT, offline_reason="upstream_connection_closed",
     ),
     Scenario(
         "rate_limited", "limited.demo", "/", "rate_limited",
@@ -408,6 +439,12 @@ SIGNATURE_SCENARIOS: tuple[Scenario, ...] = (
         "the port the Service names): not a Host problem",
         hint=INBOUND_REFUSED_HINT, expected_status=503,
         evidence=('cluster="InboundPassthroughCluster"',),
+    ),
+    Scenario(
+        "authz_policy_denied", "denied.demo", "/", "authz_policy_denied",
+        "Istio's AuthorizationPolicy default/deny-all, as Envoy's RBAC filter runs it, denies "
+        "the request", expected_status=403, hint=AUTHZ_DENY_HINT,
+        evidence=('policy="default/deny-all rule 0"',),
     ),
     Scenario(
         "fault_abort", "fault.demo", "/", "fault_injected",

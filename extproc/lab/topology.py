@@ -145,6 +145,8 @@ class App(StrEnum):
     # TLS with a client certificate: answers once per connection, then closes it
     # unanswered when the next request arrives (the keep-alive race).
     KEEPALIVE_CLOSE = "keepalive-close"
+    # The same, plaintext: an app behind its sidecar's inbound cluster, or without a sidecar.
+    KEEPALIVE_CLOSE_PLAIN = "keepalive-close-plain"
     SNI_REQUIRED = "sni-required"  # TLS: a handshake_failure alert to a hello without SNI
     AUTHZ_DENY = "authz-deny"  # an HTTP ext_authz service that answers 403 to every check
 
@@ -156,6 +158,7 @@ class RouteFilter(StrEnum):
     RATE_LIMIT = "rate_limit"  # a local rate limit of one request per hour
     EXT_AUTHZ = "ext_authz"  # external authorization by App.AUTHZ_DENY
     FAULT_ABORT = "fault_abort"  # fault injection: abort every request with 503
+    RBAC_DENY = "rbac_deny"  # RBAC: Istio's AuthorizationPolicy `default/deny-all` denies all
 
 
 @dataclass(frozen=True, slots=True)
@@ -505,6 +508,9 @@ _HUNDRED_PERCENT = {"numerator": 100, "denominator": "HUNDRED"}
 _FILTERS_PREFIX = "type.googleapis.com/envoy.extensions.filters.http"
 _LOCAL_RATE_LIMIT = f"{_FILTERS_PREFIX}.local_ratelimit.v3.LocalRateLimit"
 _FAULT = f"{_FILTERS_PREFIX}.fault.v3.HTTPFault"
+_RBAC = f"{_FILTERS_PREFIX}.rbac.v3.RBAC"
+# The policy name Istio gives rule 0 of AuthorizationPolicy default/deny-all.
+ISTIO_DENY_POLICY = "ns[default]-policy[deny-all]-rule[0]"
 
 # Each route filter: its entry in the HTTP filter chain, which does nothing on its own
 # (no CORS policy, no token bucket, no fault; ext_authz disabled), and the per-route
@@ -554,6 +560,24 @@ ROUTE_FILTERS: dict[RouteFilter, tuple[dict[str, Any], dict[str, Any]]] = {
     RouteFilter.FAULT_ABORT: (
         {"name": "envoy.filters.http.fault", "typed_config": {"@type": _FAULT}},
         {"@type": _FAULT, "abort": {"http_status": 503, "percentage": _HUNDRED_PERCENT}},
+    ),
+    # No rules at the top: the filter enforces nothing until a route's config says DENY.
+    RouteFilter.RBAC_DENY: (
+        {"name": "envoy.filters.http.rbac", "typed_config": {"@type": _RBAC}},
+        {
+            "@type": f"{_FILTERS_PREFIX}.rbac.v3.RBACPerRoute",
+            "rbac": {
+                "rules": {
+                    "action": "DENY",
+                    "policies": {
+                        ISTIO_DENY_POLICY: {
+                            "permissions": [{"any": True}],
+                            "principals": [{"any": True}],
+                        }
+                    },
+                }
+            },
+        },
     ),
 }
 
@@ -753,6 +777,7 @@ _APP_SERVERS: dict[
     App.KEEPALIVE_CLOSE: lambda certs: keepalive_close_upstream(
         _app_cert(certs, App.KEEPALIVE_CLOSE)
     ),
+    App.KEEPALIVE_CLOSE_PLAIN: lambda _: keepalive_close_upstream(None),
     App.SNI_REQUIRED: lambda certs: sni_required_upstream(_app_cert(certs, App.SNI_REQUIRED)),
     App.AUTHZ_DENY: lambda _: status_upstream(403, b"denied by the authorization service"),
 }

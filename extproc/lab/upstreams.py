@@ -160,11 +160,14 @@ def status_upstream(status: int = 503, body: bytes = b"app says no") -> HttpUpst
     return HttpUpstream(_status_handler(status, body))
 
 
-def keepalive_close_upstream(cert: CertFiles) -> HttpUpstream:
-    """A TLS echo app that closes each kept-alive connection when a second request arrives on it.
+def keepalive_close_upstream(cert: CertFiles | None) -> HttpUpstream:
+    """An echo app that closes each kept-alive connection when a second request arrives on it.
 
-    It asks for a client certificate from `cert`'s CA, as a STRICT mesh server does.
+    With `cert`, it speaks TLS and asks for a client certificate from `cert`'s CA, as a
+    STRICT mesh server does; without, it is a plaintext app behind its sidecar.
     """
+    if cert is None:
+        return HttpUpstream(_KeepAliveCloseHandler)
     context = _server_context(cert)
     context.verify_mode = ssl.CERT_REQUIRED
     context.load_verify_locations(cert.trusted_ca)

@@ -131,8 +131,11 @@ def doctor_filters(
     if gate.conditions:
         # At request time, a request that needs hygiene gets the full filter (over HTTP
         # both single-phase filters), so its response is diagnosed and carries
-        # x-extproc-actions too.
-        hygiene = ext_proc_filters(cluster, direction=direction, transport=transport)
+        # x-extproc-actions too. On the response path the diagnose filter below runs
+        # first; this one reads its diagnosis from our namespace and adds no second one.
+        hygiene = ext_proc_filters(
+            cluster, direction=direction, transport=transport, forward_metadata=True
+        )
         gated.append(gated_filter(HYGIENE_FILTER, gate.conditions, hygiene))
     # A separate filter, because a matcher tree is evaluated again at response time, when
     # the request headers include what later filters added (the router's

@@ -47,6 +47,8 @@ MISCONFIGURATION = (
     "tls_handshake_rejected",
     "alpn_mismatch",
     "tls_version_mismatch",
+    "tls_peer_alert",
+    "tls_config_error",
     "sds_secret_missing",
     "protocol_mismatch",
     "host_not_in_mesh",

@@ -24,8 +24,9 @@ RECORDS: list[dict[str, Any]] = yaml.safe_load(
     (Path(__file__).with_name("records.yaml")).read_text(encoding="utf-8")
 )
 # The classifier's share on the corpus must not fall below this (0.66 on a8cf71a, before
-# issue 10; 0.80 after it; printed on every run).
-CLASSIFIER_FLOOR = 0.75
+# issue 10; 0.80 after it; printed on every run). Issue 19 grew the corpus to 80 records:
+# the code before it got 52/80 (0.65; 19 of the 39 new ones), after it 70/80 (0.88).
+CLASSIFIER_FLOOR = 0.85
 _EVIDENCE_FIELDS = {f.name for f in dataclasses.fields(Evidence)}
 
 
@@ -45,6 +46,7 @@ def evidence_from(record: dict[str, Any]) -> Evidence:
         "overloaded": ev.get("overloaded", False),
         "has_attributes": has_attributes,
         "cluster_tls": ev.get("cluster_tls"),
+        "repeated_close": ev.get("repeated_close"),
     }
     return Evidence(**{k: v for k, v in fields.items() if k in _EVIDENCE_FIELDS})
 
@@ -55,9 +57,9 @@ def _reason(ev: Evidence) -> str | None:
 
 
 class TestRecords:
-    def test_there_are_at_least_forty_cited_records(self) -> None:
+    def test_there_are_at_least_eighty_cited_records(self) -> None:
         """Every record has a thread link, evidence, a cause and a known reason."""
-        assert len(RECORDS) >= 40
+        assert len(RECORDS) >= 80
         assert len({r["id"] for r in RECORDS}) == len(RECORDS)
         for record in RECORDS:
             assert record["source"].startswith("https://github.com/"), record["id"]

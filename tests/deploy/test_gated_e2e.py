@@ -10,6 +10,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import pytest
+import structlog
 import yaml
 
 from extproc.config import Exposure, Policy
@@ -140,3 +141,27 @@ class TestGatedMode:
         before = gated.processor.streams
         assert gated.status_line("/5000").split(b" ")[1] == b"5000"
         assert gated.processor.streams == before
+
+    def test_a_failure_the_hygiene_gate_also_matched_counts_once(self, gated):
+        """A 503 to a request carrying x-real-ip and x-envoy-attempt-count (both gated
+        filters see the response): one diagnosis counted, one log line, the actions kept."""
+        registry = gated.processor.metrics.registry
+
+        def diagnosed() -> float:
+            return (
+                registry.get_sample_value(
+                    "extproc_diagnoses_total", {"reason": "upstream_app_error"}
+                )
+                or 0.0
+            )
+
+        before = diagnosed()
+        with structlog.testing.capture_logs() as logs:
+            status, headers, _ = gated.get(
+                "/503", {"x-real-ip": "203.0.113.7", "x-envoy-attempt-count": "3"}
+            )
+        assert status == 503
+        assert headers["x-extproc-diagnosis"].startswith("upstream_app_error;status=503")
+        assert "strip-echoed-envoy-headers" in headers["x-extproc-actions"]
+        assert diagnosed() == before + 1
+        assert [e["event"] for e in logs].count("upstream_failure") == 1

@@ -92,6 +92,17 @@ class TestHttpLane:
         assert headers["x-extproc-diagnosis"].startswith("upstream_app_error;status=503")
         assert ';host="shop.example"' in headers["x-extproc-diagnosis"]
 
+    def test_a_failure_the_hygiene_gate_also_matched_counts_once(self, lane):
+        """A 503 to a request that needed hygiene: one diagnosis counted, actions kept."""
+        registry = lane.processor.metrics.registry
+        labels = {"reason": "upstream_app_error"}
+        before = registry.get_sample_value("extproc_diagnoses_total", labels) or 0.0
+        status, headers, _ = lane.get("/503", {"x-envoy-attempt-count": "3"})
+        assert status == 503
+        assert headers["x-extproc-diagnosis"].startswith("upstream_app_error;status=503")
+        assert "strip-echoed-envoy-headers" in headers["x-extproc-actions"]
+        assert registry.get_sample_value("extproc_diagnoses_total", labels) == before + 1
+
     def test_no_reply_is_lost(self, lane):
         """Two single-phase filters: Envoy never waits out a message timeout (design.md)."""
         for _ in range(3):

@@ -66,7 +66,7 @@ CASES: dict[str, tuple[str, str | None]] = {
     "app-503": ("app503", "upstream_app_error"),
     "refused": ("nothing", "upstream_refused"),
     "not-tls": ("tls-to-plaintext", "upstream_not_tls"),
-    "closed": ("accept-and-close", "upstream_requires_mtls"),
+    "closed": ("accept-and-close", "upstream_connection_closed"),
     "timeout": ("accept-and-hang", "upstream_timeout"),
     "no-cluster": ("missing-cluster", "cluster_not_found"),
     "no-route": ("", "no_route"),
@@ -76,7 +76,7 @@ CASES: dict[str, tuple[str, str | None]] = {
 BODY_EXPECTED: dict[str, str] = {
     "refused": "upstream_failure",
     "not-tls": "upstream_failure",
-    "closed": "upstream_requires_mtls",
+    "closed": "upstream_connection_closed",
     "timeout": "upstream_timeout",
 }
 # Envoy's default format logs no code details: a connection failure is all it says.

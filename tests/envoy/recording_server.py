@@ -79,6 +79,11 @@ class RecordingProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[mis
             exchange.record(message)
             yield CONTINUE[message.WhichOneof("request")]
 
+    def exchanges(self) -> list[Exchange]:
+        """Every exchange so far, oldest first."""
+        with self._lock:
+            return list(self._exchanges)
+
     def exchange(self, tag: str) -> Exchange:
         """The exchange of the request sent with `TAG_HEADER: tag`."""
         with self._lock:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+import json
 
 import pytest
 
-from extproc.diagnosis import HINTS
+from extproc.accesslog import parse_access_log_line
+from extproc.diagnosis import HINTS, TLS_CLOSED_HINT, classify
 from extproc.lab import ALL_SCENARIOS, BackgroundServer, Lab, Scenario, find_scenarios
 from extproc.lab.demo import run_demo, run_scenario
 
@@ -50,6 +52,10 @@ class TestScenarios:
         assert entry["extproc_doctor"]["reason"] == scenario.expected_reason
         assert entry["extproc_doctor"]["hint"] == scenario.expected_hint
         assert entry["extproc_diagnosis"] == diagnosis
+        # Offline and live agree: `extproc diagnose` reads the doctor's own diagnosis.
+        offline = classify(parse_access_log_line(json.dumps(entry)))
+        assert offline is not None
+        assert (offline.reason, offline.hint) == (scenario.expected_reason, scenario.expected_hint)
 
     def test_refused_is_never_an_mtls_reason(self, doctor: Doctor) -> None:
         """A refused port behind an mTLS cluster is diagnosed by the refusal, not by TLS."""
@@ -77,13 +83,23 @@ class TestWithoutEnvoyAdmin:
         assert "SNI" in hint
         assert "ALPN" in hint
 
-    def test_keepalive_race_names_both_causes(self, blind_doctor: Doctor) -> None:
-        """A closed connection on a cluster of unknown transport: the hint names mTLS and keep-alive."""
+    def test_keepalive_race_on_tls_is_known_without_admin(self, blind_doctor: Doctor) -> None:
+        """Without --envoy-admin, Envoy's upstream.tls_version proves the closed connection was
+        TLS: the keep-alive race, never the plaintext/STRICT mismatch."""
         scenario = next(s for s in ALL_SCENARIOS if s.name == "keepalive_race")
-        hint = run_scenario(blind_doctor[0], scenario).response.header("x-extproc-hint") or ""
-        assert hint == HINTS["upstream_requires_mtls"]
-        assert "mTLS" in hint
-        assert "keep-alive" in hint
+        outcome = run_scenario(blind_doctor[0], scenario)
+        assert outcome.reason == "upstream_connection_closed"
+        assert outcome.response.header("x-extproc-hint") == TLS_CLOSED_HINT
+        assert 'tls="on"' in (outcome.response.header("x-extproc-diagnosis") or "")
+
+    def test_plaintext_close_without_admin_names_both_causes(self, blind_doctor: Doctor) -> None:
+        """A closed plaintext connection, transport unknown: the hint names mTLS and keep-alive."""
+        scenario = next(s for s in ALL_SCENARIOS if s.name == "requires_mtls")
+        outcome = run_scenario(blind_doctor[0], scenario)
+        hint = outcome.response.header("x-extproc-hint") or ""
+        assert outcome.reason == "upstream_connection_closed"
+        assert hint == HINTS["upstream_connection_closed"]
+        assert "mTLS" in hint and "keep-alive" in hint
 
 
 class TestEvidenceNamesTheRetries:

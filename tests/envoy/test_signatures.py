@@ -137,6 +137,11 @@ OBSERVED: dict[str, Observed] = {
     "grpc_unavailable": Observed(200, F.URX, "via_upstream", "", "grpc", "grpc"),
     # A reused mTLS connection closed by the upstream: the plaintext-to-STRICT bytes.
     "keepalive_race": Observed(503, F.UC, _TERMINATION, "", _mesh("catalog"), _vh("catalog")),
+    # The same close, plaintext: on a sidecar's inbound cluster, and on a DISABLE cluster.
+    "keepalive_race_inbound": Observed(503, F.UC, _TERMINATION, "", "inbound|8080||", "inbound|8080||"),
+    "keepalive_race_plaintext": Observed(
+        503, F.UC, _TERMINATION, "", _mesh("legacy-api"), _vh("legacy-api")
+    ),
     "client_hello_no_sni": Observed(
         503, F.UF,
         _TLS_REASON + "268436496:SSL_routines:OPENSSL_internal:SSLV3_ALERT_HANDSHAKE_FAILURE"
@@ -150,6 +155,12 @@ OBSERVED: dict[str, Observed] = {
     "cors_preflight": Observed(200, 0, "cors_response", ABSENT, "echo", "cors", code_attribute=False),
     "ext_authz_denied": Observed(403, F.UAEX, "ext_authz_denied", ABSENT, "echo", "authz"),
     "fault_abort": Observed(503, F.FI, "fault_filter_abort", ABSENT, "echo", "fault"),
+    # Istio's policy name for rule 0 of AuthorizationPolicy default/deny-all.
+    "authz_policy_denied": Observed(
+        403, 0, "rbac_access_denied_matched_policy[ns[default]-policy[deny-all]-rule[0]]",
+        ABSENT, "echo", "denied",
+    ),
+
     # drop_overloads at 100% is unconditional (UDO); below it, DO and `drop_overload`.
     "drop_overload": Observed(503, F.UDO, "unconditional_drop_overload", ABSENT, "drop", "drop"),
 }  # fmt: skip

@@ -240,7 +240,7 @@ class TestSummary:
         """Four refused, one closed, one success, one non-log line."""
         summary = summarise(lines_of(io.BytesIO(self.log())))
         ranked = [(g.reason, g.count) for g in summary.ranked()]
-        assert ranked == [("upstream_refused", 4), ("upstream_requires_mtls", 1)]
+        assert ranked == [("upstream_refused", 4), ("upstream_connection_closed", 1)]
         assert (summary.lines, summary.successes, summary.not_log) == (7, 1, 1)
 
     def test_first_and_last_seen(self) -> None:
@@ -283,7 +283,7 @@ class TestSummary:
         )
         assert main(["diagnose", "-"]) == 0
         out = capsys.readouterr().out
-        assert "reason:   upstream_requires_mtls" in out
+        assert "reason:   upstream_connection_closed" in out
         assert "host=shop" in out
 
 
@@ -331,3 +331,38 @@ class TestGrpcStatusField:
         """Istio's format logs no gRPC status: a 200 with URX may be a hedged success, so no reason."""
         line = {k: v for k, v in GRPC_RETRIED_LINE.items() if k != "grpc_status"}
         assert classify(read_text(json.dumps(line)).evidence) is None
+
+
+class TestDoctorsOwnDiagnosis:
+    """Issue 19 item 7: a line that carries the doctor's diagnosis is read with it."""
+
+    CLOSED = (
+        '"response_code": 503, "response_flags": "UC", "response_code_details": '
+        '"upstream_reset_before_response_started{connection_termination}", '
+        '"upstream_cluster": "outbound|8080||ratings.default.svc.cluster.local", "authority": "r"'
+    )
+
+    def test_json_metadata(self) -> None:
+        """`%DYNAMIC_METADATA(extproc_doctor)%` in a JSON line: its reason and hint win."""
+        line = "{" + self.CLOSED + ', "extproc_doctor": {"reason": "upstream_requires_mtls", '
+        line += '"hint": "The live hint.", "tls": "off"}}'
+        diagnosis = classify(read_text(line).evidence)
+        assert diagnosis is not None
+        assert (diagnosis.reason, diagnosis.hint) == ("upstream_requires_mtls", "The live hint.")
+
+    def test_without_it_the_line_alone_decides(self) -> None:
+        """The same line without the doctor's field: what the line alone supports."""
+        diagnosis = classify(read_text("{" + self.CLOSED + "}").evidence)
+        assert diagnosis is not None and diagnosis.reason == "upstream_connection_closed"
+
+    def test_header_in_pasted_text(self) -> None:
+        """An x-extproc-diagnosis header in `curl -v` output names the reason."""
+        text = '< HTTP/1.1 503 Service Unavailable\n< x-extproc-diagnosis: alpn_mismatch;flags="UF"'
+        diagnosis = classify(read_text(text).evidence)
+        assert diagnosis is not None and diagnosis.reason == "alpn_mismatch"
+
+    def test_unknown_reason_is_ignored(self) -> None:
+        """A reason the catalogue does not have is no diagnosis of its own."""
+        line = "{" + self.CLOSED + ', "extproc_doctor": {"reason": "made_up", "hint": "x"}}'
+        diagnosis = classify(read_text(line).evidence)
+        assert diagnosis is not None and diagnosis.reason == "upstream_connection_closed"

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from extproc.config import Direction, policy_from_mapping
-from extproc.core import NOTHING_CARRIED, carried_from, on_request
+from extproc.core import NOTHING_CARRIED, carried_from, on_request, response_phase
 
 
 def test_round_trip_of_what_the_request_phase_wrote():
@@ -63,3 +63,32 @@ def test_any_metadata_gives_header_safe_actions(fields):
     """Whatever the namespace holds, the carried actions are printable ASCII or empty."""
     actions = carried_from(fields).actions
     assert actions == "" or (actions.isascii() and actions.isprintable())
+
+
+class TestDiagnosedOnce:
+    """Gated mode: the response filter's diagnosis in our namespace keeps the hygiene
+    filter from making a second one (issue 19 item 5)."""
+
+    def test_a_reason_in_the_namespace_marks_the_response_diagnosed(self):
+        """`reason` forwarded back means another doctor filter diagnosed the response."""
+        assert carried_from({"reason": "upstream_refused"}).diagnosed
+        assert not carried_from({"actions": "strip-echoed-envoy-headers"}).diagnosed
+
+    def test_diagnosed_response_gets_the_actions_only(self):
+        """No second diagnosis, nothing removed as forged, the actions still written."""
+        policy = policy_from_mapping({"response_annotations": "on"})
+        carried = carried_from(
+            {"actions": "strip-echoed-envoy-headers", "reason": "upstream_refused"}
+        )
+        signs = {":status": b"503", "x-extproc-diagnosis": b"upstream_refused"}
+        outcome = response_phase(policy, signs, None, carried)
+        assert outcome is not None and outcome.answer is not None
+        assert outcome.diagnosis is None
+        assert outcome.answer.overwrite == (("x-extproc-actions", "strip-echoed-envoy-headers"),)
+        assert outcome.answer.remove == ()
+        assert outcome.answer.metadata is None
+
+    def test_diagnosed_response_without_actions_is_left_alone(self):
+        """Nothing to add: the continue."""
+        carried = carried_from({"reason": "upstream_refused"})
+        assert response_phase(policy_from_mapping({}), {":status": b"503"}, None, carried) is None

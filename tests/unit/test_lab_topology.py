@@ -158,5 +158,6 @@ class TestRouteFilters:
             "envoy.filters.http.local_ratelimit",
             "envoy.filters.http.ext_authz",
             "envoy.filters.http.fault",
+            "envoy.filters.http.rbac",
             "envoy.filters.http.router",
         ]

@@ -14,6 +14,7 @@ PURE_MODULES = [
     "headers.py",
     "diagnosis.py",
     "flags.py",
+    "closes.py",
     "annotate.py",
     "accesslog/__init__.py",
     "accesslog/formats.py",

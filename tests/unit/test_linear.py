@@ -62,6 +62,9 @@ ADVERSARIAL: dict[re.Pattern[str], tuple[str, ...]] = {
     scan._CLUSTER_PATTERNS[2]: ("cluster=a", "upstream_cluster: '"),
     scan._ROUTE: ("route:", "route_name='a"),
     scan._HOST_PATTERNS[0]: ("host='", ":authority=a"),
+    scan._LABELLED_FLAGS: ("response_flags=", "response_flag:'A,"),
+    scan._REQUEST_LINE_FLAGS: ('HTTP/1.1" 503 AB,', "HTTP/1.1 503 "),
+    scan._DOCTOR: ("x-extproc-diagnosis: a", '{"reason": "aaa", "hint": "a'),
     scan._HOST_PATTERNS[1]: ("> Host: a\n", "> Host:"),
     scan._UPSTREAM_HOST: ("upstream_host=a", "upstream_address:"),
     scan._SERVICE_TIME: ("upstream_service_time=1", "x-envoy-upstream-service-time: nul"),
@@ -83,6 +86,10 @@ ADVERSARIAL: dict[re.Pattern[str], tuple[str, ...]] = {
     authority._NAME: ("a.", "a-", "a" * 62 + "-."),
     authority._PORT: ("1",),
     authority._SIMPLE: ("a.", "a-", "a:1"),
+    diagnosis._ISTIO_POLICY: (
+        "rbac_access_denied_matched_policy[ns[a]-policy[a",
+        "rbac_access_denied_matched_policy[ns[",
+    ),
     diagnosis._DESTINATION_RULE: ("/destination-rule/a", "/destination-rule/"),
     diagnosis._DESTINATION_RULE_NS: ("/namespaces/a", "/namespaces/a/destination-rule"),
     options._LABEL: ("a-", "a"),
@@ -257,7 +264,9 @@ class TestWholeMessage:
             for o in response.response_headers.response.header_mutation.set_headers
             if o.header.key == "x-extproc-diagnosis"
         )
-        assert diagnosis_header.startswith(b"upstream_failure;")
+        # An unknown BoringSSL reason is a TLS protocol failure (issue 19: no TLS error
+        # falls to upstream_failure).
+        assert diagnosis_header.startswith(b"tls_protocol_error;")
 
 
 class TestCaps:
