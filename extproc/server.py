@@ -33,6 +33,16 @@ except ImportError:  # not on every platform; the server runs on asyncio's loop 
     uvloop = None  # type: ignore[assignment]
 
 from extproc import core
+from extproc.admission import (
+    CONNECTION_IDLE_SECONDS,
+    REFUSED_MAX_STREAMS,
+    SWEEP_SECONDS,
+    WARN_INTERVAL_SECONDS,
+    Door,
+    Stream,
+    StreamLimits,
+    peer_address,
+)
 from extproc.config import Direction, Policy, ServeConfig, TlsFiles, load_policy
 from extproc.core import Answer, Carried
 from extproc.diagnosis import Diagnosis
@@ -244,13 +254,22 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
     started with, so a request and its response are judged by the same rules.
     """
 
-    def __init__(self, policy: Policy, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, policy: Policy, metrics: Metrics | None = None, limits: StreamLimits | None = None
+    ) -> None:
         self.policy = policy
         self.metrics = metrics or Metrics()
         self.cluster_tls: ClusterTlsCache | None = None
+        self.door = Door(limits or StreamLimits())
+        self._warned: dict[str, tuple[float, int]] = {}
 
     async def Process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
-        policy, metrics = self.policy, self.metrics
+        policy, metrics, door = self.policy, self.metrics, self.door
+        clock = asyncio.get_running_loop().time
+        stream = self._admit(context, clock())
+        if stream is None:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many streams open")
+            return
         state = StreamState(
             cluster_tls=self.cluster_tls, declared=declared_direction(context.invocation_metadata())
         )
@@ -258,6 +277,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         metrics.active_streams.inc()
         try:
             while (request := await context.read()) is not grpc.aio.EOF:
+                door.heard(stream, clock())
                 response = self._answer(policy, request, state)
                 if response is not None and not request.observability_mode:
                     await context.write(response)
@@ -267,8 +287,44 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                     # stops sending instead of resetting the stream, and a reset stream
                     # costs grpc.aio ~100 bytes that are never freed (tests/reliability).
                     return
+        except asyncio.CancelledError:
+            if stream.closed_by is None:
+                raise
+            # A limit closed it. One that has spoken ends with OK, as after the response
+            # headers (Envoy skips the rest); a silent one was never Envoy's.
+            if not stream.heard:
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, stream.closed_by)
         finally:
+            door.done(stream)
             metrics.active_streams.dec()
+
+    def _admit(self, context: grpc.aio.ServicerContext, now: float) -> Stream | None:
+        task = asyncio.current_task()
+        assert task is not None  # grpc.aio runs each call in a task
+        stream, evicted = self.door.admit(peer_address(context.peer()), task.cancel, now)
+        if evicted is not None:
+            self._limited(self.metrics.streams_closed, evicted.closed_by or "", now)
+        if stream is None:
+            self._limited(self.metrics.streams_refused, REFUSED_MAX_STREAMS, now)
+        return stream
+
+    def sweep(self, now: float) -> None:
+        """Close the streams past their deadlines (the server calls it every SWEEP_SECONDS)."""
+        for stream in self.door.expired(now):
+            self._limited(self.metrics.streams_closed, stream.closed_by or "", now)
+
+    def _limited(self, counters: Mapping[str, Any], limit: str, now: float) -> None:
+        """Count a stream a limit refused or closed; warn at most once per interval."""
+        counters[limit].inc()
+        last, since = self._warned.get(limit, (-math.inf, 0))
+        if now - last < WARN_INTERVAL_SECONDS:
+            self._warned[limit] = (last, since + 1)
+            return
+        self._warned[limit] = (now, 0)
+        log.warning(
+            "stream_limit", limit=limit, open_streams=self.door.open_streams,
+            max_streams=self.door.limits.max_streams, also_since_last_warning=since,
+        )  # fmt: skip
 
     def _answer(
         self, policy: Policy, request: pb.ProcessingRequest, state: StreamState
@@ -307,7 +363,7 @@ class ExtProcServer:
         *,
         servicer: pb_grpc.ExternalProcessorServicer | None = None,
         tls: TlsFiles | None = None,
-        max_streams: int | None = None,
+        limits: StreamLimits | None = None,
         metrics: Metrics | None = None,
         health_listen: str | None = None,
     ) -> None:
@@ -315,19 +371,29 @@ class ExtProcServer:
         self.health_listen = health_listen
         self.grace = grace
         self.metrics = metrics or Metrics()
+        self.limits = limits or StreamLimits()
         # Tests may put a recording servicer behind the same server and health service.
-        self.servicer = servicer or ExternalProcessor(policy, self.metrics)
+        self.servicer = servicer or ExternalProcessor(policy, self.metrics, self.limits)
         # Built now, so unusable certificate files fail start-up with their names.
         self.credentials = ReloadingCredentials(tls) if tls else None
-        self.max_streams = max_streams
         self.port = 0
         self.health_port = 0
         self._server: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
         self._health = HealthServicer()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def options(self) -> list[tuple[str, int]]:
+        """The HTTP/2 and message limits grpc enforces for us (admission.py says why)."""
+        return [
+            ("grpc.max_receive_message_length", self.limits.max_message_bytes),
+            ("grpc.max_connection_idle_ms", int(CONNECTION_IDLE_SECONDS * 1000)),
+        ]
 
     async def start(self) -> None:
-        server = grpc.aio.server(maximum_concurrent_rpcs=self.max_streams)
+        # No maximum_concurrent_rpcs: the servicer's door admits streams, so that at
+        # capacity a new stream can take a silent or an over-share stream's place.
+        server = grpc.aio.server(options=self.options())
         pb_grpc.add_ExternalProcessorServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -343,6 +409,8 @@ class ExtProcServer:
             raise OSError(f"cannot listen on {self.listen}: {exc}") from None
         await server.start()
         self._server = server
+        if isinstance(self.servicer, ExternalProcessor):
+            self._sweeper = asyncio.create_task(self._sweep(self.servicer))
         if self.health_listen:
             await self._start_health_server(self.health_listen)
         for service in ("", SERVICE_NAME):
@@ -359,10 +427,20 @@ class ExtProcServer:
         await server.start()
         self._health_server = server
 
+    @staticmethod
+    async def _sweep(servicer: ExternalProcessor) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(SWEEP_SECONDS)
+            servicer.sweep(loop.time())
+
     async def stop(self) -> None:
         """Report NOT_SERVING, refuse new streams, let in-flight ones finish within the grace."""
         if self._server is None:
             return
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         await self._health.enter_graceful_shutdown()
         await self._server.stop(self.grace)
         self._server = None
@@ -397,11 +475,13 @@ async def serve(config: ServeConfig) -> None:
     processors: list[ExternalProcessor | HttpProcessor] = []
     lanes: list[contextlib.AbstractAsyncContextManager[Any]] = []
     if config.listen is not None:
-        servicer = ExternalProcessor(policy, metrics)
+        limits = StreamLimits(config.max_streams, config.stream_idle_timeout,
+                              config.max_message_bytes)  # fmt: skip
+        servicer = ExternalProcessor(policy, metrics, limits)
         processors.append(servicer)
         lanes.append(ExtProcServer(
             policy, config.listen, config.grace, servicer=servicer, tls=config.tls,
-            max_streams=config.max_streams, metrics=metrics, health_listen=config.health_listen,
+            limits=limits, metrics=metrics, health_listen=config.health_listen,
         ))  # fmt: skip
     if config.http_listen is not None:
         processor = HttpProcessor(policy, metrics)
