@@ -23,7 +23,6 @@ at another, and silent ones not even that. The table is plain data and a clock, 
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -51,6 +50,12 @@ MAX_MESSAGE_BYTES = 1024 * 1024
 # An HTTP/2 connection with no stream for this long is closed (GOAWAY); Envoy reconnects
 # on its next request. Bounds what an idle peer's connections cost.
 CONNECTION_IDLE_SECONDS = 300.0
+# No per-connection stream cap (grpc.max_concurrent_streams): measured with Envoy 1.40,
+# 64 concurrent requests against a cap of 4 per connection, Envoy opened 16 connections
+# (it honours SETTINGS_MAX_CONCURRENT_STREAMS with more connections, not a queue), but
+# 877 of 9478 streams failed open: those it sent on a new connection before the server's
+# SETTINGS arrived were refused. And an attacker opens more connections anyway; the door
+# above counts by address instead.
 # How often the deadlines are checked: a stream may outlive its deadline by this much.
 SWEEP_SECONDS = 0.25
 # At most one warning per limit this often; the counters count every stream.
@@ -113,14 +118,18 @@ class Stream:
 
 @dataclass(slots=True)
 class Door:
-    """The streams open now, by peer, in the order they were last heard."""
+    """The streams open now, by peer.
+
+    A message costs one attribute store (`heard`): the scans happen in `expired`, a few
+    times a second, and in `admit` only at capacity.
+    """
 
     limits: StreamLimits = field(default_factory=StreamLimits)
     open_streams: int = 0
     # Streams that have sent nothing yet, oldest first.
     _silent: dict[Stream, None] = field(default_factory=dict)
-    # Each peer's streams, least recently heard first.
-    _peers: dict[str, OrderedDict[Stream, None]] = field(default_factory=dict)
+    # Each peer's streams.
+    _peers: dict[str, set[Stream]] = field(default_factory=dict)
 
     def admit(
         self, peer: str, close: Callable[[], object], now: float
@@ -135,20 +144,17 @@ class Door:
         self._silent[stream] = None
         streams = self._peers.get(peer)
         if streams is None:
-            streams = self._peers[peer] = OrderedDict()
-        streams[stream] = None
+            streams = self._peers[peer] = set()
+        streams.add(stream)
         self.open_streams += 1
         return stream, evicted
 
     def heard(self, stream: Stream, now: float) -> None:
         """A message arrived on `stream`: its idle deadline starts again."""
-        if stream.closed_by is not None:
-            return
         stream.last = now
         if not stream.heard:
             stream.heard = True
-            del self._silent[stream]
-        self._peers[stream.peer].move_to_end(stream)
+            self._silent.pop(stream, None)
 
     def done(self, stream: Stream) -> None:
         """The stream ended (any way); forget it unless a limit already did."""
@@ -163,10 +169,9 @@ class Door:
             if now - stream.last < FIRST_MESSAGE_SECONDS:
                 break
             closed.append(self._close(stream, CLOSED_FIRST_MESSAGE))
-        idle = self.limits.idle_seconds
-        for streams in list(self._peers.values()):
-            while streams and now - (stream := next(iter(streams))).last >= idle:
-                closed.append(self._close(stream, CLOSED_IDLE))
+        since = now - self.limits.idle_seconds
+        idle = [s for streams in self._peers.values() for s in streams if s.last <= since]
+        closed.extend(self._close(stream, CLOSED_IDLE) for stream in idle)
         return closed
 
     def _make_room(self, peer: str, now: float) -> Stream | None:
@@ -177,7 +182,8 @@ class Door:
         own = len(self._peers.get(peer, ()))
         heaviest = max(self._peers, key=lambda p: len(self._peers[p]))
         if heaviest != peer and len(self._peers[heaviest]) > own + 1:
-            return self._close(next(iter(self._peers[heaviest])), CLOSED_FAIR_SHARE)
+            idlest = min(self._peers[heaviest], key=lambda s: s.last)
+            return self._close(idlest, CLOSED_FAIR_SHARE)
         return None
 
     def _close(self, stream: Stream, limit: str) -> Stream:
@@ -189,7 +195,7 @@ class Door:
     def _forget(self, stream: Stream) -> None:
         self._silent.pop(stream, None)
         streams = self._peers[stream.peer]
-        del streams[stream]
+        streams.remove(stream)
         if not streams:
             del self._peers[stream.peer]
         self.open_streams -= 1

@@ -12,9 +12,9 @@ import asyncio
 import contextlib
 import math
 import signal
-import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
+from time import perf_counter
 from typing import Any
 
 import grpc
@@ -105,7 +105,7 @@ def header_pairs(headers: pb.HttpHeaders) -> list[Header]:
     Bytes that are not UTF-8 survive the round trip as surrogate escapes.
     """
     return [
-        (h.key, h.raw_value.decode("utf-8", "surrogateescape") if h.raw_value else h.value)
+        (h.key, raw.decode("utf-8", "surrogateescape") if (raw := h.raw_value) else h.value)
         for h in headers.headers.headers
     ]
 
@@ -150,9 +150,8 @@ def encode(kind: str, answer: Answer) -> pb.ProcessingResponse:
 
 def _attributes(request: pb.ProcessingRequest) -> Any:
     """The Struct fields Envoy attached, or None."""
-    if ATTRIBUTES_KEY in request.attributes:
-        return request.attributes[ATTRIBUTES_KEY].fields
-    return None
+    attributes = request.attributes.get(ATTRIBUTES_KEY)
+    return None if attributes is None else attributes.fields
 
 
 def _text(fields: Any, key: str) -> str:
@@ -225,7 +224,12 @@ def handle(
     policy: Policy, request: pb.ProcessingRequest, state: StreamState
 ) -> pb.ProcessingResponse | None:
     """The answer to one message, or None when there is nothing to answer."""
-    kind = request.WhichOneof("request")
+    return _dispatch(request.WhichOneof("request"), policy, request, state)
+
+
+def _dispatch(
+    kind: str | None, policy: Policy, request: pb.ProcessingRequest, state: StreamState
+) -> pb.ProcessingResponse | None:
     match kind:
         case "request_headers":
             return on_request_headers(policy, request, state)
@@ -278,10 +282,11 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         try:
             while (request := await context.read()) is not grpc.aio.EOF:
                 door.heard(stream, clock())
-                response = self._answer(policy, request, state)
+                kind = request.WhichOneof("request")
+                response = self._answer(kind, policy, request, state)
                 if response is not None and not request.observability_mode:
                     await context.write(response)
-                if request.HasField("response_headers"):
+                if kind == "response_headers":
                     # Nothing later in the exchange needs us (bodies and trailers would be
                     # continued unchanged), so end the stream here with OK: Envoy then
                     # stops sending instead of resetting the stream, and a reset stream
@@ -327,29 +332,26 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         )  # fmt: skip
 
     def _answer(
-        self, policy: Policy, request: pb.ProcessingRequest, state: StreamState
+        self, kind: str | None, policy: Policy, request: pb.ProcessingRequest, state: StreamState
     ) -> pb.ProcessingResponse | None:
-        started = time.perf_counter()
-        kind = request.WhichOneof("request")
+        started = perf_counter()
+        metrics = self.metrics
         try:
-            response = handle(policy, request, state)
+            response = _dispatch(kind, policy, request, state)
         except Exception as exc:  # one bad message must not end the stream or the server
-            self.metrics.errors["processing_failed"].inc()
+            metrics.errors["processing_failed"].inc()
             log.error("processing_failed", kind=kind, **error_fields(exc, request))
             response = CONTINUE.get(kind or "")
         if kind is None:
-            self.metrics.errors["bad_message"].inc()
+            metrics.errors["bad_message"].inc()
             return response
-        self.metrics.messages[kind].inc()
-        self._count_outcome(kind, state)
-        self.metrics.seconds[kind].observe(time.perf_counter() - started)
-        return response
-
-    def _count_outcome(self, kind: str, state: StreamState) -> None:
+        metrics.messages[kind].inc()
         if kind == "request_headers":
-            self.metrics.count_request(state.decision.applied)
+            metrics.count_request(state.decision.applied)
         elif kind == "response_headers":
-            self.metrics.count_response(state.diagnosis)
+            metrics.count_response(state.diagnosis)
+        metrics.seconds[kind].observe(perf_counter() - started)
+        return response
 
 
 class ExtProcServer:

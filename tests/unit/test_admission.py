@@ -64,9 +64,11 @@ class TestAdmission:
     def test_the_busiest_peer_gives_way_to_a_lighter_one(self):
         """At capacity, another address gets the least recently heard stream of the busiest."""
         door = Door(StreamLimits(max_streams=4))
-        hostile = fill(door, "h", 4, 0.0, heard=True)
-        door.heard(hostile[0], 1.0)  # now hostile[1] is the least recently heard
-        stream, evicted = door.admit("envoy", Closer(), 2.0)
+        hostile = fill(door, "h", 4, 0.0, heard=False)
+        for at, stream in enumerate(hostile):
+            door.heard(stream, float(at))
+        door.heard(hostile[0], 10.0)  # now hostile[1] is the least recently heard
+        stream, evicted = door.admit("envoy", Closer(), 11.0)
         assert stream is not None and evicted is hostile[1]
         assert evicted.closed_by == admission.CLOSED_FAIR_SHARE
 
