@@ -25,7 +25,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 try:
     import uvloop
@@ -35,6 +35,7 @@ except ImportError:  # not on every platform; the server runs on asyncio's loop 
 from extproc import core
 from extproc.admission import (
     CONNECTION_IDLE_SECONDS,
+    MAX_SIDE_STREAMS,
     REFUSED_MAX_STREAMS,
     SWEEP_SECONDS,
     WARN_INTERVAL_SECONDS,
@@ -354,6 +355,53 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         return response
 
 
+class _SideStreams:
+    """At most MAX_SIDE_STREAMS open at once of one streaming RPC outside the door."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.open = 0
+
+    @contextlib.asynccontextmanager
+    async def slot(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        if self.open >= MAX_SIDE_STREAMS:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, f"at most {MAX_SIDE_STREAMS} {self.name}"
+            )
+        self.open += 1
+        try:
+            yield
+        finally:
+            self.open -= 1
+
+
+class _Health(HealthServicer):  # type: ignore[misc]
+    """grpc's health service with its Watch streams capped; Check (what probes use) is not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.watches = _SideStreams("health watches")
+
+    async def Watch(self, request: Any, context: grpc.aio.ServicerContext) -> None:
+        async with self.watches.slot(context):
+            await super().Watch(request, context)
+
+
+class _Reflection(reflection.aio.ReflectionServicer):  # type: ignore[misc]
+    """Server reflection (grpcurl, ghz) with its streams capped."""
+
+    def __init__(self, service_names: Sequence[str]) -> None:
+        super().__init__(service_names)
+        self.streams = _SideStreams("reflection streams")
+
+    async def ServerReflectionInfo(
+        self, request_iterator: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        async with self.streams.slot(context):
+            async for response in super().ServerReflectionInfo(request_iterator, context):
+                yield response
+
+
 class ExtProcServer:
     """The gRPC server: ext_proc, health and reflection. An async context manager."""
 
@@ -382,7 +430,7 @@ class ExtProcServer:
         self.health_port = 0
         self._server: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
-        self._health = HealthServicer()
+        self._health = _Health()
         self._sweeper: asyncio.Task[None] | None = None
 
     def options(self) -> list[tuple[str, int]]:
@@ -399,9 +447,8 @@ class ExtProcServer:
         pb_grpc.add_ExternalProcessorServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_name, reflection.SERVICE_NAME), server
-        )
+        self._reflection = _Reflection((SERVICE_NAME, health_name, reflection.SERVICE_NAME))
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(self._reflection, server)
         try:
             if self.credentials is None:
                 self.port = server.add_insecure_port(self.listen)

@@ -7,10 +7,12 @@ import asyncio
 import grpc
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from structlog.testing import capture_logs
 
 from extproc import admission
-from extproc.admission import StreamLimits
+from extproc.admission import MAX_SIDE_STREAMS, StreamLimits
 from extproc.config import Policy
 from extproc.metrics import Metrics
 from extproc.server import ExtProcServer
@@ -33,6 +35,13 @@ def counted(metrics: Metrics, family: str, limit: str) -> float:
     return metrics.registry.get_sample_value(f"extproc_streams_{family}_total", {"limit": limit})
 
 
+async def ended(call) -> grpc.StatusCode:
+    """The status a stream ends with; without the limit under test it would never end,
+    so the wait is bounded far past the test's own deadlines (0.2-0.3 s) to fail, not hang."""
+    async with asyncio.timeout(30):
+        return await call.code()
+
+
 async def until(check) -> None:
     """Wait for the server to reach a state (it runs on this loop), never a fixed time."""
     async with asyncio.timeout(10):
@@ -52,7 +61,7 @@ class TestDeadlines:
             grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch,
         ):
             call = pb_grpc.ExternalProcessorStub(ch).Process()
-            assert await call.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert await ended(call) == grpc.StatusCode.DEADLINE_EXCEEDED
             assert counted(metrics, "closed", admission.CLOSED_FIRST_MESSAGE) == 1
             (answer,) = await exchange(ch, HEADERS)
             assert answer.WhichOneof("response") == "request_headers"
@@ -68,7 +77,7 @@ class TestDeadlines:
             call = pb_grpc.ExternalProcessorStub(ch).Process()
             await call.write(HEADERS)
             assert (await call.read()).WhichOneof("response") == "request_headers"
-            assert await call.code() == grpc.StatusCode.OK
+            assert await ended(call) == grpc.StatusCode.OK
             assert counted(metrics, "closed", admission.CLOSED_IDLE) == 1
             assert counted(metrics, "closed", admission.CLOSED_FIRST_MESSAGE) == 0
 
@@ -133,3 +142,44 @@ class TestMessageSize:
             (answer,) = await exchange(ch, small)
             assert answer.WhichOneof("response") == "request_headers"
             assert server.servicer.door.open_streams == 0
+
+
+class TestSideStreams:
+    async def test_health_watches_are_capped_and_process_goes_on(self):
+        """Beyond MAX_SIDE_STREAMS open health Watch streams a new one is refused; ext_proc is not."""
+        async with (
+            ExtProcServer(Policy()) as server,
+            grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch,
+        ):
+            stub = health_pb2_grpc.HealthStub(ch)
+            held = [stub.Watch(health_pb2.HealthCheckRequest()) for _ in range(MAX_SIDE_STREAMS)]
+            for call in held:
+                assert (await call.read()).status == health_pb2.HealthCheckResponse.SERVING
+            extra = stub.Watch(health_pb2.HealthCheckRequest())
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await extra.read()  # an admitted watch would answer SERVING here
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            (answer,) = await exchange(ch, HEADERS)
+            assert answer.WhichOneof("response") == "request_headers"
+            for call in held:
+                call.cancel()
+
+    async def test_reflection_streams_are_capped(self):
+        """Beyond MAX_SIDE_STREAMS open reflection streams a new one is refused."""
+        async with (
+            ExtProcServer(Policy()) as server,
+            grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch,
+        ):
+            stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+            list_services = reflection_pb2.ServerReflectionRequest(list_services="")
+            held = [stub.ServerReflectionInfo() for _ in range(MAX_SIDE_STREAMS)]
+            for call in held:
+                await call.write(list_services)
+                assert (await call.read()).HasField("list_services_response")
+            extra = stub.ServerReflectionInfo()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await extra.write(list_services)
+                await extra.read()  # an admitted stream would list the services here
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            for call in held:
+                call.cancel()
