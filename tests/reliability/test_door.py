@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import http.server
 import json
 import re
 import threading
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 import grpc
 import pytest
@@ -127,3 +128,72 @@ def _annotated(port: int) -> bool:
     finally:
         conn.close()
     return response.status == 503 and response.getheader("x-extproc-diagnosis") is not None
+
+
+class _SlowUpstream(http.server.BaseHTTPRequestHandler):
+    """Answers 200 after the server's idle timeout has closed the request's stream."""
+
+    delay = threading.Event()
+
+    def do_GET(self) -> None:
+        self.delay.wait(timeout=30)
+        self.send_response(200)
+        self.send_header("content-length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_stream_closed_for_idling_serves_the_request(
+    server_process: ServerProcess, tmp_path: Path
+) -> None:
+    """A response slower than --stream-idle-timeout is served unannotated; Envoy counts no failure."""
+    metrics_port = free_port()
+    server_process.args = (
+        "--stream-idle-timeout", "2", "--metrics-listen", f"{LOOPBACK}:{metrics_port}",
+    )  # fmt: skip
+    server_process.start()
+    _SlowUpstream.delay.clear()
+    upstream = http.server.ThreadingHTTPServer((LOOPBACK, 0), _SlowUpstream)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    config = _with_route(bootstrap(server_process.port), "/slow", upstream.server_address[1])
+    (tmp_path / "envoy").mkdir()
+    try:
+        with EnvoyProcess(config, workdir=tmp_path / "envoy") as envoy:
+            port = envoy.listener_ports()["ingress"]
+            conn = http.client.HTTPConnection(LOOPBACK, port, timeout=30)
+            conn.request("GET", "/slow")
+            # The upstream answers once the server has closed the idle stream.
+            assert wait_until(lambda: _closed_idle(metrics_port) == 1, timeout=20)
+            _SlowUpstream.delay.set()
+            response = conn.getresponse()
+            response.read()
+            conn.close()
+            stats = ext_proc_stats(envoy)
+    finally:
+        upstream.shutdown()
+        upstream.server_close()
+    assert response.status == 200
+    assert stats["failure_mode_allowed"] == 0, stats
+
+
+def _closed_idle(metrics_port: int) -> float:
+    pattern = r'^extproc_streams_closed_total\{limit="idle_timeout"\} (\S+)$'
+    match = re.search(pattern, metrics_text(metrics_port), re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def _with_route(config: dict[str, Any], prefix: str, port: int) -> dict[str, Any]:
+    """`config` with `prefix` routed to a plain HTTP upstream on `port`."""
+    resources = config["static_resources"]
+    hcm = resources["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    routes.insert(0, {"match": {"prefix": prefix}, "route": {"cluster": "slow", "timeout": "30s"}})
+    resources["clusters"].append({
+        "name": "slow", "type": "STATIC", "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": "slow", "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": LOOPBACK, "port_value": port}}}}]}]},
+    })  # fmt: skip
+    return config
