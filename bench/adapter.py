@@ -66,8 +66,8 @@ def measure() -> dict[str, float]:
     def metered(response: pb.ProcessingRequest) -> Callable[[], None]:
         def stream() -> None:
             state = StreamState()
-            servicer._answer(policy, request, state)
-            servicer._answer(policy, response, state)
+            servicer._answer("request_headers", policy, request, state)
+            servicer._answer("response_headers", policy, response, state)
 
         return stream
 

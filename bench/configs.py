@@ -32,6 +32,9 @@ class Server(enum.StrEnum):
     NAIVE = "naive"  # bench/naive_servicer.py: continues everything
     NAIVE_HTTP = "naive-http"  # bench/naive_http.py: the same over http_service
     OURS = "ours"  # extproc serve, default policy
+    # extproc serve from another checkout (BENCH_BEFORE_REPO): the code before a change,
+    # measured in the same rounds as the code after it.
+    BEFORE = "before"
 
 
 class Filter(enum.StrEnum):
@@ -120,6 +123,8 @@ CONFIGS: tuple[Config, ...] = (
     Config("envoy", "Envoy alone", Filter.NONE, Route.OK),
     Config("naive", "naive servicer, always-on", Filter.ALWAYS, Route.OK, Server.NAIVE),
     Config("always", "ours, always-on", Filter.ALWAYS, Route.OK, Server.OURS),
+    Config("always-before", "ours from BENCH_BEFORE_REPO, always-on", Filter.ALWAYS, Route.OK,
+           Server.BEFORE),
     Config("naive-http", "naive HTTP server, always-on (http_service)", Filter.ALWAYS, Route.OK,
            Server.NAIVE_HTTP, transport=HTTP),
     Config("always-http", "ours over HTTP, always-on", Filter.ALWAYS, Route.OK, Server.OURS,

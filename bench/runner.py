@@ -44,6 +44,8 @@ from extproc.render.options import NAME
 REPO = Path(__file__).resolve().parents[1]
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _STREAMS_STAT = f"cluster.{NAME}.upstream_rq_total"
+# A checkout of the code before a change: the `always-before` row runs its server.
+BEFORE_REPO = "BENCH_BEFORE_REPO"
 
 LoadFunction = Callable[[str, int, float], LoadResult]
 
@@ -128,11 +130,14 @@ class ServerProcess:
         self.http = transport == HTTP
         module = {
             Server.OURS: ["extproc", "serve"],
+            Server.BEFORE: ["extproc", "serve"],
             Server.NAIVE: ["bench.naive_servicer"],
             Server.NAIVE_HTTP: ["bench.naive_http"],
         }[server]
         args = ["--workers", str(workers)] if workers > 1 else []
-        if server is Server.OURS:
+        # The checkout whose code this server runs (-m imports from the working directory).
+        self.repo = Path(os.environ[BEFORE_REPO]) if server is Server.BEFORE else REPO
+        if server in (Server.OURS, Server.BEFORE):
             # The rendered Envoy is the edge, where annotations are off by default; the
             # bench measures (and checks) the annotated path, as at a sidecar.
             policy = stem.with_suffix(".policy.yaml")
@@ -146,10 +151,12 @@ class ServerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> ServerProcess:
-        env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONPATH": str(self.repo), "PYTHONUNBUFFERED": "1"}
         # A file, not a pipe: each diagnosis is a log line, and a full pipe stalls a server.
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(self.command, stderr=log, stdout=log, env=env, cwd=REPO)
+            self.proc = subprocess.Popen(
+                self.command, stderr=log, stdout=log, env=env, cwd=self.repo
+            )
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -420,7 +427,10 @@ def run(
 
 def _supported(configs: Sequence[Config], outcome: Outcome) -> list[Config]:
     """The configurations this server can run; the others are recorded as skipped."""
-    needed = [c for c in configs if c.needs]
+    for config in configs:
+        if config.server is Server.BEFORE and not os.environ.get(BEFORE_REPO):
+            outcome.skipped[config.name] = f"{BEFORE_REPO} names no checkout to compare with"
+    needed = [c for c in configs if c.needs and c.name not in outcome.skipped]
     help_text = server_help() if needed else ""
     for config in needed:
         if missing := [flag for flag in config.needs if flag not in help_text]:

@@ -18,6 +18,7 @@ import structlog
 
 from extproc.accesslog import Reading, Unread, diagnose_text
 from extproc.accesslog.summary import MAX_LINE, Summary
+from extproc.admission import StreamLimits
 from extproc.annotate import diagnosis_headers
 from extproc.config import Direction, Policy, PolicyError, ServeConfig, TlsFiles, load_policy
 from extproc.diagnosis import Diagnosis, Evidence, classify
@@ -79,8 +80,10 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
             raise ConfigError(
                 "--workers needs a fixed port: with port 0 each worker would get its own"
             )
-    if args.max_streams < 1:
-        raise ConfigError(f"--max-streams must be at least 1, got {args.max_streams}")
+    try:
+        StreamLimits(args.max_streams, args.stream_idle_timeout, args.max_message_bytes)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if args.http_max_connections < 1:
         raise ConfigError(
             f"--http-max-connections must be at least 1, got {args.http_max_connections}"
@@ -103,6 +106,8 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         metrics_cluster_label=args.metrics_cluster_label or 0,
         health_listen=args.health_listen,
         max_streams=args.max_streams,
+        stream_idle_timeout=args.stream_idle_timeout,
+        max_message_bytes=args.max_message_bytes,
         workers=args.workers,
         envoy_admin=_envoy_admin(args.envoy_admin),
     )
@@ -676,7 +681,24 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=ServeConfig().max_streams,
         metavar="N",
-        help="concurrent streams; beyond it new ones are refused at once (default: %(default)s)",
+        help="concurrent gRPC streams; at the limit a new one takes the place of a silent "
+        "stream or of the busiest peer's idlest, else is refused at once (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--stream-idle-timeout",
+        type=float,
+        default=ServeConfig().stream_idle_timeout,
+        metavar="SECONDS",
+        help="close a gRPC stream with no message for this long: the longest an upstream may "
+        "take to answer and still be annotated (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=ServeConfig().max_message_bytes,
+        metavar="N",
+        help="the largest ProcessingRequest; raise it with Envoy's max_request_headers_kb "
+        "(default: %(default)s)",
     )
     serve.add_argument(
         "--envoy-admin",

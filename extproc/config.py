@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from extproc.admission import MAX_MESSAGE_BYTES, MAX_STREAMS, STREAM_IDLE_SECONDS
 from extproc.authority import parse_authority, parse_host
 
 
@@ -311,9 +312,13 @@ class ServeConfig:
     metrics_cluster_label: int = 0
     # A plaintext port with only the health service, for probes that cannot speak TLS.
     health_listen: str | None = None
-    # Streams beyond this get RESOURCE_EXHAUSTED at once; with failure_mode_allow Envoy
-    # then passes the request through unannotated instead of waiting.
-    max_streams: int = 1000
+    # The gRPC door's limits (extproc/admission.py says why each is what it is). Beyond
+    # max_streams a new stream takes a silent or an over-share stream's place, or gets
+    # RESOURCE_EXHAUSTED at once: with failure_mode_allow Envoy then passes the request
+    # through unannotated instead of waiting.
+    max_streams: int = MAX_STREAMS
+    stream_idle_timeout: float = STREAM_IDLE_SECONDS
+    max_message_bytes: int = MAX_MESSAGE_BYTES
     # Server processes (see extproc/workers.py).
     workers: int = 1
     # How often the policy file is checked for changes (SIGHUP reloads at once).

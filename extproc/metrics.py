@@ -15,6 +15,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from extproc.admission import CLOSINGS, REFUSALS
 from extproc.diagnosis import HINTS, Diagnosis
 from extproc.headers import RULES, Applied
 
@@ -92,6 +93,21 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",  # summed over live workers under --workers
         )
+        refused = Counter(
+            "extproc_streams_refused",
+            "gRPC streams refused at once, by the limit that refused them",
+            ["limit"],
+            registry=r,
+        )
+        self.streams_refused = {limit: refused.labels(limit) for limit in REFUSALS}
+        closed = Counter(
+            "extproc_streams_closed",
+            "gRPC streams the server closed, by the limit that closed them (a deadline, or "
+            "a place taken at capacity)",
+            ["limit"],
+            registry=r,
+        )
+        self.streams_closed = {limit: closed.labels(limit) for limit in CLOSINGS}
         messages = Counter(
             "extproc_messages",
             "ProcessingRequest messages by kind and transport (grpc, http)",

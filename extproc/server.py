@@ -12,9 +12,9 @@ import asyncio
 import contextlib
 import math
 import signal
-import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from time import perf_counter
 from typing import Any
 
 import grpc
@@ -25,7 +25,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 try:
     import uvloop
@@ -33,6 +33,17 @@ except ImportError:  # not on every platform; the server runs on asyncio's loop 
     uvloop = None  # type: ignore[assignment]
 
 from extproc import core
+from extproc.admission import (
+    CONNECTION_IDLE_SECONDS,
+    MAX_SIDE_STREAMS,
+    REFUSED_MAX_STREAMS,
+    SWEEP_SECONDS,
+    WARN_INTERVAL_SECONDS,
+    Door,
+    Stream,
+    StreamLimits,
+    peer_address,
+)
 from extproc.config import Direction, Policy, ServeConfig, TlsFiles, load_policy
 from extproc.core import Answer, Carried
 from extproc.diagnosis import Diagnosis
@@ -95,7 +106,7 @@ def header_pairs(headers: pb.HttpHeaders) -> list[Header]:
     Bytes that are not UTF-8 survive the round trip as surrogate escapes.
     """
     return [
-        (h.key, h.raw_value.decode("utf-8", "surrogateescape") if h.raw_value else h.value)
+        (h.key, raw.decode("utf-8", "surrogateescape") if (raw := h.raw_value) else h.value)
         for h in headers.headers.headers
     ]
 
@@ -140,9 +151,8 @@ def encode(kind: str, answer: Answer) -> pb.ProcessingResponse:
 
 def _attributes(request: pb.ProcessingRequest) -> Any:
     """The Struct fields Envoy attached, or None."""
-    if ATTRIBUTES_KEY in request.attributes:
-        return request.attributes[ATTRIBUTES_KEY].fields
-    return None
+    attributes = request.attributes.get(ATTRIBUTES_KEY)
+    return None if attributes is None else attributes.fields
 
 
 def _text(fields: Any, key: str) -> str:
@@ -227,7 +237,12 @@ def handle(
     policy: Policy, request: pb.ProcessingRequest, state: StreamState
 ) -> pb.ProcessingResponse | None:
     """The answer to one message, or None when there is nothing to answer."""
-    kind = request.WhichOneof("request")
+    return _dispatch(request.WhichOneof("request"), policy, request, state)
+
+
+def _dispatch(
+    kind: str | None, policy: Policy, request: pb.ProcessingRequest, state: StreamState
+) -> pb.ProcessingResponse | None:
     match kind:
         case "request_headers":
             return on_request_headers(policy, request, state)
@@ -256,13 +271,22 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
     started with, so a request and its response are judged by the same rules.
     """
 
-    def __init__(self, policy: Policy, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, policy: Policy, metrics: Metrics | None = None, limits: StreamLimits | None = None
+    ) -> None:
         self.policy = policy
         self.metrics = metrics or Metrics()
         self.cluster_tls: ClusterTlsCache | None = None
+        self.door = Door(limits or StreamLimits())
+        self._warned: dict[str, tuple[float, int]] = {}
 
     async def Process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
-        policy, metrics = self.policy, self.metrics
+        policy, metrics, door = self.policy, self.metrics, self.door
+        clock = asyncio.get_running_loop().time
+        stream = self._admit(context, clock())
+        if stream is None:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many streams open")
+            return
         state = StreamState(
             cluster_tls=self.cluster_tls, declared=declared_direction(context.invocation_metadata())
         )
@@ -270,42 +294,124 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         metrics.active_streams.inc()
         try:
             while (request := await context.read()) is not grpc.aio.EOF:
-                response = self._answer(policy, request, state)
+                door.heard(stream, clock())
+                kind = request.WhichOneof("request")
+                response = self._answer(kind, policy, request, state)
                 if response is not None and not request.observability_mode:
                     await context.write(response)
-                if request.HasField("response_headers"):
+                if kind == "response_headers":
                     # Nothing later in the exchange needs us (bodies and trailers would be
                     # continued unchanged), so end the stream here with OK: Envoy then
                     # stops sending instead of resetting the stream, and a reset stream
                     # costs grpc.aio ~100 bytes that are never freed (tests/reliability).
                     return
+        except asyncio.CancelledError:
+            if stream.closed_by is None:
+                raise
+            # A limit closed it. One that has spoken ends with OK, as after the response
+            # headers (Envoy skips the rest); a silent one was never Envoy's.
+            if not stream.heard:
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, stream.closed_by)
         finally:
+            door.done(stream)
             metrics.active_streams.dec()
 
+    def _admit(self, context: grpc.aio.ServicerContext, now: float) -> Stream | None:
+        task = asyncio.current_task()
+        assert task is not None  # grpc.aio runs each call in a task
+        stream, evicted = self.door.admit(peer_address(context.peer()), task.cancel, now)
+        if evicted is not None:
+            self._limited(self.metrics.streams_closed, evicted.closed_by or "", now)
+        if stream is None:
+            self._limited(self.metrics.streams_refused, REFUSED_MAX_STREAMS, now)
+        return stream
+
+    def sweep(self, now: float) -> None:
+        """Close the streams past their deadlines (the server calls it every SWEEP_SECONDS)."""
+        for stream in self.door.expired(now):
+            self._limited(self.metrics.streams_closed, stream.closed_by or "", now)
+
+    def _limited(self, counters: Mapping[str, Any], limit: str, now: float) -> None:
+        """Count a stream a limit refused or closed; warn at most once per interval."""
+        counters[limit].inc()
+        last, since = self._warned.get(limit, (-math.inf, 0))
+        if now - last < WARN_INTERVAL_SECONDS:
+            self._warned[limit] = (last, since + 1)
+            return
+        self._warned[limit] = (now, 0)
+        log.warning(
+            "stream_limit", limit=limit, open_streams=self.door.open_streams,
+            max_streams=self.door.limits.max_streams, also_since_last_warning=since,
+        )  # fmt: skip
+
     def _answer(
-        self, policy: Policy, request: pb.ProcessingRequest, state: StreamState
+        self, kind: str | None, policy: Policy, request: pb.ProcessingRequest, state: StreamState
     ) -> pb.ProcessingResponse | None:
-        started = time.perf_counter()
-        kind = request.WhichOneof("request")
+        started = perf_counter()
+        metrics = self.metrics
         try:
-            response = handle(policy, request, state)
+            response = _dispatch(kind, policy, request, state)
         except Exception as exc:  # one bad message must not end the stream or the server
-            self.metrics.errors["processing_failed"].inc()
+            metrics.errors["processing_failed"].inc()
             log.error("processing_failed", kind=kind, **error_fields(exc, request))
             response = CONTINUE.get(kind or "")
         if kind is None:
-            self.metrics.errors["bad_message"].inc()
+            metrics.errors["bad_message"].inc()
             return response
-        self.metrics.messages[kind].inc()
-        self._count_outcome(kind, state)
-        self.metrics.seconds[kind].observe(time.perf_counter() - started)
+        metrics.messages[kind].inc()
+        if kind == "request_headers":
+            metrics.count_request(state.decision.applied)
+        elif kind == "response_headers":
+            metrics.count_response(state.diagnosis)
+        metrics.seconds[kind].observe(perf_counter() - started)
         return response
 
-    def _count_outcome(self, kind: str, state: StreamState) -> None:
-        if kind == "request_headers":
-            self.metrics.count_request(state.decision.applied)
-        elif kind == "response_headers":
-            self.metrics.count_response(state.diagnosis)
+
+class _SideStreams:
+    """At most MAX_SIDE_STREAMS open at once of one streaming RPC outside the door."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.open = 0
+
+    @contextlib.asynccontextmanager
+    async def slot(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        if self.open >= MAX_SIDE_STREAMS:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, f"at most {MAX_SIDE_STREAMS} {self.name}"
+            )
+        self.open += 1
+        try:
+            yield
+        finally:
+            self.open -= 1
+
+
+class _Health(HealthServicer):  # type: ignore[misc]
+    """grpc's health service with its Watch streams capped; Check (what probes use) is not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.watches = _SideStreams("health watches")
+
+    async def Watch(self, request: Any, context: grpc.aio.ServicerContext) -> None:
+        async with self.watches.slot(context):
+            await super().Watch(request, context)
+
+
+class _Reflection(reflection.aio.ReflectionServicer):  # type: ignore[misc]
+    """Server reflection (grpcurl, ghz) with its streams capped."""
+
+    def __init__(self, service_names: Sequence[str]) -> None:
+        super().__init__(service_names)
+        self.streams = _SideStreams("reflection streams")
+
+    async def ServerReflectionInfo(
+        self, request_iterator: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        async with self.streams.slot(context):
+            async for response in super().ServerReflectionInfo(request_iterator, context):
+                yield response
 
 
 class ExtProcServer:
@@ -319,7 +425,7 @@ class ExtProcServer:
         *,
         servicer: pb_grpc.ExternalProcessorServicer | None = None,
         tls: TlsFiles | None = None,
-        max_streams: int | None = None,
+        limits: StreamLimits | None = None,
         metrics: Metrics | None = None,
         health_listen: str | None = None,
     ) -> None:
@@ -327,25 +433,34 @@ class ExtProcServer:
         self.health_listen = health_listen
         self.grace = grace
         self.metrics = metrics or Metrics()
+        self.limits = limits or StreamLimits()
         # Tests may put a recording servicer behind the same server and health service.
-        self.servicer = servicer or ExternalProcessor(policy, self.metrics)
+        self.servicer = servicer or ExternalProcessor(policy, self.metrics, self.limits)
         # Built now, so unusable certificate files fail start-up with their names.
         self.credentials = ReloadingCredentials(tls) if tls else None
-        self.max_streams = max_streams
         self.port = 0
         self.health_port = 0
         self._server: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
-        self._health = HealthServicer()
+        self._health = _Health()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def options(self) -> list[tuple[str, int]]:
+        """The HTTP/2 and message limits grpc enforces for us (admission.py says why)."""
+        return [
+            ("grpc.max_receive_message_length", self.limits.max_message_bytes),
+            ("grpc.max_connection_idle_ms", int(CONNECTION_IDLE_SECONDS * 1000)),
+        ]
 
     async def start(self) -> None:
-        server = grpc.aio.server(maximum_concurrent_rpcs=self.max_streams)
+        # No maximum_concurrent_rpcs: the servicer's door admits streams, so that at
+        # capacity a new stream can take a silent or an over-share stream's place.
+        server = grpc.aio.server(options=self.options())
         pb_grpc.add_ExternalProcessorServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_name, reflection.SERVICE_NAME), server
-        )
+        self._reflection = _Reflection((SERVICE_NAME, health_name, reflection.SERVICE_NAME))
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(self._reflection, server)
         try:
             if self.credentials is None:
                 self.port = server.add_insecure_port(self.listen)
@@ -355,6 +470,8 @@ class ExtProcServer:
             raise OSError(f"cannot listen on {self.listen}: {exc}") from None
         await server.start()
         self._server = server
+        if isinstance(self.servicer, ExternalProcessor):
+            self._sweeper = asyncio.create_task(self._sweep(self.servicer))
         if self.health_listen:
             await self._start_health_server(self.health_listen)
         for service in ("", SERVICE_NAME):
@@ -371,10 +488,20 @@ class ExtProcServer:
         await server.start()
         self._health_server = server
 
+    @staticmethod
+    async def _sweep(servicer: ExternalProcessor) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(SWEEP_SECONDS)
+            servicer.sweep(loop.time())
+
     async def stop(self) -> None:
         """Report NOT_SERVING, refuse new streams, let in-flight ones finish within the grace."""
         if self._server is None:
             return
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         await self._health.enter_graceful_shutdown()
         await self._server.stop(self.grace)
         self._server = None
@@ -409,19 +536,21 @@ async def serve(config: ServeConfig) -> None:
     processors: list[ExternalProcessor | HttpProcessor] = []
     lanes: list[contextlib.AbstractAsyncContextManager[Any]] = []
     if config.listen is not None:
-        servicer = ExternalProcessor(policy, metrics)
+        stream_limits = StreamLimits(config.max_streams, config.stream_idle_timeout,
+                                     config.max_message_bytes)  # fmt: skip
+        servicer = ExternalProcessor(policy, metrics, stream_limits)
         processors.append(servicer)
         lanes.append(ExtProcServer(
             policy, config.listen, config.grace, servicer=servicer, tls=config.tls,
-            max_streams=config.max_streams, metrics=metrics, health_listen=config.health_listen,
+            limits=stream_limits, metrics=metrics, health_listen=config.health_listen,
         ))  # fmt: skip
     if config.http_listen is not None:
         processor = HttpProcessor(policy, metrics)
         processors.append(processor)
         context = ReloadingSslContext(config.tls).context if config.tls else None
-        limits = Limits(max_connections=config.http_max_connections)
+        lane_limits = Limits(max_connections=config.http_max_connections)
         lanes.append(HttpLane(processor, config.http_listen, config.grace, ssl_context=context,
-                              limits=limits))  # fmt: skip
+                              limits=lane_limits))  # fmt: skip
     if config.metrics_listen:
         metrics.serve(config.metrics_listen)
     stopping = asyncio.Event()

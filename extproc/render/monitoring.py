@@ -288,8 +288,9 @@ def panels() -> list[Panel]:
         ),
         Panel(
             "Active streams",
-            "ext_proc streams open now (one per HTTP request in flight); beyond "
-            "--max-streams new ones are refused and Envoy fails open.",
+            "ext_proc streams open now (one per HTTP request in flight); at "
+            "--max-streams a new one takes a silent or over-share stream's place, else it "
+            "is refused (extproc_streams_refused_total) and Envoy fails open.",
             ((f"sum by (job) (extproc_streams_active{{{_SERVER}}})", "{{job}}"),),
         ),
         Panel(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bench.configs import CONFIGS, Config, Filter, Route, Server, bootstrap
+from bench.runner import BEFORE_REPO, Outcome, ServerProcess, _supported
 from extproc.filter_config import EXT_PROC_FILTER
 from extproc.render.options import NAME
 
@@ -87,3 +88,20 @@ class TestBootstrap:
         )
         endpoints = clusters(rendered)[NAME]["load_assignment"]["endpoints"][0]["lb_endpoints"]
         assert [e["endpoint"]["address"]["pipe"]["path"] for e in endpoints] == paths
+
+
+class TestBeforeRow:
+    def test_skipped_without_a_checkout(self, monkeypatch):
+        """Without BENCH_BEFORE_REPO the always-before row is skipped, and the report says why."""
+        monkeypatch.delenv(BEFORE_REPO, raising=False)
+        outcome = Outcome()
+        assert _supported([ROWS["always-before"], ROWS["always"]], outcome) == [ROWS["always"]]
+        assert BEFORE_REPO in outcome.skipped["always-before"]
+
+    def test_runs_the_server_of_the_checkout_it_names(self, monkeypatch, tmp_path):
+        """The before server is `extproc serve` imported from the named checkout."""
+        monkeypatch.setenv(BEFORE_REPO, str(tmp_path))
+        before = ServerProcess(Server.BEFORE, tmp_path)
+        ours = ServerProcess(Server.OURS, tmp_path)
+        assert before.repo == tmp_path and ours.repo != tmp_path
+        assert before.command[1:][:3] == ours.command[1:][:3] == ["-m", "extproc", "serve"]

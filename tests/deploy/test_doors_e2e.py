@@ -36,6 +36,7 @@ from envoy.service.secret.v3 import sds_pb2_grpc as sds_grpc
 from google.protobuf import any_pb2
 
 from extproc import core
+from extproc.admission import StreamLimits
 from extproc.config import Exposure, Policy, TlsFiles
 from extproc.filter_config import (
     CIRCUIT_BREAKERS,
@@ -102,18 +103,17 @@ class Witness:
 class GrpcWitness(ExternalProcessor):
     """The real gRPC processor, noting what each message carried before answering it."""
 
-    def __init__(self, policy: Policy) -> None:
-        super().__init__(policy)
+    def __init__(self, policy: Policy, limits: StreamLimits | None = None) -> None:
+        super().__init__(policy, limits=limits)
         self.seen = Witness()
 
-    def _answer(self, policy: Policy, request: Any, state: Any) -> Any:
-        kind = request.WhichOneof("request")
+    def _answer(self, kind: str | None, policy: Policy, request: Any, state: Any) -> Any:
         if kind in ("request_headers", "response_headers"):
             headers = getattr(request, kind).headers.headers
             self.seen.header_names.append({h.key for h in headers})
         self.seen.attribute_keys.update(request.attributes.keys())
         self.seen.raw.append(request.SerializeToString())
-        return super()._answer(policy, request, state)
+        return super()._answer(kind, policy, request, state)
 
 
 class HttpWitness(HttpProcessor):
@@ -134,9 +134,12 @@ class HttpWitness(HttpProcessor):
         return super().answer(body, declared)
 
 
-def grpc_server(policy: Policy, tls: TlsFiles | None = None) -> tuple[Any, BackgroundServer]:
-    processor = GrpcWitness(policy)
-    return processor, BackgroundServer(ExtProcServer(policy, servicer=processor, tls=tls))
+def grpc_server(
+    policy: Policy, tls: TlsFiles | None = None, limits: StreamLimits | None = None
+) -> tuple[Any, BackgroundServer]:
+    processor = GrpcWitness(policy, limits)
+    server = ExtProcServer(policy, servicer=processor, tls=tls, limits=limits)
+    return processor, BackgroundServer(server)
 
 
 def http_server(policy: Policy, tls: TlsFiles | None = None) -> tuple[Any, BackgroundServer]:
@@ -520,7 +523,8 @@ class TestManyStreamsHeld:
     ) -> tuple[int, list[bytes], int, int]:
         """Hold IN_FLIGHT requests upstream through the rendered Envoy, then release them:
         (ext_proc streams open while held, status lines, overflows, fail-opens)."""
-        processor, server = grpc_server(POLICY)
+        # The server admits them all: this test is about Envoy's breakers, not the door's.
+        processor, server = grpc_server(POLICY, limits=StreamLimits(max_streams=2 * self.IN_FLIGHT))
         with server:
             bootstrap = rendered_envoy("grpc", f"127.0.0.1:{server.port}", upstream_port)
             # The test's own upstream cluster must not be the one that overflows.

@@ -16,6 +16,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from structlog.testing import capture_logs
 
+from extproc.admission import StreamLimits
 from extproc.config import Policy, TlsFiles, policy_from_mapping
 from extproc.lab.certs import CertificateAuthority
 from extproc.lab.envoy import free_port
@@ -308,7 +309,7 @@ class TestOverload:
     async def test_streams_beyond_the_limit_are_refused_at_once(self):
         """With max_streams open, a new stream is refused with RESOURCE_EXHAUSTED instead of queueing."""
         async with (
-            ExtProcServer(Policy(), max_streams=2) as server,
+            ExtProcServer(Policy(), limits=StreamLimits(max_streams=2)) as server,
             grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch,
         ):
             stub = pb_grpc.ExternalProcessorStub(ch)

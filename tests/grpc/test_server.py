@@ -202,7 +202,7 @@ class TestBadInput:
 
     async def test_huge_header_count(self, channel):
         """Ten thousand headers are processed and the answer stays bounded."""
-        pairs = [(":authority", "a")] + [(f"x_h{i}", "v" * 100) for i in range(10_000)]
+        pairs = [(":authority", "a")] + [(f"x_h{i}", "v" * 10) for i in range(10_000)]
         _, resp = await exchange(
             channel, request_headers(pairs), response_headers([(":status", "200")])
         )

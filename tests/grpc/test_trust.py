@@ -182,7 +182,9 @@ class TestErrorsThatCanBeActedOn:
         processor = ExternalProcessor(Policy())
         request = request_headers([(":authority", "a"), ("cookie", secret)])
         with capture_logs() as logs:
-            answer = processor._answer(Policy(), request, server_module.StreamState())
+            answer = processor._answer(
+                "request_headers", Policy(), request, server_module.StreamState()
+            )
         assert answer is server_module.CONTINUE["request_headers"]
         (event,) = [e for e in logs if e["event"] == "processing_failed"]
         assert event["error"] == "ValueError"
