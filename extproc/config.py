@@ -155,6 +155,22 @@ def token_path(path: str, source: str) -> Path:
     return file
 
 
+# The files the server reads. Both are an operator's, but a wrong mount (a log, a binary)
+# must get a clear error, not a server that reads hundreds of megabytes: a real policy is a
+# few kilobytes, and a token travels in one header value.
+MAX_POLICY_BYTES = 1024 * 1024
+MAX_TOKEN_FILE_BYTES = 4096
+
+
+def read_capped(file: Path, limit: int) -> bytes:
+    """The bytes of `file`, or ValueError when it holds more than `limit`; OSError passes."""
+    with file.open("rb") as stream:
+        data = stream.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{file} is larger than {limit} bytes")
+    return data
+
+
 def read_reveal_token(path: str) -> bytes:
     """The token in `path` (surrounding whitespace removed), or ValueError saying what is wrong.
 
@@ -162,7 +178,7 @@ def read_reveal_token(path: str) -> bytes:
     """
     file = Path(path)
     try:
-        token = file.read_bytes().strip()
+        token = read_capped(file, MAX_TOKEN_FILE_BYTES).strip()
     except OSError as exc:
         raise ValueError(f"cannot read {file}: {exc.strerror or exc}") from None
     if len(token) < MIN_REVEAL_TOKEN:
@@ -332,11 +348,15 @@ def load_policy(path: str | Path, *, read_secrets: bool = True) -> Policy:
     (the reveal token) unread, for tools that only need the policy's shape (render)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_capped(path, MAX_POLICY_BYTES).decode("utf-8")
     except OSError as exc:
         raise PolicyError(f"{path}: cannot read the policy file: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
         raise PolicyError(f"{path}: the policy file is not UTF-8: {exc.reason}") from None
+    except ValueError:
+        raise PolicyError(
+            f"{path}: the policy file is larger than {MAX_POLICY_BYTES} bytes"
+        ) from None
     try:
         data = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from extproc.config import (
+    MAX_POLICY_BYTES,
     Action,
     Direction,
     Mode,
@@ -131,6 +132,20 @@ class TestErrors:
         """policy_from_mapping names the source it was given."""
         with pytest.raises(PolicyError, match=r"^inline: unknown key 'x'"):
             policy_from_mapping({"x": 1}, source="inline")
+
+
+class TestPolicyFileSize:
+    def test_a_file_over_the_cap_is_refused_before_it_is_parsed(self, tmp_path):
+        """A policy file larger than MAX_POLICY_BYTES (a wrong mount) gets an error naming the cap."""
+        path = write(tmp_path, "# padding\n" * (MAX_POLICY_BYTES // 10 + 1) + "mode: report\n")
+        with pytest.raises(PolicyError, match=f"larger than {MAX_POLICY_BYTES} bytes"):
+            load_policy(path)
+
+    def test_a_file_at_the_cap_is_read(self, tmp_path):
+        """Up to the cap the file is read as before."""
+        body = "mode: report\n"
+        path = write(tmp_path, body + "#" * (MAX_POLICY_BYTES - len(body) - 1) + "\n")
+        assert load_policy(path).mode is Mode.REPORT
 
 
 class TestServeArguments:

@@ -152,6 +152,7 @@ class TestTokenFile:
             ("tiny-secret", "shorter than 16 bytes"),
             ("has a space in the token", "visible ASCII"),
             ("tökén-tökén-tökén-tökén", "visible ASCII"),
+            ("x" * 5000, "larger than 4096 bytes"),  # a wrong mount, not a token
         ],
     )
     def test_bad_token_refused_without_quoting_it(self, tmp_path, content, problem):
