@@ -538,7 +538,9 @@ def _add_render_parser(sub: Any) -> None:
         "--runbook-url",
         default=None,
         help="monitoring: the document the alerts' runbook links point into (its "
-        "'Alert: NAME' headings; default: the project's README)",
+        "'Alert: NAME' headings, as in docs/monitoring.md; default: the monitoring page of "
+        "the documentation URL in the package's metadata; without one, no runbook_url: "
+        "each alert names the page in a runbook annotation)",
     )
     render.add_argument(
         "--output-dir",
