@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint unit deploy protos bench bench-tools test-tools clean
+.PHONY: run test lint unit docs dist deploy protos bench bench-tools test-tools clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/extproc demo
 
-## test: lint, types, and every test tier (unit, in-process gRPC, real Envoy)
+## test: lint, types, and every test tier (unit, the docs site --strict, in-process gRPC, real Envoy)
 test: lint $(STAMP) test-tools
 	$(BIN)/pytest
 
@@ -29,6 +29,16 @@ lint: $(STAMP)
 ## unit: the fast tiers only
 unit: $(STAMP) test-tools
 	$(BIN)/pytest -m "not envoy and not install"
+
+## docs: the documentation site (mkdocs.yml, docs/) into site/; --strict: a broken link or
+#  a missing page fails (tests/docs/ runs the same build in `make test`)
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+## dist: the sdist and the wheel into dist/, as PyPA's build makes them
+dist: $(STAMP)
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist
 
 ## deploy: re-render deploy/ (Istio, Cilium, Envoy, Kubernetes) from extproc/render
 deploy: $(STAMP)
@@ -68,4 +78,4 @@ test-tools:
 	$(call apt_tools,test,promtool prometheus,prometheus)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis site dist

@@ -26,7 +26,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-# Every limit of the gRPC door, in one place (README "Operations", threat model T12).
+# Every limit of the gRPC door, in one place (docs/operations.md, threat model T12).
 # Streams open at once (`--max-streams`): each costs a task and grpc's per-call state.
 MAX_STREAMS = 1000
 # Envoy sends its first message with the stream; one that has not arrived by then is not

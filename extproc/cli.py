@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -352,7 +353,73 @@ def _demo(args: argparse.Namespace) -> int:
     return int(run_demo(policy, stay=not args.once, scenarios=chosen, transport=args.transport))
 
 
+# Which `render` targets each option applies to (by argparse dest; the flag named in the
+# refusal). An option given to a target it does not apply to is refused (exit 2), never
+# ignored: `render istio --upstream X` would otherwise print manifests that never use X.
+# `render all` takes every option (each reaches the targets it applies to). --output-dir,
+# the one option not listed, applies to every target.
+_MESH = ("istio", "cilium", "envoy")
+RENDER_OPTION_TARGETS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "mode": ("--mode", _MESH),
+    "config": ("--config", (*_MESH, "k8s")),
+    "namespace": ("--namespace", ("istio", "cilium", "k8s", "monitoring")),
+    "image": ("--image", ("k8s",)),
+    "extproc_address": ("--extproc-address", _MESH),
+    "extproc_tls_ca": ("--extproc-tls-ca", (*_MESH, "k8s")),
+    "extproc_mtls": ("--extproc-mtls", (*_MESH, "k8s")),
+    "transport": ("--transport", _MESH),
+    "cilium_service": ("--cilium-service", ("cilium",)),
+    "cilium_direction": ("--cilium-direction", ("cilium",)),
+    "clusterwide": ("--clusterwide", ("cilium",)),
+    "istio_root_namespace": ("--istio-root-namespace", ("istio",)),
+    "istio_namespace": ("--istio-namespace", ("istio",)),
+    "istio_selector": ("--istio-selector", ("istio",)),
+    "istio_gateway_selector": ("--istio-gateway-selector", ("istio",)),
+    "istio_only": ("--istio-only", ("istio",)),
+    "istio_priority": ("--istio-priority", ("istio",)),
+    "istio_proxy_version": ("--istio-proxy-version", ("istio",)),
+    "envoy_listen": ("--envoy-listen", ("envoy",)),
+    "upstream": ("--upstream", ("envoy",)),
+    "direction": ("--direction", ("envoy",)),
+    "runbook_url": ("--runbook-url", ("monitoring",)),
+}
+# What those options default to when not given (argparse leaves them None or False, so a
+# given option can be told from a default one).
+RENDER_DEFAULTS = {
+    "namespace": "extproc-doctor",
+    "cilium_direction": "edge",
+    "envoy_listen": "0.0.0.0:10000",
+    "upstream": "127.0.0.1:8080",
+    "direction": "edge",
+    "transport": "grpc",
+}
+
+
+def foreign_options(args: argparse.Namespace) -> list[str]:
+    """The options given that do not apply to `args.target`, each saying where it does."""
+    if args.target == "all":
+        return []
+    return [
+        f"{flag} does not apply to render {args.target} (only to {', '.join(targets)})"
+        for dest, (flag, targets) in RENDER_OPTION_TARGETS.items()
+        if args.target not in targets and getattr(args, dest) not in (None, False)
+    ]
+
+
 def _render(args: argparse.Namespace) -> int:
+    """Refuse options foreign to the target, fill in the defaults, render."""
+    refused = foreign_options(args)
+    if refused:
+        for message in refused:
+            print(f"extproc render: {message}", file=sys.stderr)
+        return 2
+    for dest, default in RENDER_DEFAULTS.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, default)
+    return _render_targets(args)
+
+
+def _render_targets(args: argparse.Namespace) -> int:
     try:
         from extproc.render import (
             TARGETS,
@@ -450,6 +517,15 @@ def _add_render_parser(sub: Any) -> None:
         "render",
         help="print deployment manifests: Istio EnvoyFilter, Cilium, plain Envoy, Kubernetes, "
         "monitoring (Prometheus rules, Grafana dashboard)",
+        description="Print the deployment manifests for TARGET. An option marked [targets] "
+        "applies to those only: given to another target, it is refused (exit 2).",
+        **_examples(
+            "extproc render k8s --image registry.example.com/extproc-doctor:0.1.0 > doctor.yaml",
+            "extproc render istio --istio-namespace shop --config policy.yaml",
+            "extproc render cilium --cilium-service default/httpbin:8000",
+            "extproc render envoy --upstream 127.0.0.1:8080 > envoy.yaml",
+            "extproc render monitoring --runbook-url https://wiki.example/extproc-doctor",
+        ),
     )
     render.add_argument("target", choices=["istio", "cilium", "envoy", "k8s", "monitoring", "all"])
     render.add_argument(
@@ -464,8 +540,7 @@ def _add_render_parser(sub: Any) -> None:
     )
     render.add_argument(
         "--namespace",
-        default="extproc-doctor",
-        help="the server's namespace (default: %(default)s)",
+        help="the server's namespace (default: extproc-doctor)",
     )
     render.add_argument("--image", help="the server's image (default: extproc-doctor:VERSION)")
     render.add_argument(
@@ -497,7 +572,6 @@ def _add_render_parser(sub: Any) -> None:
     render.add_argument(
         "--cilium-direction",
         choices=["edge", "outbound"],
-        default="edge",
         help="cilium: where the Service's clients are. edge (default): anywhere, so the edge "
         "rules apply and annotations are hidden; outbound: only pods of the cluster "
         "(the Service is not reachable from outside)",
@@ -515,41 +589,42 @@ def _add_render_parser(sub: Any) -> None:
     _add_istio_flags(render)
     render.add_argument(
         "--envoy-listen",
-        default="0.0.0.0:10000",
         metavar="HOST:PORT",
-        help="envoy: the listener (default: %(default)s)",
+        help="envoy: the listener (default: 0.0.0.0:10000)",
     )
     render.add_argument(
         "--upstream",
-        default="127.0.0.1:8080",
         metavar="HOST:PORT",
-        help="envoy: the upstream (default: %(default)s)",
+        help="envoy: the upstream (default: 127.0.0.1:8080)",
     )
     render.add_argument(
         "--direction",
         choices=["edge", "outbound", "inbound"],
-        default="edge",
-        help="envoy: where the Envoy sits, which decides the header rules (default: %(default)s)",
+        help="envoy: where the Envoy sits, which decides the header rules (default: edge)",
     )
     render.add_argument(
         "--transport",
         choices=["grpc", "http"],
-        default="grpc",
         help="how Envoy calls the server: gRPC, or ext_proc's http_service (JSON over "
         "HTTP/1.1, two single-phase filters; Envoy >= 1.37, marked work in progress by "
-        "Envoy) (default: %(default)s)",
+        "Envoy) (default: grpc)",
     )
     render.add_argument(
         "--runbook-url",
-        default=None,
+        metavar="URL",
         help="monitoring: the document the alerts' runbook links point into (its "
-        "'Alert: NAME' headings; default: the project's README)",
+        "'Alert: NAME' headings, as in docs/monitoring.md; default: the monitoring page of "
+        "the documentation URL in the package's metadata; without one, no runbook_url: "
+        "each alert names the page in a runbook annotation)",
     )
     render.add_argument(
         "--output-dir",
         metavar="DIR",
         help="write every mode's files in the deploy/ layout under DIR instead of printing",
     )
+    for action in render._actions:  # --help says what the refusal enforces
+        if action.dest in RENDER_OPTION_TARGETS and action.help != argparse.SUPPRESS:
+            action.help = f"{action.help} [{', '.join(RENDER_OPTION_TARGETS[action.dest][1])}]"
     render.set_defaults(func=_render)
 
 
@@ -596,10 +671,27 @@ def _add_istio_flags(render: Any) -> None:
     )
 
 
+def _examples(*lines: str) -> dict[str, Any]:
+    """A parser's epilog: example command lines, printed as written."""
+    return {
+        "epilog": "examples:\n" + "\n".join(f"  {line}" for line in lines),
+        "formatter_class": argparse.RawDescriptionHelpFormatter,
+    }
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="extproc",
         description="Envoy ext_proc server: cleans request headers, explains upstream failures.",
+        **_examples(
+            "extproc serve --listen 0.0.0.0:50051",
+            "kubectl logs deploy/web -c istio-proxy | extproc diagnose",
+            "extproc render istio > doctor-istio.yaml",
+            "extproc COMMAND --help",
+        ),
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {version('extproc-doctor')}"
     )
     parser.add_argument(
         "--log-level",
@@ -608,7 +700,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the ext_proc server (gRPC, and HTTP if asked)")
+    serve = sub.add_parser(
+        "serve",
+        help="run the ext_proc server (gRPC, and HTTP if asked)",
+        description="Run the ext_proc server until SIGTERM (SIGHUP reloads the policy).",
+        **_examples(
+            "extproc serve --listen 0.0.0.0:50051 --config policy.yaml --metrics-listen :9090",
+            "extproc serve --listen unix:/run/extproc.sock --workers 2",
+        ),
+    )
     serve.add_argument(
         "--listen",
         default="0.0.0.0:50051",
@@ -711,6 +811,14 @@ def build_parser() -> argparse.ArgumentParser:
     diag = sub.add_parser(
         "diagnose",
         help="explain a failure from an access-log line, a pasted error or a whole log",
+        description="Explain a failure offline, from what Envoy or a client printed.",
+        **_examples(
+            "kubectl logs deploy/productpage -c istio-proxy --since=1h | extproc diagnose",
+            "extproc diagnose 'rpc error: code = Unavailable desc = upstream connect error or "
+            "disconnect/reset before headers. reset reason: connection termination'",
+            "extproc diagnose --status 503 --flags UF --tfr 'TLS_error:|268435581:SSL "
+            "routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED'",
+        ),
     )
     diag.add_argument(
         "line",
@@ -735,7 +843,10 @@ def build_parser() -> argparse.ArgumentParser:
     diag.set_defaults(func=_diagnose, print_help=diag.print_help)
 
     demo = sub.add_parser(
-        "demo", help="run a real Envoy, the server and failing upstreams; print the diagnoses"
+        "demo",
+        help="run a real Envoy, the server and failing upstreams; print the diagnoses",
+        description="The mesh lab behind `make run` (needs the demo extra: a real Envoy).",
+        **_examples("extproc demo --once", "extproc demo --scenario 4", "extproc demo --list"),
     )
     demo.add_argument(
         "--config", metavar="POLICY.yaml", help="policy file (default: the demo's own)"

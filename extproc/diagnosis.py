@@ -758,7 +758,7 @@ CATALOGUE: tuple[Signature, ...] = (
         has_attributes=False,
         hint=(
             "Envoy failed this request but sent no failure attributes: configure the "
-            "ext_proc response_attributes listed in the README for a precise reason."
+            "ext_proc response_attributes listed in docs/filter-settings.md for a precise reason."
         ),
     ),
     Signature(
@@ -768,7 +768,7 @@ CATALOGUE: tuple[Signature, ...] = (
         has_attributes=False,
         hint=(
             "Envoy failed this gRPC call but sent no failure attributes: configure the "
-            "ext_proc response_attributes listed in the README for a precise reason."
+            "ext_proc response_attributes listed in docs/filter-settings.md for a precise reason."
         ),
     ),
     # Anything else Envoy failed.

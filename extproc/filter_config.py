@@ -1,6 +1,6 @@
 """The Envoy side of the contract: the ext_proc filter settings the server relies on.
 
-One source for the README, the demo, the tests and the rendered manifests
+One source for the docs, the demo, the tests and the rendered manifests
 (`extproc.render` parses these dicts into typed envoy-data-plane objects): a setting
 changed here changes everywhere. Plain dicts in Envoy's JSON/YAML shape, so this module
 needs neither protobuf nor envoy-data-plane, and the server can import it cheaply.

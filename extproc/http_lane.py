@@ -46,7 +46,7 @@ log = structlog.get_logger("extproc")
 TRANSPORT = "http"
 
 # ---- Limits: every input the lane reads has one; each is driven past by a hostile peer in
-# tests/grpc/test_http_lane.py (README "The HTTP lane", docs/threat-model.md T12/T17).
+# tests/grpc/test_http_lane.py (docs/deploy/http-lane.md, docs/threat-model.md T12/T17).
 #
 # The request head (request line and headers), measured as it is fed to the parser, so
 # httptools never holds more. Envoy 1.40's POST head is about 210 bytes (seven headers,

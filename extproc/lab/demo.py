@@ -117,7 +117,7 @@ CLUSTER_NOTE = (
     "  proxies (* where that context changes the reason; tests/envoy/test_doctor.py checks\n"
     "  this column with a server without it). Gated mode, the rendered default, calls the\n"
     "  server only for a 5xx, a 404 no upstream answered, or a gRPC error.\n"
-    "  README: 'Which reasons on a real cluster'."
+    "  docs/deploy/index.md: 'Which reasons on a real cluster'."
 )
 
 

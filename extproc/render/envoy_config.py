@@ -1,7 +1,7 @@
 """The Envoy parts of every manifest, checked as typed envoy-data-plane messages.
 
 Strategy: the filter and cluster settings live once, as dicts in Envoy's JSON shape, in
-`extproc.filter_config` (the server, the lab and the README read them there). Each
+`extproc.filter_config` (the server, the lab and the docs read them there). Each
 builder here adds what a deployment needs around them and passes the result through
 `typed`, which parses it into the envoy-data-plane message it must be and writes it back
 with Envoy's field names. A misspelt field, a wrong type or an `@type` Envoy does not know

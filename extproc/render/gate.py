@@ -51,7 +51,7 @@ def _response(
 
 
 # The responses that reach the server in gated mode, and why. What they miss is listed in
-# the README ("Deploy", gated vs always).
+# docs/deploy/index.md ("Gated or always").
 RESPONSE_CONDITIONS: tuple[tuple[str, Condition], ...] = (
     # Not `prefix: "5"`: Envoy 1.40 passes an HTTP/1 upstream's status 50 or 5000 through.
     ("any 5xx: an Envoy failure, or the upstream's own", (_response(":status", "5[0-9][0-9]"),)),

@@ -52,7 +52,7 @@ Inbound and ambient: with HBONE, a sidecar's inbound listeners also include
 would put ext_proc on the tunnel itself, so the inbound patches name their listeners:
 `virtualInbound` and `main_internal`. ztunnel has no HTTP filters; waypoints ignore
 EnvoyFilters without `targetRefs` (policyattachment.go:139-147): the doctor does not run
-there (README, "Ambient mode").
+there (docs/deploy/istio.md, "Ambient mode").
 
 Proxy version: every patch matches only proxies whose Istio version is in
 ISTIO_PROXY_VERSION (`match.proxy.proxyVersion`, a regex on the proxy's ISTIO_VERSION,

@@ -127,7 +127,7 @@ def default_policy_text(options: RenderOptions) -> str:
         "underscore_headers": str(policy.underscore_headers),
         "direction": str(policy.direction),
     }
-    header = "# extproc-doctor policy; keys: README.md, Policy reference.\n"
+    header = "# extproc-doctor policy; keys: docs/policy.md.\n"
     return header + yaml.safe_dump(values, sort_keys=False)
 
 

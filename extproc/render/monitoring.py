@@ -17,12 +17,12 @@ from typing import Any
 
 from extproc.diagnosis import HINTS
 from extproc.render.k8s import LABELS
-from extproc.render.options import NAME, RUNBOOK_URL, RenderError, RenderOptions
+from extproc.render.options import NAME, RUNBOOK_PAGE, RenderError, RenderOptions
 
-# The README's Operations section has one heading per alert ("Alert: NAME").
-# Where the alerts' runbooks are: the README's "Alert: NAME" headings. `render
-# --runbook-url` points them at an operator's own copy (a wiki, an internal mirror).
-RUNBOOK = RUNBOOK_URL
+# The alerts' runbooks are docs/monitoring.md's "Alert: NAME" headings. Linked only where
+# an address is known: the documentation URL in the package's metadata, or `render
+# --runbook-url` (an operator's own copy: a wiki, an internal mirror). Without one, an alert
+# says where its runbook is in a `runbook` annotation instead of linking a guessed page.
 
 # Envoy's HTTP ext_proc filter counters as `/stats/prometheus` names them: the stat
 # `http.<hcm stat_prefix>.ext_proc.<counter>` becomes `envoy_http_ext_proc_<counter>` with
@@ -104,8 +104,15 @@ class Alert:
     labels: tuple[tuple[str, str], ...] = ()
 
 
-def _runbook(alert: str, base: str = RUNBOOK) -> str:
-    return f"{base}#alert-{alert.lower()}"
+def _runbook(alert: str, base: str | None) -> dict[str, str]:
+    """The alert's runbook annotation: a link when an address is known, else where to read."""
+    if base is not None:
+        return {"runbook_url": f"{base}#alert-{alert.lower()}"}
+    return {
+        "runbook": f"{RUNBOOK_PAGE}, heading 'Alert: {alert}', in extproc-doctor's source "
+        "distribution. No runbook_url: the installed package names no documentation URL; "
+        "render with --runbook-url URL to link your copy."
+    }
 
 
 def _reason_alerts() -> list[Alert]:
@@ -195,9 +202,10 @@ def alerts() -> list[Alert]:
     return _reason_alerts() + _operational_alerts()
 
 
-def rule_groups(alert_for: str | None = None, runbook: str = RUNBOOK) -> list[dict[str, Any]]:
+def rule_groups(alert_for: str | None = None, runbook: str | None = None) -> list[dict[str, Any]]:
     """The rule groups; `alert_for` replaces every alert's `for:` (tests use a short one);
-    `runbook` is the document whose "Alert: NAME" headings the alerts link to."""
+    `runbook` is the document whose "Alert: NAME" headings the alerts link to (None: no
+    link, the alerts name the page)."""
     recording = [{"record": name, "expr": expr} for name, expr in RECORDING_RULES]
     alerting = [
         {
@@ -208,7 +216,7 @@ def rule_groups(alert_for: str | None = None, runbook: str = RUNBOOK) -> list[di
             "annotations": {
                 "summary": a.summary,
                 "description": a.description,
-                "runbook_url": _runbook(a.name, runbook),
+                **_runbook(a.name, runbook),
             },
         }
         for a in alerts()

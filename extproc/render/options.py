@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import enum
 import re
+import string
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, metadata, version
 
 from extproc.authority import parse_authority
 from extproc.config import Direction, Policy
@@ -15,8 +17,37 @@ from extproc.filter_config import GRPC, HTTP, MESH_IDENTITY, TRANSPORTS
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
 NAME = "extproc-doctor"
-# The README, whose "Alert: NAME" headings are the alerts' runbooks (`--runbook-url`).
-RUNBOOK_URL = "https://github.com/extproc-doctor/extproc-doctor/blob/main/README.md"
+# The alerts' runbooks are the "Alert: NAME" headings of the documentation's monitoring
+# page (docs/monitoring.md; on the site, MONITORING_PAGE under the documentation's address).
+RUNBOOK_PAGE = "docs/monitoring.md"
+MONITORING_PAGE = "monitoring/"
+
+# The well-known label `documentation` and its alias `docs`, and how a label is normalised
+# before the comparison (PEP 753, packaging.python.org "Well-known Project URLs in Metadata").
+_DOCUMENTATION_LABELS = ("documentation", "docs")
+_LABEL_NOISE = str.maketrans("", "", string.punctuation + string.whitespace)
+
+
+def documentation_url(project_urls: Iterable[str]) -> str | None:
+    """The documentation's address from core metadata's `Project-URL: LABEL, URL` lines."""
+    for entry in project_urls:
+        label, _, url = entry.partition(",")
+        if label.translate(_LABEL_NOISE).lower() in _DOCUMENTATION_LABELS and url.strip():
+            return url.strip()
+    return None
+
+
+def published_runbook_url() -> str | None:
+    """The monitoring page of the documentation site the installed package's metadata names
+    (pyproject.toml `[project.urls] Documentation`); None when it names none."""
+    try:
+        urls = metadata(NAME).get_all("Project-URL") or []
+    except PackageNotFoundError:
+        return None
+    base = documentation_url(urls)
+    return f"{base.rstrip('/')}/{MONITORING_PAGE}" if base else None
+
+
 GRPC_PORT = 50051
 HTTP_PORT = 50080  # the HTTP lane (`serve --http-listen`), served beside gRPC
 POLICY_FILE = "policy.yaml"
@@ -161,11 +192,14 @@ class RenderOptions:
     transport: str = GRPC
     # Istio: the scope of the EnvoyFilters.
     istio: IstioScope = field(default_factory=IstioScope)
-    # monitoring: the document the alerts' runbook links point into.
-    runbook_url: str = RUNBOOK_URL
+    # monitoring: the document the alerts' runbook links point into; None: no address is
+    # known, so the alerts name the runbook page instead of linking a guessed one.
+    runbook_url: str | None = field(default_factory=published_runbook_url)
 
     def __post_init__(self) -> None:
-        if not self.runbook_url.startswith(("https://", "http://")) or "#" in self.runbook_url:
+        if self.runbook_url is not None and (
+            not self.runbook_url.startswith(("https://", "http://")) or "#" in self.runbook_url
+        ):
             raise RenderError(
                 f"--runbook-url: expected an http(s) URL without a #fragment, got {self.runbook_url!r}"
             )

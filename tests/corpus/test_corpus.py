@@ -31,7 +31,7 @@ _EVIDENCE_FIELDS = {f.name for f in dataclasses.fields(Evidence)}
 
 
 def evidence_from(record: dict[str, Any]) -> Evidence:
-    """The `Evidence` a server with the README's attributes would build from the record."""
+    """The `Evidence` a server with the attributes of docs/filter-settings.md would build from the record."""
     ev = record["evidence"]
     flags, _unknown = F.split_flags(str(ev.get("flags", "")))
     has_attributes = bool(flags or ev.get("details") or ev.get("tfr"))

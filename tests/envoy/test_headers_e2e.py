@@ -2,7 +2,7 @@
 
 The first test uses the recording server, which changes nothing, so it shows what Envoy
 1.40 itself removes before any filter runs and what it lets through to the ext_proc
-server: the README's "What it does to requests" section states exactly this.
+server: docs/requests.md ("What it does to requests") states exactly this.
 """
 
 from __future__ import annotations

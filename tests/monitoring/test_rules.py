@@ -31,10 +31,16 @@ def promtool(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def github_anchor(heading: str) -> str:
-    """The anchor GitHub gives a Markdown heading: lower case, punctuation dropped, - for spaces."""
-    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
-    return text.replace(" ", "-")
+def site_anchor(heading: str) -> str:
+    """The anchor the docs site gives a heading: Python-Markdown's toc slugify, which mkdocs
+    uses (GitHub's rendering of docs/monitoring.md gives the same for these headings)."""
+    from markdown.extensions.toc import slugify
+
+    return str(slugify(heading, "-"))
+
+
+MONITORING_PAGE = (ROOT / "docs" / "monitoring.md").read_text(encoding="utf-8")
+HEADINGS = re.findall(r"^#+ (.+)$", MONITORING_PAGE, re.MULTILINE)
 
 
 class TestPromtool:
@@ -114,27 +120,40 @@ def _surge_alert(reason: str) -> dict:
             .replace("{{ $value | humanize }}", "3")
             .replace("{{ $labels.job }}", "doctor")
             .replace("{{ $labels.namespace }}", "mesh"),
-            "runbook_url": rule["annotations"]["runbook_url"],
+            **{k: v for k, v in rule["annotations"].items() if k.startswith("runbook")},
         },
     }
 
 
 class TestAlerts:
     def test_every_alert_has_summary_description_and_runbook(self):
-        """Each alerting rule carries a summary, a description and a runbook link."""
+        """Each alerting rule carries a summary, a description and its runbook: as rendered
+        in deploy/ (no documentation URL known) a `runbook` naming the page, never a link."""
         for group in documents("rules.yaml")["groups"]:
             for rule in group["rules"]:
                 if "alert" in rule:
-                    assert set(rule["annotations"]) == {"summary", "description", "runbook_url"}
+                    assert set(rule["annotations"]) == {"summary", "description", "runbook"}
 
-    def test_runbook_links_land_on_readme_headings(self):
-        """Every runbook_url points at a heading that exists in the README."""
-        readme = (ROOT / "README.md").read_text(encoding="utf-8")
-        anchors = {github_anchor(h) for h in re.findall(r"^#+ (.+)$", readme, re.MULTILINE)}
+    def test_runbook_names_a_heading_of_the_monitoring_page(self):
+        """Without a URL, each alert's runbook names docs/monitoring.md and a heading it has."""
         rules = [r for g in documents("rules.yaml")["groups"] for r in g["rules"] if "alert" in r]
         for rule in rules:
+            text = rule["annotations"]["runbook"]
+            assert "docs/monitoring.md" in text and "--runbook-url" in text
+            assert f"'Alert: {rule['alert']}'" in text
+            assert f"Alert: {rule['alert']}" in HEADINGS
+
+    def test_runbook_links_land_on_monitoring_headings(self):
+        """With a URL, every runbook_url's fragment is the anchor of one of docs/monitoring.md's
+        headings on the site."""
+        anchors = {site_anchor(h) for h in HEADINGS}
+        options = RenderOptions(runbook_url="https://docs.example/extproc/monitoring/")
+        rules = yaml.safe_load(render("monitoring", options)["monitoring/rules.yaml"])
+        alerts = [r for g in rules["groups"] for r in g["rules"] if "alert" in r]
+        assert alerts
+        for rule in alerts:
             anchor = rule["annotations"]["runbook_url"].split("#")[1]
-            assert anchor in anchors, f"README has no heading 'Alert: {rule['alert']}'"
+            assert anchor in anchors, f"docs/monitoring.md has no heading 'Alert: {rule['alert']}'"
 
     def test_reason_alerts_quote_the_catalogue_hint(self):
         """A reason's alerts name it in their labels and quote its hint from the catalogue."""
@@ -210,3 +229,43 @@ def test_runbook_url_points_every_alert_at_the_operators_copy():
         r["annotations"]["runbook_url"] for g in rules["groups"] for r in g["rules"] if "alert" in r
     ]
     assert links and all(link.startswith("https://wiki.example/extproc#alert-") for link in links)
+
+
+class TestRunbookAddress:
+    """The runbook links come from the package's metadata, never from a guessed address."""
+
+    def test_documentation_url_from_project_urls(self):
+        """The Documentation Project-URL (or its alias Docs, any case and punctuation) is the
+        address; other labels are not."""
+        from extproc.render.options import documentation_url
+
+        assert documentation_url(["Source, https://src.example/x"]) is None
+        assert documentation_url(["Docs, https://d.example/x"]) == "https://d.example/x"
+        assert documentation_url(["Home, https://h", "Documentation , https://d.example/"]) == (
+            "https://d.example/"
+        )
+
+    def test_metadata_without_a_url_renders_no_link(self):
+        """The installed metadata names no documentation URL today, so RenderOptions has none."""
+        from importlib.metadata import metadata
+
+        urls = metadata("extproc-doctor").get_all("Project-URL") or []
+        assert not [u for u in urls if u.lower().startswith(("documentation", "docs"))]
+        assert RenderOptions().runbook_url is None
+
+    def test_metadata_url_becomes_the_monitoring_page(self, monkeypatch):
+        """A Documentation Project-URL in the metadata points every alert at its monitoring page."""
+        from extproc.render import options
+
+        class Meta:
+            def get_all(self, name):
+                return (
+                    ["Documentation, https://docs.example/extproc/"]
+                    if name == "Project-URL"
+                    else []
+                )
+
+        monkeypatch.setattr(options, "metadata", lambda name: Meta())
+        rules = yaml.safe_load(render("monitoring", RenderOptions())["monitoring/rules.yaml"])
+        links = [r["annotations"]["runbook_url"] for r in rules["groups"][1]["rules"]]
+        assert links[0].startswith("https://docs.example/extproc/monitoring/#alert-")

@@ -35,7 +35,7 @@ def test_killed_and_restarted_server_fails_no_request(
 
 
 def test_fail_closed_gives_the_documented_status(server_process: ServerProcess, envoy_for) -> None:
-    """With failure_mode_allow: false and the server gone, Envoy answers 500 (the README says so)."""
+    """With failure_mode_allow: false and the server gone, Envoy answers 500 (docs/operations.md says so)."""
     port = envoy_for(server_process.start().port, failure_mode_allow=False)
     with Load(port) as load:
         assert wait_until(lambda: load.total > 20)

@@ -342,7 +342,7 @@ class TestDiagnosisHeaders:
             HINTS["upstream_not_tls"],
             (("status", 503), ("flags", "UF"), ("detail", "WRONG_VERSION_NUMBER")),
         )
-        # The header names are the contract in the README, spelled out here.
+        # The header names are the contract in docs/reasons.md, spelled out here.
         assert diagnosis_headers(diagnosis) == (
             (
                 "x-extproc-diagnosis",

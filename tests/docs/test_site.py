@@ -1,0 +1,80 @@
+"""The documentation site builds with `mkdocs build --strict`, as `make docs` builds it (never
+with --quiet: it hides the warnings --strict counts, and a broken link then passes).
+
+--strict turns every warning into a failure: a link to a page or an anchor that does not
+exist, a page left out of the nav, a snippet (the example policy, bench/README.md) whose
+file is gone. The build goes to a temporary directory; the repository is not written.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def build(root: Path, site: Path) -> subprocess.CompletedProcess[str]:
+    """`mkdocs build --strict` of the project at `root` into `site`."""
+    return subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
+        cwd=root,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def copy_project(tmp_path: Path) -> Path:
+    """What the site is built from (mkdocs.yml, docs/, and the files snippets include)."""
+    root = tmp_path / "project"
+    shutil.copytree(ROOT / "docs", root / "docs")
+    shutil.copy(ROOT / "mkdocs.yml", root)
+    (root / "bench").mkdir()
+    shutil.copy(ROOT / "bench" / "README.md", root / "bench")
+    shutil.copytree(ROOT / "examples", root / "examples")
+    return root
+
+
+class TestSite:
+    def test_builds_strict(self, tmp_path):
+        """The site builds with no warning, every page of docs/ in it."""
+        result = build(ROOT, tmp_path / "site")
+        assert result.returncode == 0, result.stdout + result.stderr
+        pages = {p.relative_to(ROOT / "docs") for p in (ROOT / "docs").rglob("*.md")}
+        built = {
+            p for p in pages if (tmp_path / "site" / p.with_suffix("") / "index.html").exists()
+        }
+        built |= {p for p in pages if p.name == "index.md"}
+        assert built == pages
+
+    def test_broken_anchor_fails(self, tmp_path):
+        """A link to an anchor that no heading makes fails the build (what --strict is for)."""
+        root = copy_project(tmp_path)
+        assert build(root, tmp_path / "ok").returncode == 0
+        page = root / "docs" / "index.md"
+        page.write_text(page.read_text() + "\n[gone](reasons.md#no-such-heading)\n")
+        result = build(root, tmp_path / "broken")
+        assert result.returncode != 0
+        assert "no-such-heading" in result.stdout + result.stderr
+
+    def test_nav_names_every_page(self):
+        """mkdocs.yml's nav lists every Markdown file of docs/ (the order a reader follows)."""
+        config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
+
+        def entries(nav: list) -> set[str]:
+            found: set[str] = set()
+            for item in nav:
+                for value in item.values() if isinstance(item, dict) else [item]:
+                    found |= entries(value) if isinstance(value, list) else {value}
+            return found
+
+        pages = {str(p.relative_to(ROOT / "docs")) for p in (ROOT / "docs").rglob("*.md")}
+        assert entries(config["nav"]) == pages
