@@ -359,6 +359,7 @@ def _render(args: argparse.Namespace) -> int:
             render,
             render_all,
             supports,
+            unsupported,
         )
     except ImportError as exc:
         return _missing_extra("render", exc)
@@ -380,6 +381,9 @@ def _render(args: argparse.Namespace) -> int:
             direction=Direction(args.direction),
             transport=args.transport,
             istio=_istio_scope(args),
+            tracing_zipkin=args.tracing_zipkin,
+            tracing_otlp=args.tracing_otlp,
+            trace_tags=args.trace_tags,
             **({"runbook_url": args.runbook_url} if args.runbook_url else {}),
         )
         if args.output_dir:
@@ -391,7 +395,8 @@ def _render(args: argparse.Namespace) -> int:
                 print(f"extproc render {target}: skipped, it has no {mode} mode", file=sys.stderr)
                 continue
             if args.target == "all" and not supports(target, options):
-                print(f"extproc render {target}: skipped, it has no Istio SDS", file=sys.stderr)
+                why = unsupported(target, options)
+                print(f"extproc render {target}: skipped: {why}", file=sys.stderr)
                 continue
             if args.target == "all" and target == "cilium" and args.cilium_service is None:
                 print(
@@ -533,6 +538,25 @@ def _add_render_parser(sub: Any) -> None:
         help="how Envoy calls the server: gRPC, or ext_proc's http_service (JSON over "
         "HTTP/1.1, two single-phase filters; Envoy >= 1.37, marked work in progress by "
         "Envoy) (default: %(default)s)",
+    )
+    render.add_argument(
+        "--tracing-zipkin",
+        metavar="HOST:PORT",
+        help="envoy: trace every request to this Zipkin collector (JSON v2 over HTTP, "
+        "/api/v2/spans), the diagnosis as span tags",
+    )
+    render.add_argument(
+        "--tracing-otlp",
+        metavar="HOST:PORT",
+        help="envoy: trace every request to this OpenTelemetry collector (OTLP/gRPC), the "
+        "diagnosis as span tags",
+    )
+    render.add_argument(
+        "--no-trace-tags",
+        dest="trace_tags",
+        action="store_false",
+        help="put no diagnosis on spans (istio: leave the HCM's tracing as the mesh builds "
+        "it; use it where the mesh traces nothing)",
     )
     render.add_argument(
         "--runbook-url",
