@@ -311,3 +311,29 @@ class TestRender:
             "render cilium: skipped: --tracing-zipkin/--tracing-otlp: cilium-envoy compiles no tracer"
             in err
         )
+
+
+class TestAProviderlessTracingBlock:
+    def test_traces_with_the_bootstrap_tracer(self):
+        """Why `--no-trace-tags` exists (T30): an HCM `tracing` without a provider, what the
+        Istio MERGE creates in a mesh that traces nothing, makes Envoy 1.40 trace every
+        request with the bootstrap's tracer, which Istio's bootstrap has whenever ProxyConfig
+        names a Zipkin address (istio/istio tools/packaging/common/envoy_bootstrap.json:1031-1045
+        and pkg/bootstrap/config.go:516-520 at 86c9f01f)."""
+        with ZipkinReceiver() as receiver, HttpUpstream(Ok) as upstream:
+            options = RenderOptions(
+                envoy_listen="127.0.0.1:0",
+                upstream=f"127.0.0.1:{upstream.port}",
+                tracing_zipkin=f"127.0.0.1:{receiver.port}",
+            )
+            bootstrap = yaml.safe_load(render("envoy", options)["envoy/gated.yaml"])
+            listener = bootstrap["static_resources"]["listeners"][0]
+            tracing = hcm_tracing(listener)
+            assert tracing is not None
+            bootstrap["tracing"] = {"http": tracing.pop("provider")}
+            bootstrap["layered_runtime"] = FLUSH_EACH_SPAN
+            with EnvoyProcess(bootstrap) as envoy:
+                status, _ = get(envoy.listener_ports()["ingress"], "/not-meant-to-be-traced")
+                span = span_of(receiver, "/not-meant-to-be-traced")
+        assert status == 200
+        assert span.tags["http.status_code"] == "200"
