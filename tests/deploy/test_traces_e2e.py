@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from http.server import BaseHTTPRequestHandler
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -337,3 +338,14 @@ class TestAProviderlessTracingBlock:
                 span = span_of(receiver, "/not-meant-to-be-traced")
         assert status == 200
         assert span.tags["http.status_code"] == "200"
+
+
+class TestDocs:
+    def test_every_tag_is_documented(self):
+        """The README's traces section (or the docs page it moves to) has a row per tag,
+        with the metadata key it reads."""
+        root = Path(__file__).parents[2]
+        pages = [root / "README.md", *sorted((root / "docs").glob("**/*.md"))]
+        text = "\n".join(page.read_text(encoding="utf-8") for page in pages)
+        for tag, key in TRACE_TAGS:
+            assert f"| `{tag}` | `{key}` |" in text, tag
