@@ -23,7 +23,6 @@ from typing import Any
 import pytest
 import yaml
 
-from extproc.cli import main as run
 from extproc.config import Policy
 from extproc.diagnosis import HINTS
 from extproc.filter_config import TRACE_TAGS, trace_custom_tags
@@ -35,6 +34,7 @@ from extproc.server import ExtProcServer
 
 from .istio_pilot import Proxy, apply, istio_tracing
 from .placement import INGRESS, SIDECAR, apply_envoy_filter, upstream_cluster
+from .test_render import run
 from .trace_receivers import OtlpReceiver, Span, ZipkinReceiver
 
 pytestmark = pytest.mark.envoy
