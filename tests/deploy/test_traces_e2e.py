@@ -25,7 +25,8 @@ import yaml
 
 from extproc.config import Policy
 from extproc.diagnosis import HINTS
-from extproc.filter_config import TRACE_TAGS, trace_custom_tags
+from extproc.filter_config import GRPC, HTTP, TRACE_TAGS, trace_custom_tags
+from extproc.http_lane import HttpLane, HttpProcessor
 from extproc.lab import BackgroundServer, EnvoyProcess, HttpUpstream
 from extproc.lab.envoy import free_port
 from extproc.render import RenderError, RenderMode, RenderOptions, render
@@ -96,17 +97,22 @@ def with_refused_route(bootstrap: dict[str, Any], port: int) -> None:
 
 @contextmanager
 def traced(
-    target: str, mode: RenderMode, tracer: str
+    target: str, mode: RenderMode, tracer: str, transport: str = GRPC
 ) -> Iterator[tuple[dict[str, int], ZipkinReceiver | OtlpReceiver]]:
-    """The target's rendered config running with the server, an upstream and a receiver:
-    (listener ports by name, the receiver)."""
+    """The target's rendered config running with the server (over `transport`), an
+    upstream and a receiver: (listener ports by name, the receiver)."""
     with ExitStack() as stack:
         receiver = stack.enter_context(ZipkinReceiver() if tracer == ZIPKIN else OtlpReceiver())
         upstream = stack.enter_context(HttpUpstream(Ok))
-        server = stack.enter_context(BackgroundServer(ExtProcServer(Policy()))).port
+        doors = {
+            GRPC: ExtProcServer(Policy()),
+            HTTP: HttpLane(HttpProcessor(Policy()), "127.0.0.1:0"),
+        }
+        server = stack.enter_context(BackgroundServer(doors[transport])).port
         collector = {f"tracing_{tracer}": f"127.0.0.1:{receiver.port}"} if target == "envoy" else {}
         options = RenderOptions(
             mode=mode,
+            transport=transport,
             extproc_address=f"127.0.0.1:{server}",
             envoy_listen="127.0.0.1:0",
             upstream=f"127.0.0.1:{upstream.port}",
@@ -147,6 +153,8 @@ CASES = [
     ("envoy", RenderMode.ALWAYS, OTLP),
     ("istio", RenderMode.GATED, ZIPKIN),
     ("istio", RenderMode.ALWAYS, ZIPKIN),
+    # The HTTP lane: the response-phase filter is a second one, created by the gate.
+    ("envoy", RenderMode.GATED, ZIPKIN, HTTP),
 ]
 
 
