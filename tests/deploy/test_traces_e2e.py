@@ -104,11 +104,12 @@ def traced(
     with ExitStack() as stack:
         receiver = stack.enter_context(ZipkinReceiver() if tracer == ZIPKIN else OtlpReceiver())
         upstream = stack.enter_context(HttpUpstream(Ok))
-        doors = {
-            GRPC: ExtProcServer(Policy()),
-            HTTP: HttpLane(HttpProcessor(Policy()), "127.0.0.1:0"),
-        }
-        server = stack.enter_context(BackgroundServer(doors[transport])).port
+        door = (
+            ExtProcServer(Policy())
+            if transport == GRPC
+            else HttpLane(HttpProcessor(Policy()), "127.0.0.1:0")
+        )
+        server = stack.enter_context(BackgroundServer(door)).port
         collector = {f"tracing_{tracer}": f"127.0.0.1:{receiver.port}"} if target == "envoy" else {}
         options = RenderOptions(
             mode=mode,
