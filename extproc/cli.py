@@ -381,6 +381,9 @@ RENDER_OPTION_TARGETS: dict[str, tuple[str, tuple[str, ...]]] = {
     "envoy_listen": ("--envoy-listen", ("envoy",)),
     "upstream": ("--upstream", ("envoy",)),
     "direction": ("--direction", ("envoy",)),
+    "tracing_zipkin": ("--tracing-zipkin", ("envoy",)),
+    "tracing_otlp": ("--tracing-otlp", ("envoy",)),
+    "no_trace_tags": ("--no-trace-tags", ("istio", "envoy")),
     "runbook_url": ("--runbook-url", ("monitoring",)),
 }
 # What those options default to when not given (argparse leaves them None or False, so a
@@ -431,6 +434,7 @@ def _render_targets(args: argparse.Namespace) -> int:
             render,
             render_all,
             supports,
+            unsupported,
         )
     except ImportError as exc:
         return _missing_extra("render", exc)
@@ -452,6 +456,9 @@ def _render_targets(args: argparse.Namespace) -> int:
             direction=Direction(args.direction),
             transport=args.transport,
             istio=_istio_scope(args),
+            tracing_zipkin=args.tracing_zipkin,
+            tracing_otlp=args.tracing_otlp,
+            trace_tags=not args.no_trace_tags,
             **({"runbook_url": args.runbook_url} if args.runbook_url else {}),
         )
         if args.output_dir:
@@ -463,7 +470,8 @@ def _render_targets(args: argparse.Namespace) -> int:
                 print(f"extproc render {target}: skipped, it has no {mode} mode", file=sys.stderr)
                 continue
             if args.target == "all" and not supports(target, options):
-                print(f"extproc render {target}: skipped, it has no Istio SDS", file=sys.stderr)
+                why = unsupported(target, options)
+                print(f"extproc render {target}: skipped: {why}", file=sys.stderr)
                 continue
             if args.target == "all" and target == "cilium" and args.cilium_service is None:
                 print(
@@ -608,6 +616,24 @@ def _add_render_parser(sub: Any) -> None:
         help="how Envoy calls the server: gRPC, or ext_proc's http_service (JSON over "
         "HTTP/1.1, two single-phase filters; Envoy >= 1.37, marked work in progress by "
         "Envoy) (default: grpc)",
+    )
+    render.add_argument(
+        "--tracing-zipkin",
+        metavar="HOST:PORT",
+        help="envoy: trace every request to this Zipkin collector (JSON v2 over HTTP, "
+        "/api/v2/spans), the diagnosis as span tags",
+    )
+    render.add_argument(
+        "--tracing-otlp",
+        metavar="HOST:PORT",
+        help="envoy: trace every request to this OpenTelemetry collector (OTLP/gRPC), the "
+        "diagnosis as span tags",
+    )
+    render.add_argument(
+        "--no-trace-tags",
+        action="store_true",
+        help="put no diagnosis on spans (istio: leave the HCM's tracing as the mesh builds "
+        "it; use it where the mesh traces nothing)",
     )
     render.add_argument(
         "--runbook-url",

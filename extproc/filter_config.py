@@ -111,6 +111,37 @@ ANNOTATION_HEADERS: tuple[str, ...] = (DIAGNOSIS_HEADER, HINT_HEADER, ACTIONS_HE
 ANNOTATION_GUARD_FILTER = "extproc-doctor.annotation-guard"
 
 
+# The diagnosis on Envoy's own span: HCM `tracing.custom_tags`, each reading one key of our
+# metadata namespace. Kind `request` is the stream's dynamic metadata, where ext_proc's
+# response phase writes the diagnosis before Envoy finishes the span (also when a composite
+# filter created ext_proc for that response only: tests/deploy/test_traces_e2e.py). A tag
+# whose key is absent is not set, so a clean, unchanged request's span carries none of them.
+# What each tag carries is what the diagnosis already holds, bounded as there (annotate.MAX_VALUE);
+# the Host and the path are not repeated: Envoy's span has them (`http.url`). The tags go to
+# the tracing backend only: they are span tags, never headers. (tag, metadata key):
+TRACE_TAGS: tuple[tuple[str, str], ...] = (
+    ("extproc.reason", "reason"),  # the reason code: what an operator filters on first
+    ("extproc.dr", "dr"),  # the DestinationRule behind the cluster: the object to edit
+    ("extproc.detail", "detail"),  # the TLS or socket error that sets one case apart
+    ("extproc.hint", "hint"),  # the one-line what to do, read in the span's view
+    ("extproc.actions", "actions"),  # what the doctor changed on the request
+)
+
+
+def trace_custom_tags() -> list[dict[str, Any]]:
+    """The HCM `tracing.custom_tags` that put the diagnosis on Envoy's span."""
+    return [
+        {
+            "tag": tag,
+            "metadata": {
+                "kind": {"request": {}},
+                "metadata_key": {"key": METADATA_NAMESPACE, "path": [{"key": key}]},
+            },
+        }
+        for tag, key in TRACE_TAGS
+    ]
+
+
 # The HTTP lane (`http_service`): the path Envoy POSTs to (the server accepts any), and
 # how long the cluster keeps an idle connection: shorter than the server's own idle limit
 # (`http_lane.IDLE_SECONDS`), so Envoy closes first and never writes into a closing one.

@@ -27,6 +27,7 @@ __all__ = [
     "render",
     "render_all",
     "supports",
+    "unsupported",
 ]
 
 TARGETS = ("istio", "cilium", "envoy", "k8s", "monitoring")
@@ -53,10 +54,7 @@ def render(target: str, options: RenderOptions) -> dict[str, str]:
     listens on both); the others carry them in the file name (`always-http.yaml`).
     """
     if not supports(target, options):
-        raise RenderError(
-            f"--extproc-mtls {MESH_IDENTITY}: the {target} target's Envoy has no Istio SDS; "
-            "give a directory inside the proxy instead"
-        )
+        raise RenderError(unsupported(target, options))
     mode = options.mode
     name = str(mode) if options.transport == GRPC else f"{mode}-{options.transport}"
     match target:
@@ -86,8 +84,21 @@ def render(target: str, options: RenderOptions) -> dict[str, str]:
 
 
 def supports(target: str, options: RenderOptions) -> bool:
-    """Whether `target` can render `options`: only Istio's proxies have Istio's SDS."""
-    return options.extproc_mtls != MESH_IDENTITY or target not in ("cilium", "envoy")
+    """Whether `target` can render `options` (`unsupported` says why not)."""
+    return not unsupported(target, options)
+
+
+def unsupported(target: str, options: RenderOptions) -> str:
+    """Why `target` cannot render `options`, or "": only Istio's proxies have Istio's SDS;
+    cilium-envoy has no tracer."""
+    if options.extproc_mtls == MESH_IDENTITY and target in ("cilium", "envoy"):
+        return (
+            f"--extproc-mtls {MESH_IDENTITY}: the {target} target's Envoy has no Istio SDS; "
+            "give a directory inside the proxy instead"
+        )
+    if options.tracer is not None and target == "cilium":
+        return cilium.NO_TRACER
+    return ""
 
 
 def render_all(options: RenderOptions) -> dict[str, str]:

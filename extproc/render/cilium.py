@@ -18,6 +18,8 @@ read at main 7dfaf943, which pins Envoy 1.38.3, and on branches v1.30 to v1.37):
   `response_headers_to_remove` and `request_headers_to_remove` (core Envoy) do what the
   guard filter does elsewhere: upstream-sent annotations, the reveal token and the fixed
   names the policy strips never pass, also when the server is down.
+- no tracer (:325-334 on main, every `envoy.tracers.*` commented out; none on v1.30 to
+  v1.37 either): the CEC's HCM has no `tracing`, and a collector (`--tracing-*`) is refused.
 
 Names (cilium/cilium pkg/ciliumenvoyconfig/cec_resource_parser.go at 02fbb426,
 `ParseResources` and `qualifyHttpFilters`; pkg/policy/api `ResourceQualifiedName`):
@@ -70,6 +72,12 @@ LISTENER = f"{NAME}-listener"
 ROUTE = f"{NAME}-route"
 _TYPE = "type.googleapis.com/envoy.config"
 
+NO_TRACER = (
+    "--tracing-zipkin/--tracing-otlp: cilium-envoy compiles no tracer (cilium/proxy "
+    "envoy_build_config/extensions_build_config.bzl: every envoy.tracers.* commented out on "
+    "main and on every release branch), so its listener cannot trace; the cilium target "
+    "renders no tracing"
+)
 GATED_REFUSED = (
     "cilium-envoy does not compile envoy.filters.http.composite, which gated mode needs "
     "(cilium/proxy envoy_build_config/extensions_build_config.bzl: commented out on main and "

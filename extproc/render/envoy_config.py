@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import betterproto2
 
 # Imported for their `@type` registrations: a typed_config resolves only through them.
+import envoy_data_plane.envoy.config.trace.v3
 import envoy_data_plane.envoy.extensions.access_loggers.stream.v3
 import envoy_data_plane.envoy.extensions.common.matching.v3
 import envoy_data_plane.envoy.extensions.filters.http.composite.v3

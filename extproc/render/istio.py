@@ -59,6 +59,19 @@ ISTIO_PROXY_VERSION (`match.proxy.proxyVersion`, a regex on the proxy's ISTIO_VE
 envoyfilter.go:223-255): older proxies, and proxies that report no version, are left
 alone rather than handed a filter their build lacks.
 
+Traces: a NETWORK_FILTER MERGE on each HCM the doctor's filters are in adds the diagnosis
+as `tracing.custom_tags` (filter_config.TRACE_TAGS). istiod builds each HCM whole, its
+`tracing` from the Telemetry API or meshConfig included (pilot/pkg/networking/core/
+listener_builder.go:467, `configureTracing`; tracing.go:762 sets Istio's own tags), and
+patches afterwards (listener.go:121-128); a MERGE merges the patch into the HCM by proto
+merge (envoyfilter/listener_patch.go:401-431, `util.MergeAnyWithAny`,
+pilot/pkg/networking/util/util.go:483-505, `merge.Merge`, pkg/proto/merge/merge.go:109-115
+and :140-141), which APPENDS a repeated field: Istio's tags stay, ours follow. Istio's
+own `customTags` take only literals, environment variables and request headers, never
+dynamic metadata. Where the mesh traces nothing (meshConfig.enableTracing false and no
+Telemetry tracing, or `disableSpanReporting`) the HCM has no `tracing`, and the MERGE
+creates one without a provider: `--no-trace-tags` leaves the HCM as the mesh built it.
+
 Trust: the annotation guard (`envoy.filters.http.header_mutation`) follows the doctor's
 filters, so it is the first to see a response and removes what an upstream sent under
 `x-extproc-*`, also on responses the server never sees. Istio's proxy compiles it
@@ -72,7 +85,14 @@ from __future__ import annotations
 from typing import Any
 
 from extproc.config import Direction
-from extproc.render.envoy_config import annotation_guard, doctor_filters, extproc_cluster
+from extproc.filter_config import trace_custom_tags
+from extproc.render.envoy_config import (
+    HttpConnectionManager,
+    annotation_guard,
+    doctor_filters,
+    extproc_cluster,
+    typed,
+)
 from extproc.render.gate import request_gate
 from extproc.render.options import NAME, IstioScope, RenderOptions
 
@@ -80,6 +100,7 @@ from extproc.render.options import NAME, IstioScope, RenderOptions
 # tunnel's own HCM (istio/istio pilot/pkg/networking/core/waypoint.go:27-30).
 INBOUND_LISTENERS = ("virtualInbound", "main_internal")
 HCM = "envoy.filters.network.http_connection_manager"
+HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 
 # (patch context, direction, first in the chain?)
 CONTEXTS: tuple[tuple[str, Direction, bool], ...] = (
@@ -136,6 +157,12 @@ def _envoy_filter(
             if context[0] in contexts
             for patch in _filter_patches(options, *context)
         ),
+        *(
+            patch
+            for context, _, first in CONTEXTS
+            if context in contexts and options.trace_tags
+            for patch in _trace_patches(options, context, first)
+        ),
     ]
     return {
         "apiVersion": "networking.istio.io/v1alpha3",
@@ -157,6 +184,23 @@ def _match(options: RenderOptions, context: str, **listener: Any) -> dict[str, A
     if listener:
         match["listener"] = listener
     return match
+
+
+def _trace_patches(options: RenderOptions, context: str, first: bool) -> list[dict[str, Any]]:
+    """The diagnosis as span tags: a MERGE appending to the `tracing.custom_tags` of each
+    HCM the doctor's filters are in (all of the context's, or the inbound listeners')."""
+    manager = typed(HttpConnectionManager, {"tracing": {"custom_tags": trace_custom_tags()}})
+    value = {"name": HCM, "typed_config": {"@type": HCM_TYPE, **manager}}
+    chain = {"filter": {"name": HCM}}
+    listeners = [{}] if first else [{"name": name} for name in INBOUND_LISTENERS]
+    return [
+        {
+            "applyTo": "NETWORK_FILTER",
+            "match": _match(options, context, **listener, filterChain=chain),
+            "patch": {"operation": "MERGE", "value": value},
+        }
+        for listener in listeners
+    ]
 
 
 def _filter_patches(

@@ -141,6 +141,10 @@ class RenderError(ValueError):
 CILIUM_DIRECTIONS = (Direction.EDGE, Direction.OUTBOUND)
 
 
+# The tracers `render envoy` can configure (`--tracing-zipkin`, `--tracing-otlp`).
+ZIPKIN, OTLP = "zipkin", "otlp"
+
+
 class RenderMode(enum.StrEnum):
     ALWAYS = "always"  # every request and response goes to the server
     GATED = "gated"  # Envoy matchers decide; clean traffic stays inside Envoy
@@ -195,6 +199,13 @@ class RenderOptions:
     # monitoring: the document the alerts' runbook links point into; None: no address is
     # known, so the alerts name the runbook page instead of linking a guessed one.
     runbook_url: str | None = field(default_factory=published_runbook_url)
+    # The standalone Envoy's tracer: where it sends spans, Zipkin (JSON v2 over HTTP) or
+    # OpenTelemetry (OTLP/gRPC), HOST:PORT; None: no tracer. At most one: an HCM has one.
+    tracing_zipkin: str | None = None
+    tracing_otlp: str | None = None
+    # The diagnosis as span tags (filter_config.TRACE_TAGS) wherever the HCM traces; off
+    # (`--no-trace-tags`) leaves Istio's HCM tracing exactly as the mesh configures it.
+    trace_tags: bool = True
 
     def __post_init__(self) -> None:
         if self.runbook_url is not None and (
@@ -218,10 +229,31 @@ class RenderOptions:
             raise RenderError(f"--transport: expected grpc or http, got {self.transport!r}")
         if self.direction is Direction.AUTO:
             raise RenderError("--direction: expected edge, outbound or inbound, got auto")
+        self._check_tracing()
         if self.cilium_direction not in CILIUM_DIRECTIONS:
             raise RenderError(
                 f"--cilium-direction: expected edge or outbound, got {self.cilium_direction}"
             )
+
+    def _check_tracing(self) -> None:
+        if self.tracing_zipkin is not None and self.tracing_otlp is not None:
+            raise RenderError(
+                "--tracing-zipkin and --tracing-otlp: an HTTP connection manager has one "
+                "tracer, give one of them"
+            )
+        for flag, value in (("--tracing-zipkin", self.tracing_zipkin),
+                            ("--tracing-otlp", self.tracing_otlp)):  # fmt: skip
+            if value is not None:
+                host_port(value, flag)
+
+    @property
+    def tracer(self) -> tuple[str, str] | None:
+        """(ZIPKIN or OTLP, HOST:PORT) of the standalone Envoy's tracer, if one is named."""
+        if self.tracing_zipkin is not None:
+            return ZIPKIN, self.tracing_zipkin
+        if self.tracing_otlp is not None:
+            return OTLP, self.tracing_otlp
+        return None
 
     def _check_mtls(self) -> None:
         mtls = self.extproc_mtls

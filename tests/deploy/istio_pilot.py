@@ -30,13 +30,30 @@ Istio's rules. Everything cited is istio/istio at 86c9f01fd735 (2026-08):
 - I7 clusters, envoyfilter/cluster_patch.go:131-150: ADD for the patch's context; ANY only
   for SIDECAR_OUTBOUND and GATEWAY. Sidecars insert at SIDECAR_OUTBOUND and
   SIDECAR_INBOUND, gateways at GATEWAY (core/cluster.go:330-379).
+- I8 MERGE on a network filter, listener_patch.go:388-431 (`patchNetworkFilter`): the
+  matching filter's typed_config merged with the patch's by `util.MergeAnyWithAny`
+  (pilot/pkg/networking/util/util.go:483-505), which is `merge.Merge`
+  (pkg/proto/merge/merge.go:72, :109-115, :140-141): proto merge, so a repeated field of
+  the patch is APPENDED to the filter's (`mergeList`), a message merged field by field, a
+  scalar replaced, a map entry replaced. Only the MERGE operation (:401):
+  MERGE_AND_REPLACE_LIST's list replacement governs top-level merges only
+  (envoyfilter/util.go:24-44). It runs before the HCM's HTTP_FILTER patches (:433-435),
+  on listeners built whole first: istiod builds each HCM, its `tracing` included
+  (listener_builder.go:467, `configureTracing`), then patches (listener.go:121-128,
+  `patchListeners`). HTTP_FILTER MERGE (:542-563) merges the same way.
+- I9 tracing, pilot/pkg/networking/core/tracing.go: with a Zipkin provider (Telemetry API or
+  meshConfig), the HCM's `tracing` has the provider (:526-544, Zipkin settings :256-322,
+  the legacy collector fields for proxies before 1.29), sampling (:700-710) and
+  `custom_tags` set once (:762): Istio's service tags as literals (:629-697) and the
+  authorization dry-run tags read from dynamic metadata (:547-584), sorted by name.
 
 HTTP filters are named as istiod names them (pilot/pkg/xds/filters/filters.go, the HCM's
 list in listener_builder.go:469-519, connect_terminate's in listener_waypoint.go:274-309).
 Istio's own filters do not exist in upstream Envoy, so each stands in as an empty
 `header_mutation` under Istio's name: Envoy runs the chain, and positions stay Istio's.
 Not modelled: everything else in a listener (TLS, listener filters, per-port chains),
-route and cluster MERGE patches, `targetRefs`, and waypoints.
+network-filter operations other than MERGE, route and cluster MERGE patches, `targetRefs`,
+and waypoints.
 """
 
 from __future__ import annotations
@@ -95,16 +112,69 @@ def http_filter(name: str) -> dict[str, Any]:
     return {"name": name, "typed_config": {"@type": kind}}
 
 
+# Istio's Zipkin collector cluster, as a Telemetry provider `zipkin.istio-system:9411` names it.
+ZIPKIN_CLUSTER = "outbound|9411||zipkin.istio-system.svc.cluster.local"
+_DRY_RUN = {
+    "istio.authorization.dry_run.allow_policy.name": "istio_dry_run_allow_shadow_effective_policy_id",
+    "istio.authorization.dry_run.allow_policy.result": "istio_dry_run_allow_shadow_engine_result",
+    "istio.authorization.dry_run.deny_policy.name": "istio_dry_run_deny_shadow_effective_policy_id",
+    "istio.authorization.dry_run.deny_policy.result": "istio_dry_run_deny_shadow_engine_result",
+}
+
+
+def istio_tracing(proxy: Proxy, sampling: float = 100.0) -> dict[str, Any]:
+    """I9: the HCM `tracing` istiod builds for `proxy` with a Zipkin provider."""
+    service = {
+        "istio.canonical_revision": proxy.labels.get(
+            "service.istio.io/canonical-revision", "latest"
+        ),
+        "istio.canonical_service": proxy.labels.get("service.istio.io/canonical-name", "unknown"),
+        "istio.mesh_id": "unknown",
+        "istio.namespace": proxy.namespace,
+        "istio.cluster_id": "unknown",
+    }
+    tags = [{"tag": tag, "literal": {"value": value}} for tag, value in service.items()]
+    tags += [
+        {
+            "tag": tag,
+            "metadata": {
+                "kind": {"request": {}},
+                "metadata_key": {"key": "envoy.filters.http.rbac", "path": [{"key": key}]},
+            },
+        }
+        for tag, key in _DRY_RUN.items()
+    ]
+    zipkin = {
+        "@type": "type.googleapis.com/envoy.config.trace.v3.ZipkinConfig",
+        "collector_cluster": ZIPKIN_CLUSTER,
+        "collector_endpoint": "/api/v2/spans",
+        "collector_endpoint_version": "HTTP_JSON",
+        "collector_hostname": "zipkin.istio-system:9411",
+        "trace_id_128bit": True,
+        "shared_span_context": False,
+    }
+    return {
+        "provider": {"name": "envoy.tracers.zipkin", "typed_config": zipkin},
+        "client_sampling": {"value": 100.0},
+        "overall_sampling": {"value": 100.0},
+        "random_sampling": {"value": sampling},
+        "custom_tags": sorted(tags, key=lambda t: t["tag"]),
+    }
+
+
 def listener(
-    name: str, port: int, direction: str, filters: tuple[str, ...], **routes: Any
+    name: str, port: int, direction: str, filters: tuple[str, ...], **settings: Any
 ) -> dict[str, Any]:
-    """A listener with one HCM chain of `filters`; `routes` may set `route_config`."""
+    """A listener with one HCM chain of `filters`; `settings` may set `route_config` and
+    `tracing`."""
     manager = {
         "@type": HCM_TYPE,
         "stat_prefix": name,
-        "route_config": routes.get("route_config", {"name": name, "virtual_hosts": []}),
+        "route_config": settings.get("route_config", {"name": name, "virtual_hosts": []}),
         "http_filters": [http_filter(f) for f in filters],
     }
+    if settings.get("tracing") is not None:
+        manager["tracing"] = settings["tracing"]
     return {
         "name": name,
         "address": {"socket_address": {"address": "0.0.0.0", "port_value": port}},
@@ -113,22 +183,27 @@ def listener(
     }
 
 
-def listeners_of(proxy: Proxy) -> list[tuple[str, dict[str, Any]]]:
-    """(patch context, listener) as istiod builds them for `proxy` (I4)."""
+def listeners_of(proxy: Proxy, *, traced: bool = False) -> list[tuple[str, dict[str, Any]]]:
+    """(patch context, listener) as istiod builds them for `proxy` (I4); `traced`: the mesh
+    has a Zipkin tracing provider (I9)."""
+    t = {"tracing": istio_tracing(proxy)} if traced else {}
     if proxy.router:
         # Gateways: OUTBOUND (listener.go:1183), named ADDRESS_PORT.
-        return [("GATEWAY", listener("0.0.0.0_8080", 8080, "OUTBOUND", OUTBOUND_FILTERS))]
+        return [("GATEWAY", listener("0.0.0.0_8080", 8080, "OUTBOUND", OUTBOUND_FILTERS, **t))]
     out = [
-        ("SIDECAR_OUTBOUND", listener("0.0.0.0_8080", 8080, "OUTBOUND", OUTBOUND_FILTERS)),
-        ("SIDECAR_INBOUND", listener("virtualInbound", 15006, "INBOUND", INBOUND_FILTERS)),
+        ("SIDECAR_OUTBOUND", listener("0.0.0.0_8080", 8080, "OUTBOUND", OUTBOUND_FILTERS, **t)),
+        ("SIDECAR_INBOUND", listener("virtualInbound", 15006, "INBOUND", INBOUND_FILTERS, **t)),
     ]
     if proxy.hbone:
         out += [
             (
                 "SIDECAR_INBOUND",
-                listener("connect_terminate", 15008, "INBOUND", CONNECT_TERMINATE_FILTERS),
+                listener("connect_terminate", 15008, "INBOUND", CONNECT_TERMINATE_FILTERS, **t),
             ),
-            ("SIDECAR_INBOUND", listener("main_internal", 0, "INBOUND", HBONE_INBOUND_FILTERS)),
+            (
+                "SIDECAR_INBOUND",
+                listener("main_internal", 0, "INBOUND", HBONE_INBOUND_FILTERS, **t),
+            ),
         ]
     return out
 
@@ -269,41 +344,71 @@ def _apply_http_patch(filters: list[dict[str, Any]], patch: dict[str, Any]) -> l
         case "REMOVE":
             return [f for f in filters if sub is None or f["name"] != sub]
         case "MERGE":
-            return [_merged(f, value or {}) if f["name"] == sub else f for f in filters]
+            return [proto_merge(f, value or {}) if f["name"] == sub else f for f in filters]
     raise AssertionError(f"operation {operation} is not modelled")
 
 
-def _merged(base: Any, value: Any) -> Any:
+def proto_merge(base: Any, value: Any) -> Any:
+    """I8: `value` merged into `base` as proto merge does, on the JSON form: a message
+    field by field, a repeated field appended, anything else replaced. (A map would have
+    its entries replaced; the fields patched here have none.)"""
     if isinstance(base, dict) and isinstance(value, dict):
-        return {**base, **{k: _merged(base.get(k), v) for k, v in value.items()}}
+        return {**base, **{k: proto_merge(base.get(k), v) for k, v in value.items()}}
+    if isinstance(base, list) and isinstance(value, list):
+        return [*base, *value]
     return value
 
 
+def _merge_network_filter(network: dict[str, Any], patch: dict[str, Any]) -> None:
+    """I8: a MERGE patch on the network filter `network` (same typed_config type)."""
+    value = copy.deepcopy(patch["patch"].get("value") or {})
+    config = value.get("typed_config")
+    if config is None:
+        return
+    assert config["@type"] == network["typed_config"]["@type"], "MergeAnyWithAny: one type"
+    network["typed_config"] = proto_merge(network["typed_config"], config)
+
+
 def apply(
-    envoy_filters: list[dict[str, Any]], proxy: Proxy, root_namespace: str
+    envoy_filters: list[dict[str, Any]], proxy: Proxy, root_namespace: str, *, traced: bool = False
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(listeners, inserted clusters) of `proxy` after istiod applied the EnvoyFilters."""
+    """(listeners, inserted clusters) of `proxy` after istiod applied the EnvoyFilters;
+    `traced`: the mesh has a Zipkin tracing provider (I9)."""
     patches = patches_for(envoy_filters, proxy, root_namespace)
-    out = [patch_listener(lis, context, patches) for context, lis in listeners_of(proxy)]
+    built = listeners_of(proxy, traced=traced)
+    out = [patch_listener(lis, context, patches) for context, lis in built]
     return out, _inserted_clusters(patches, proxy)
+
+
+def _patch_applies(
+    patch: dict[str, Any], context: str, lis: dict[str, Any], chain: dict[str, Any]
+) -> bool:
+    return (
+        _context_match(patch, context)
+        and _listener_match(patch, lis)
+        and _chain_match(patch, lis, chain)
+    )
 
 
 def patch_listener(
     lis: dict[str, Any], context: str, patches: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    """I5, I6: the HTTP_FILTER patches applied to each HCM chain of `lis`, in order."""
+    """I5, I6, I8: each HCM chain of `lis` gets the NETWORK_FILTER MERGE patches, then the
+    HTTP_FILTER patches, each kind in order."""
     for chain in lis["filter_chains"]:
         for network in chain["filters"]:
             if network["name"] != HCM:
                 continue
-            manager = network["typed_config"]
             for patch in patches:
                 if (
-                    patch["applyTo"] == "HTTP_FILTER"
-                    and _context_match(patch, context)
-                    and _listener_match(patch, lis)
-                    and _chain_match(patch, lis, chain)
+                    patch["applyTo"] == "NETWORK_FILTER"
+                    and patch["patch"]["operation"] == "MERGE"
+                    and _patch_applies(patch, context, lis, chain)
                 ):
+                    _merge_network_filter(network, patch)
+            manager = network["typed_config"]
+            for patch in patches:
+                if patch["applyTo"] == "HTTP_FILTER" and _patch_applies(patch, context, lis, chain):
                     manager["http_filters"] = _apply_http_patch(manager["http_filters"], patch)
     return lis
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .cilium_agent import Service, feed_from_files, load_assignments
-from .istio_pilot import Proxy, apply
+from .istio_pilot import ZIPKIN_CLUSTER, Proxy, apply
 
 UPSTREAM = "upstream"
 _LOOPBACK_0 = {"socket_address": {"address": "127.0.0.1", "port_value": 0}}
@@ -53,18 +53,24 @@ def apply_envoy_filter(
     envoy_filters: list[dict[str, Any]],
     upstream_port: int | None = None,
     root_namespace: str = "istio-system",
+    zipkin_port: int | None = None,
 ) -> dict[str, Any]:
     """One bootstrap with the sidecar's and the ingress gateway's HTTP listeners, patched by istiod.
 
     The EnvoyFilters are applied by the Istio stand-in (istio_pilot.py) to each proxy's
     listeners; the listeners are renamed (ISTIO_LISTENERS) and moved to 127.0.0.1:0 so one
     Envoy runs them all; with `upstream_port` every route goes to the `upstream` cluster.
+    With `zipkin_port` the mesh traces to a Zipkin collector there, as istiod configures it.
     """
     listeners, clusters = [], {}
     if upstream_port is not None:
         clusters[UPSTREAM] = upstream_cluster(UPSTREAM, upstream_port)
+    if zipkin_port is not None:
+        clusters[ZIPKIN_CLUSTER] = upstream_cluster(ZIPKIN_CLUSTER, zipkin_port)
     for proxy in (SIDECAR, INGRESS):
-        patched, inserted = apply(envoy_filters, proxy, root_namespace)
+        patched, inserted = apply(
+            envoy_filters, proxy, root_namespace, traced=zipkin_port is not None
+        )
         clusters.update({c["name"]: c for c in inserted})
         for lis in patched:
             name = ISTIO_LISTENERS.get((proxy.name, lis["name"]))

@@ -106,6 +106,15 @@ class TestEnvoyAcceptsEveryFragment:
         assert server["transport_socket"]["name"] == "envoy.transport_sockets.tls"
         validate(bootstrap)
 
+    @pytest.mark.parametrize("tracer", ["tracing_zipkin", "tracing_otlp"])
+    def test_tracer_loads(self, envoy_binary, tracer):
+        """`render envoy` with each tracer, and the Istio EnvoyFilters in a mesh that traces
+        to Zipkin (their MERGE on Istio's HCM tracing), load in this Envoy."""
+        options = RenderOptions(**{tracer: "collector.observability:4317"})
+        validate(yaml.safe_load(render("envoy", options)["envoy/gated.yaml"]), binary=envoy_binary)
+        filters = rendered("istio", RenderMode.GATED)
+        validate(apply_envoy_filter(filters, zipkin_port=9411), binary=envoy_binary)
+
     def test_istio_mesh_identity_cluster(self, envoy_binary):
         """With --extproc-mtls istio the server's cluster takes its certificate and root by SDS
         from `sds-grpc`, which istio-agent's bootstrap defines (a stand-in here, shaped as in

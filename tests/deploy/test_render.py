@@ -200,7 +200,10 @@ class TestServerMtls:
         assert run(["render", "all", "--extproc-mtls", "istio"]) == 0
         out, err = capsys.readouterr()
         assert "kind: EnvoyFilter" in out and "--client-ca" in out
-        assert "render envoy: skipped, it has no Istio SDS" in err
+        assert (
+            "render envoy: skipped: --extproc-mtls istio: the envoy target's Envoy has no Istio SDS"
+            in err
+        )
         assert "render cilium: skipped" in err
 
     @pytest.mark.parametrize(

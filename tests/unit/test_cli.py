@@ -39,9 +39,14 @@ SAMPLES: dict[str, list[str]] = {
     "--upstream": ["--upstream", "10.0.0.2:9090"],
     "--direction": ["--direction", "inbound"],
     "--runbook-url": ["--runbook-url", "https://wiki.example/doctor"],
+    "--tracing-zipkin": ["--tracing-zipkin", "127.0.0.1:9411"],
+    "--tracing-otlp": ["--tracing-otlp", "127.0.0.1:4317"],
+    "--no-trace-tags": ["--no-trace-tags"],
 }
 # cilium renders always mode only, its default: --mode always is accepted and changes nothing.
-SAME_AS_DEFAULT = {("--mode", "cilium")}
+# The plain Envoy traces only with --tracing-*: alone, --no-trace-tags has no tags to leave
+# out there (tests/deploy/test_traces_e2e.py renders it with a tracer).
+SAME_AS_DEFAULT = {("--mode", "cilium"), ("--no-trace-tags", "envoy")}
 # Each target rendered with no option, once per run.
 BASELINE: dict[str, str] = {}
 
