@@ -76,7 +76,13 @@ def test_image_installs_and_serves(tmp_path):
     cmd = json.loads(next(a for i, a in final if i == "CMD"))
     cmd[cmd.index("--listen") + 1] = "127.0.0.1:0"
     argv = [str(venv / "bin" / entrypoint[0]), *entrypoint[1:], *cmd]
-    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    assert_serves_health(argv, tmp_path)
+
+
+def assert_serves_health(argv: list[str], cwd: Path, env: dict[str, str] | None = None) -> None:
+    """`argv` (an `extproc serve` on port 0) answers the gRPC health check SERVING and
+    exits 0 on SIGTERM; the process is always stopped."""
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env)
     try:
         port = serving_port(proc)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:

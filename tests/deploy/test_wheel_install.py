@@ -9,18 +9,15 @@ the package index, as `python -m build` gets it.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
-import grpc
 import pytest
 import yaml
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from .test_image_install import serving_port
+from .test_image_install import assert_serves_health
 
 pytestmark = pytest.mark.install
 
@@ -142,19 +139,4 @@ class TestWheel:
         """`extproc serve` answers the gRPC health check SERVING and exits 0 on SIGTERM."""
         venv, env, cwd = installed
         argv = [str(venv / "bin" / "extproc"), "serve", "--listen", "127.0.0.1:0"]
-        proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env)
-        try:
-            port = serving_port(proc)
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-                reply = health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(), wait_for_ready=True, timeout=10
-                )
-            assert reply.status == health_pb2.HealthCheckResponse.SERVING
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=20) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            assert proc.stderr is not None
-            proc.stderr.close()
+        assert_serves_health(argv, cwd, env)
