@@ -3,8 +3,8 @@
 Each keeps what it received as `Span`s (a name and string tags) and lets a test wait, with
 a deadline, until a span that satisfies a condition has arrived. Envoy's Zipkin tracer
 POSTs with chunked transfer encoding, so the Zipkin receiver reads chunks (http.server
-does not decode them). The OTLP receiver is a real gRPC TraceService from the
-`opentelemetry-proto` messages.
+does not decode them). The OTLP receiver is a real gRPC TraceService over the OTLP
+messages xds-protos ships (Envoy's API imports them), served by a generic handler.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from types import TracebackType
 from typing import Any, Self
 
 import grpc
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.proto.common.v1 import common_pb2
 
 from extproc.lab import HttpUpstream
@@ -122,13 +122,22 @@ def _zipkin_span(record: dict[str, Any]) -> Span:
     return Span(record.get("name", ""), dict(record.get("tags", {})), record)
 
 
-class OtlpReceiver(_Spans, trace_service_pb2_grpc.TraceServiceServicer):
-    """An OpenTelemetry collector on 127.0.0.1: the OTLP/gRPC TraceService."""
+TRACE_SERVICE = trace_service_pb2.DESCRIPTOR.services_by_name["TraceService"].full_name
+
+
+class OtlpReceiver(_Spans):
+    """An OpenTelemetry collector on 127.0.0.1: the OTLP/gRPC TraceService's Export."""
 
     def __init__(self) -> None:
         super().__init__()
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self._server)
+        export = grpc.unary_unary_rpc_method_handler(
+            self.Export,
+            request_deserializer=trace_service_pb2.ExportTraceServiceRequest.FromString,
+            response_serializer=trace_service_pb2.ExportTraceServiceResponse.SerializeToString,
+        )
+        handler = grpc.method_handlers_generic_handler(TRACE_SERVICE, {"Export": export})
+        self._server.add_generic_rpc_handlers((handler,))
         self.port = self._server.add_insecure_port("127.0.0.1:0")
 
     def Export(
@@ -138,7 +147,7 @@ class OtlpReceiver(_Spans, trace_service_pb2_grpc.TraceServiceServicer):
             [
                 Span(span.name, {a.key: _text(a.value) for a in span.attributes}, {})
                 for resource in request.resource_spans
-                for scope in resource.scope_spans
+                for scope in _scopes(resource)
                 for span in scope.spans
             ]
         )
@@ -152,6 +161,14 @@ class OtlpReceiver(_Spans, trace_service_pb2_grpc.TraceServiceServicer):
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._server.stop(grace=None)
+
+
+def _scopes(resource: Any) -> Any:
+    """ResourceSpans field 2: `scope_spans` since OTLP 0.15, `instrumentation_library_spans`
+    before, the same wire shape. xds-protos ships the older copy; an installed
+    opentelemetry-proto overwrites the same files, so which one is there depends on the
+    install order: read the field by its number."""
+    return getattr(resource, resource.DESCRIPTOR.fields_by_number[2].name)
 
 
 def _text(value: common_pb2.AnyValue) -> str:
