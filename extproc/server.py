@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import math
 import signal
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from time import perf_counter
@@ -48,6 +49,7 @@ from extproc.config import Direction, Policy, ServeConfig, TlsFiles, load_policy
 from extproc.core import Answer, Carried
 from extproc.diagnosis import Diagnosis
 from extproc.envoy_admin import ClusterTlsCache
+from extproc.failures import NO_REQUEST, Failures, RequestFields, request_fields
 from extproc.filter_config import DIRECTION_METADATA, METADATA_NAMESPACE
 from extproc.headers import NO_CHANGE, Header, RequestDecision
 from extproc.http_lane import HttpLane, HttpProcessor, Limits
@@ -87,6 +89,8 @@ class StreamState:
     declared: Direction | None = None
     # What the response phase needs from the request phase.
     carried: Carried = core.NOTHING_CARRIED
+    # The request's method, path and id for the live page; read only while it is on.
+    request: RequestFields = NO_REQUEST
 
 
 def declared_direction(metadata: Sequence[tuple[str, str | bytes]] | None) -> Direction | None:
@@ -279,6 +283,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         self.cluster_tls: ClusterTlsCache | None = None
         self.door = Door(limits or StreamLimits())
         self._warned: dict[str, tuple[float, int]] = {}
+        # The live page's table (`serve --ui-listen`); None: off, and nothing is read for it.
+        self.failures: Failures | None = None
 
     async def Process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         policy, metrics, door = self.policy, self.metrics, self.door
@@ -361,8 +367,13 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         metrics.messages[kind].inc()
         if kind == "request_headers":
             metrics.count_request(state.decision.applied)
+            if self.failures is not None:
+                state.request = request_fields(header_pairs(request.request_headers))
         elif kind == "response_headers":
             metrics.count_response(state.diagnosis)
+            if state.diagnosis is not None and self.failures is not None:
+                self.failures.record(state.diagnosis, time.time(), state.request,
+                                     str(state.carried.direction or ""))  # fmt: skip
         metrics.seconds[kind].observe(perf_counter() - started)
         return response
 
