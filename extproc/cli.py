@@ -21,7 +21,15 @@ from extproc.accesslog import Reading, Unread, diagnose_text
 from extproc.accesslog.summary import MAX_LINE, Summary
 from extproc.admission import StreamLimits
 from extproc.annotate import diagnosis_headers
-from extproc.config import Direction, Policy, PolicyError, ServeConfig, TlsFiles, load_policy
+from extproc.config import (
+    Direction,
+    Policy,
+    PolicyError,
+    ServeConfig,
+    TlsFiles,
+    load_policy,
+    read_reveal_token,
+)
 from extproc.diagnosis import Diagnosis, Evidence, classify
 from extproc.flags import UnknownFlagError, parse_flags
 from extproc.metrics import MAX_CLUSTER_LABEL_LIMIT
@@ -96,7 +104,11 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
             f"--metrics-cluster-label must be 1 to {MAX_CLUSTER_LABEL_LIMIT}, "
             f"got {args.metrics_cluster_label}"
         )
+    ui_token = _ui_token(args)
     return ServeConfig(
+        ui_listen=args.ui_listen,
+        ui_token=ui_token,
+        ui_recovered_after=args.ui_recovered_after,
         listen=listen,
         http_listen=args.http_listen,
         http_max_connections=args.http_max_connections,
@@ -112,6 +124,33 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         workers=args.workers,
         envoy_admin=_envoy_admin(args.envoy_admin),
     )
+
+
+def _ui_token(args: argparse.Namespace) -> bytes:
+    """The page's token, read and checked before anything binds; refuses a non-loopback
+    --ui-listen without one, and --ui-listen with --workers (each worker would keep its own
+    table behind one port)."""
+    from extproc.page import PageError, check_listen
+
+    if not args.ui_listen:
+        if args.ui_token_file:
+            raise ConfigError("--ui-token-file needs --ui-listen")
+        return b""
+    if args.workers > 1:
+        raise ConfigError("--ui-listen serves one process's failures: use it with --workers 1")
+    if args.ui_recovered_after <= 0:
+        raise ConfigError(f"--ui-recovered-after must be positive, got {args.ui_recovered_after}")
+    token = b""
+    if args.ui_token_file:
+        try:
+            token = read_reveal_token(args.ui_token_file)
+        except ValueError as exc:
+            raise ConfigError(f"--ui-token-file: {exc}") from None
+    try:
+        check_listen(args.ui_listen, token)
+    except PageError as exc:
+        raise ConfigError(str(exc)) from None
+    return token
 
 
 def _envoy_admin(url: str | None) -> str | None:
@@ -794,6 +833,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--health-listen",
         metavar="HOST:PORT",
         help="also serve grpc.health.v1 alone, in plaintext, here (kubelet probes cannot use TLS)",
+    )
+    serve.add_argument(
+        "--ui-listen",
+        metavar="HOST:PORT",
+        help="serve the live page of failures here (off by default; docs use 127.0.0.1:9902); "
+        "an address other than loopback needs --ui-token-file",
+    )
+    serve.add_argument(
+        "--ui-token-file",
+        metavar="PATH",
+        help="the page's token (at least 16 visible ASCII characters): open /?token=... once "
+        "(sets a cookie) or send Authorization: Bearer ...",
+    )
+    serve.add_argument(
+        "--ui-recovered-after",
+        type=float,
+        default=ServeConfig().ui_recovered_after,
+        metavar="SECONDS",
+        help="a row with no failure for this long shows as recovered (default: %(default)s)",
     )
     serve.add_argument(
         "--workers",

@@ -54,6 +54,7 @@ from extproc.filter_config import DIRECTION_METADATA, METADATA_NAMESPACE
 from extproc.headers import NO_CHANGE, Header, RequestDecision
 from extproc.http_lane import HttpLane, HttpProcessor, Limits
 from extproc.metrics import Metrics
+from extproc.page import Page
 from extproc.reload import PolicyReloader
 from extproc.tls import ReloadingCredentials, ReloadingSslContext
 
@@ -562,6 +563,8 @@ async def serve(config: ServeConfig) -> None:
         lane_limits = Limits(max_connections=config.http_max_connections)
         lanes.append(HttpLane(processor, config.http_listen, config.grace, ssl_context=context,
                               limits=lane_limits))  # fmt: skip
+    if config.ui_listen is not None:
+        lanes.append(_page(config, processors, metrics))
     if config.metrics_listen:
         metrics.serve(config.metrics_listen)
     stopping = asyncio.Event()
@@ -577,10 +580,19 @@ async def serve(config: ServeConfig) -> None:
         log.info("serving", listen=config.listen, port=ports.get("ExtProcServer"),
                  http_listen=config.http_listen, http_port=ports.get("HttpLane"),
                  policy=policy.source, mode=str(policy.mode), tls=config.tls is not None,
-                 metrics=config.metrics_listen)  # fmt: skip
+                 metrics=config.metrics_listen, ui_port=ports.get("Page"))  # fmt: skip
         await stopping.wait()
         log.info("draining", grace_seconds=config.grace)
     log.info("stopped")
+
+
+def _page(config: ServeConfig, processors: Sequence[Any], metrics: Metrics) -> Page:
+    """The live page, and its table given to each lane: they record what they diagnose."""
+    failures = Failures(recovered_after=config.ui_recovered_after,
+                        on_evict=metrics.page_rows_evicted.inc)  # fmt: skip
+    for processor in processors:
+        processor.failures = failures
+    return Page(failures, config.ui_listen or "", token=config.ui_token, metrics=metrics)
 
 
 @contextlib.asynccontextmanager
