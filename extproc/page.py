@@ -146,17 +146,25 @@ class _Client:
 
     def __init__(self, size: int) -> None:
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(size)  # None: resync
+        self.resync_pending = False  # the resync, built when sent, covers later updates
 
-    def offer(self, event: bytes) -> bool:
-        """Queue `event`; False when full: the queue is replaced by one resync."""
+    def offer(self, event: bytes) -> None:
+        """Queue `event`; when the queue is full it is replaced by one resync."""
+        if self.resync_pending:
+            return
         try:
             self.queue.put_nowait(event)
-            return True
         except asyncio.QueueFull:
             while not self.queue.empty():
                 self.queue.get_nowait()
             self.queue.put_nowait(None)
-            return False
+            self.resync_pending = True
+
+    async def next(self) -> bytes | None:
+        event = await self.queue.get()
+        if event is None:
+            self.resync_pending = False
+        return event
 
 
 class Page:
@@ -209,7 +217,8 @@ class Page:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
         for client in list(self.clients):
-            client.offer(b"")  # wakes the writer, which then sees the server closed
+            with contextlib.suppress(asyncio.QueueFull):  # a full queue wakes it anyway
+                client.queue.put_nowait(b"")  # wakes the writer, which sees the page closed
         self._server = None
 
     async def __aenter__(self) -> Page:
@@ -222,6 +231,7 @@ class Page:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.connections >= self.limits.max_connections:
             await self._send(writer, response(503, b"too many connections to the page\n"))
+            writer.close()
             return
         self.connections += 1
         try:
@@ -339,7 +349,7 @@ class Page:
             while self._server is not None:
                 try:
                     async with asyncio.timeout(HEARTBEAT_SECONDS):
-                        event = await client.queue.get()
+                        event = await client.next()
                 except TimeoutError:
                     event = b": keep-alive\n\n"
                 if event is None:

@@ -23,6 +23,7 @@ from extproc.lab.background import BackgroundServer
 from extproc.lab.envoy import free_port
 from extproc.lab.scenarios import DEMO_POLICY, MESH, SCENARIOS, Scenario
 from extproc.lab.topology import LOOPBACK, Lab, Response
+from extproc.page import Page
 from extproc.server import ExtProcServer
 
 HINT_WIDTH = 60
@@ -61,12 +62,13 @@ def running_doctor(
     *,
     envoy_admin: bool = True,
     transport: str = GRPC,
+    page: Page | None = None,
 ) -> Iterator[tuple[Lab, BackgroundServer]]:
     """The mesh lab with the real server in its path, reading the client sidecar's admin.
 
     The Envoys start first, pointed at a free port, so the server can be given their
     admin address; the ext_proc filter fails open until the server is up. `transport`:
-    gRPC, or the HTTP lane (`serve --http-listen`).
+    gRPC, or the HTTP lane (`serve --http-listen`); `page`: the live page beside it.
     """
     port = free_port()
     address = f"{LOOPBACK}:{port}"
@@ -76,7 +78,9 @@ def running_doctor(
     )  # fmt: skip
     with (
         Lab((LOOPBACK, port), workdir, MESH, transport=transport) as lab,
-        BackgroundServer(lane, envoy_admin=lab.admin_url if envoy_admin else None) as server,
+        BackgroundServer(
+            lane, envoy_admin=lab.admin_url if envoy_admin else None, page=page
+        ) as server,
     ):
         yield lab, server
 
