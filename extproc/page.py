@@ -12,7 +12,7 @@ the last, with `id:` the table's sequence number; a browser reconnecting with
 were evicted meanwhile. Each client has a bounded queue; a client too slow to take its
 events is dropped to one `resync` instead of queueing more.
 
-Security (docs/threat-model.md T40-T45): loopback by default, and a token
+Security (docs/threat-model.md T37-T42): loopback by default, and a token
 (`--ui-token-file`) for any other address; the Host must be a loopback name unless a
 token is set (DNS rebinding); an Origin must be the page's own; GET only; a strict
 Content-Security-Policy; the script renders every string with textContent.
