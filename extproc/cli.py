@@ -389,7 +389,22 @@ def _demo(args: argparse.Namespace) -> int:
     except KeyError as exc:
         raise ConfigError(exc.args[0]) from None
     policy = _policy(args.config) if args.config else None
-    return int(run_demo(policy, stay=not args.once, scenarios=chosen, transport=args.transport))
+    # The live page beside the demo while it stays up (`make run` prints its URL).
+    ui_listen = None if args.once or args.ui_listen == "none" else args.ui_listen
+    if ui_listen:
+        from extproc.page import PageError, check_listen
+
+        try:
+            check_listen(ui_listen, b"")  # loopback only: the demo takes no token
+        except PageError as exc:
+            raise ConfigError(str(exc)) from None
+    try:
+        return int(run_demo(policy, stay=not args.once, scenarios=chosen,
+                            transport=args.transport, ui_listen=ui_listen))  # fmt: skip
+    except OSError as exc:
+        print(f"extproc demo: {exc} (another port: --ui-listen 127.0.0.1:PORT, or none)",
+              file=sys.stderr)  # fmt: skip
+        return 1
 
 
 # Which `render` targets each option applies to (by argparse dest; the flag named in the
@@ -949,6 +964,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["grpc", "http"],
         default="grpc",
         help="how the sidecar calls the server: gRPC or the HTTP lane (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--ui-listen",
+        default="127.0.0.1:9902",
+        metavar="HOST:PORT",
+        help="serve the live page of the demo's failures here while it stays up, or none "
+        "(default: %(default)s; loopback only)",
     )
     demo.set_defaults(func=_demo)
     _add_render_parser(sub)
