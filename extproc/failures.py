@@ -22,7 +22,7 @@ from extproc.diagnosis import Diagnosis
 
 # ---- Limits (docs/page.md, "Limits").
 # Rows, one per (cluster, reason): Istio names one cluster per service port and subset, so
-# a large mesh has thousands; each row costs about 2 KB (60 slots, a few samples).
+# a large mesh has thousands; each row costs about 6.5 KB (bench/page_memory.py).
 MAX_ROWS = 2000
 SAMPLES_PER_ROW = 5  # the last few requests of a row; older ones drop off
 RECENT = 200  # the global ring of recent failures, newest last (`/api/failures`)
