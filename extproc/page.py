@@ -192,6 +192,7 @@ class Page:
             for path, (name, kind) in _STATIC.items()
         }
         self.connections = 0
+        self._writers: set[asyncio.StreamWriter] = set()  # open connections, closed at stop
         self.clients: set[_Client] = set()
         self.sent_seq = 0  # the table's sequence number at the last update
         self.port = 0
@@ -219,6 +220,8 @@ class Page:
         for client in list(self.clients):
             with contextlib.suppress(asyncio.QueueFull):  # a full queue wakes it anyway
                 client.queue.put_nowait(b"")  # wakes the writer, which sees the page closed
+        for writer in list(self._writers):  # event streams never end by themselves
+            writer.close()
         self._server = None
 
     async def __aenter__(self) -> Page:
@@ -234,12 +237,14 @@ class Page:
             writer.close()
             return
         self.connections += 1
+        self._writers.add(writer)
         try:
             head = await self._read_head(reader, writer)
             if head is not None:
                 await self._answer(head, writer)
         finally:
             self.connections -= 1
+            self._writers.discard(writer)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()

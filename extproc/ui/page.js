@@ -150,5 +150,11 @@ function connect() {
 
 document.getElementById("filters").addEventListener("input", render);
 document.getElementById("filters").addEventListener("submit", (e) => e.preventDefault());
-setInterval(render, 1000); // recovered rows turn over without an event
+// Rows turn recovered with time, not with an event: redraw when one does (a redraw
+// every second would take the keyboard focus away), else only the status line.
+let states = "";
+setInterval(() => {
+  const now = [...rows.values()].map(recovered).join();
+  if (now !== states) { states = now; render(); }
+}, 1000);
 connect();
