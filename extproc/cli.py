@@ -109,6 +109,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         ui_listen=args.ui_listen,
         ui_token=ui_token,
         ui_recovered_after=args.ui_recovered_after,
+        ui_prometheus=_ui_prometheus(args),
         listen=listen,
         http_listen=args.http_listen,
         http_max_connections=args.http_max_connections,
@@ -151,6 +152,19 @@ def _ui_token(args: argparse.Namespace) -> bytes:
     except PageError as exc:
         raise ConfigError(str(exc)) from None
     return token
+
+
+def _ui_prometheus(args: argparse.Namespace) -> str | None:
+    from extproc.mesh_view import MeshViewError, prometheus_url
+
+    if args.ui_prometheus is None:
+        return None
+    if not args.ui_listen:
+        raise ConfigError("--ui-prometheus needs --ui-listen")
+    try:
+        return prometheus_url(args.ui_prometheus)
+    except MeshViewError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _envoy_admin(url: str | None) -> str | None:
@@ -867,6 +881,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=ServeConfig().ui_recovered_after,
         metavar="SECONDS",
         help="a row with no failure for this long shows as recovered (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--ui-prometheus",
+        metavar="URL",
+        help="the page also shows the mesh-wide view: every replica's diagnoses summed by "
+        "this Prometheus (the rules `extproc render monitoring` writes)",
     )
     serve.add_argument(
         "--workers",

@@ -347,6 +347,8 @@ class ServeConfig:
     ui_listen: str | None = None
     ui_token: bytes = field(default=b"", repr=False)
     ui_recovered_after: float = 60.0
+    # Prometheus's base URL: the page's mesh-wide view (extproc/mesh_view.py).
+    ui_prometheus: str | None = None
 
 
 def load_policy(path: str | Path, *, read_secrets: bool = True) -> Policy:

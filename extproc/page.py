@@ -35,6 +35,7 @@ import orjson
 import structlog
 
 from extproc.failures import Failures
+from extproc.mesh_view import MeshView
 from extproc.metrics import Metrics
 
 log = structlog.get_logger("extproc")
@@ -178,8 +179,10 @@ class Page:
         token: bytes = b"",
         metrics: Metrics | None = None,
         limits: Limits | None = None,
+        mesh: MeshView | None = None,
     ) -> None:
         self.host, self.requested_port = check_listen(listen, token)
+        self.mesh = mesh  # the mesh-wide view from Prometheus (`--ui-prometheus`), if any
         self.failures = failures
         self.metrics = metrics or Metrics()
         self.limits = limits or Limits()
@@ -198,6 +201,7 @@ class Page:
         self.port = 0
         self._server: asyncio.Server | None = None
         self._ticker: asyncio.Task[None] | None = None
+        self._poller: asyncio.Task[None] | None = None
 
     # ---- the door
     async def start(self) -> None:
@@ -208,15 +212,18 @@ class Page:
         self.port = self._server.sockets[0].getsockname()[1]
         self.sent_seq = self.failures.seq
         self._ticker = asyncio.create_task(self._tick())
+        if self.mesh is not None:
+            self._poller = asyncio.create_task(self.mesh.run(self._mesh_changed))
 
     async def stop(self) -> None:
         if self._server is None:
             return
         self._server.close()
-        if self._ticker is not None:
-            self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ticker
+        for task in (self._ticker, self._poller):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for client in list(self.clients):
             with contextlib.suppress(asyncio.QueueFull):  # a full queue wakes it anyway
                 client.queue.put_nowait(b"")  # wakes the writer, which sees the page closed
@@ -290,7 +297,7 @@ class Page:
         if path == b"/api/events":
             await self._events(head, writer)
         elif path == b"/api/failures":
-            body = orjson.dumps(self.failures.snapshot(time.time()))
+            body = orjson.dumps(self._snapshot())
             await self._send(writer, response(200, body, b"application/json"))
         elif path in self.files:
             body, kind = self.files[path]
@@ -351,6 +358,8 @@ class Page:
                 b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n%s\r\n" % SECURITY_HEADERS
             )
             writer.write(self._catch_up(head.headers.get(b"last-event-id")))
+            if self.mesh is not None:
+                writer.write(self._mesh_event())
             while self._server is not None:
                 try:
                     async with asyncio.timeout(HEARTBEAT_SECONDS):
@@ -360,6 +369,8 @@ class Page:
                 if event is None:
                     self.metrics.page_clients["resynced"].inc()
                     event = self._resync()
+                    if self.mesh is not None:
+                        event += self._mesh_event()
                 writer.write(event)
                 async with asyncio.timeout(WRITE_SECONDS):
                     await writer.drain()
@@ -377,9 +388,26 @@ class Page:
                 return self._update(seq)
         return self._resync()
 
+    def _snapshot(self) -> dict[str, Any]:
+        snapshot = self.failures.snapshot(time.time())
+        if self.mesh is not None:
+            snapshot["mesh"] = self.mesh.view()
+        return snapshot
+
     def _resync(self) -> bytes:
         snapshot = self.failures.snapshot(time.time())
         return _event("resync", snapshot["seq"], snapshot)
+
+    def _mesh_event(self) -> bytes:
+        # The mesh view is not part of the table's sequence: it carries the table's id,
+        # so a reconnect still resumes the table.
+        assert self.mesh is not None
+        return _event("mesh", self.failures.seq, self.mesh.view())
+
+    def _mesh_changed(self) -> None:
+        event = self._mesh_event()
+        for client in self.clients:
+            client.offer(event)
 
     def _update(self, since: int) -> bytes:
         failures, now = self.failures, time.time()

@@ -53,6 +53,7 @@ from extproc.failures import NO_REQUEST, Failures, RequestFields, request_fields
 from extproc.filter_config import DIRECTION_METADATA, METADATA_NAMESPACE
 from extproc.headers import NO_CHANGE, Header, RequestDecision
 from extproc.http_lane import HttpLane, HttpProcessor, Limits
+from extproc.mesh_view import MeshView
 from extproc.metrics import Metrics
 from extproc.page import Page
 from extproc.reload import PolicyReloader
@@ -592,7 +593,9 @@ def _page(config: ServeConfig, processors: Sequence[Any], metrics: Metrics) -> P
                         on_evict=metrics.page_rows_evicted.inc)  # fmt: skip
     for processor in processors:
         processor.failures = failures
-    return Page(failures, config.ui_listen or "", token=config.ui_token, metrics=metrics)
+    mesh = MeshView(config.ui_prometheus) if config.ui_prometheus else None
+    return Page(failures, config.ui_listen or "", token=config.ui_token, metrics=metrics,
+                mesh=mesh)  # fmt: skip
 
 
 @contextlib.asynccontextmanager

@@ -138,11 +138,29 @@ function render() {
     "Live: " + shown + " of " + rows.size + " rows shown, updated " + clock(now());
 }
 
+function renderMesh(mesh) {
+  const section = document.getElementById("mesh");
+  section.hidden = false;
+  const when = mesh.at ? "as of " + clock(mesh.at) : "no answer yet";
+  document.getElementById("mesh-status").textContent = "Source: " + mesh.source + ", " + when
+    + (mesh.error ? "; last poll failed: " + mesh.error : "");
+  const body = document.getElementById("mesh-rows");
+  body.replaceChildren();
+  for (const row of mesh.rows) {
+    const tr = el("tr");
+    const hour = mesh.per_reason_hour[row.reason];
+    tr.append(el("td", row.reason), el("td", row.cluster, "cluster"),
+      el("td", row.per_minute.toFixed(2)), el("td", hour === undefined ? "-" : Math.round(hour)));
+    body.append(tr);
+  }
+}
+
 function connect() {
   // One EventSource per tab; it reconnects by itself with Last-Event-ID.
   const source = new EventSource("/api/events");
   source.addEventListener("resync", (e) => apply(JSON.parse(e.data), true));
   source.addEventListener("update", (e) => apply(JSON.parse(e.data), false));
+  source.addEventListener("mesh", (e) => renderMesh(JSON.parse(e.data)));
   source.addEventListener("error", () => {
     document.getElementById("status").textContent = "Disconnected; reconnecting…";
   });
