@@ -73,9 +73,11 @@ endef
 bench-tools:
 	$(call apt_tools,bench,wrk h2load,wrk nghttp2-client)
 
-# promtool and the Prometheus server (Debian package prometheus) for tests/monitoring.
+# promtool and the Prometheus server (Debian package prometheus) for tests/monitoring;
+# Debian's chromium for the live page's browser tests (tests/page/test_browser.py).
 test-tools:
 	$(call apt_tools,test,promtool prometheus,prometheus)
+	$(call apt_tools,test,chromium,chromium)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis site dist

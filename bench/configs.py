@@ -71,18 +71,24 @@ class Config:
     # A serverless gate's HTTP filters (before the router), given the ext_proc cluster's
     # name; None: `bare_gate`. bench/gate_parts.py measures the rendered gate's parts so.
     gate: Callable[[str], list[dict[str, Any]]] | None = None
+    # `extproc serve --ui-listen`: the live page on, recording every diagnosis.
+    page: bool = False
 
     def __post_init__(self) -> None:
         serverless = (Filter.NONE, Filter.BARE_GATE)
         if (self.server is None) != (self.filter in serverless):
             raise ValueError(f"{self.name}: a server goes with a filter, and only then")
-        if (self.workers > 1 or self.unix_socket) and self.server is not Server.OURS:
-            raise ValueError(f"{self.name}: only our server has workers and Unix sockets")
+        if (self.workers > 1 or self.unix_socket or self.page) and self.server is not Server.OURS:
+            raise ValueError(f"{self.name}: only our server has workers, Unix sockets, a page")
 
     @property
     def needs(self) -> tuple[str, ...]:
         """What `extproc serve --help` must mention for this row to run."""
-        return ("--workers",) * (self.workers > 1) + ("unix:",) * self.unix_socket
+        return (
+            ("--workers",) * (self.workers > 1)
+            + ("unix:",) * self.unix_socket
+            + ("--ui-listen",) * self.page
+        )
 
     @property
     def expected_status(self) -> int:
@@ -140,6 +146,12 @@ CONFIGS: tuple[Config, ...] = (
            Route.PROXIED),
     Config("gated-proxied", "ours, gated, proxied to an upstream Envoy", Filter.GATED,
            Route.PROXIED, Server.OURS),
+    # The live page on and off side by side: a clean request pays nothing for it, a failure
+    # one O(1) record (bench/page_memory.py measures its memory).
+    Config("always-page", "ours, always-on, live page on", Filter.ALWAYS, Route.OK, Server.OURS,
+           page=True),
+    Config("gated-fail-page", "ours, gated, refused upstream, live page on", Filter.GATED,
+           Route.REFUSED, Server.OURS, page=True),
     Config(
         "always-workers2", "ours, always-on, --workers 2", Filter.ALWAYS, Route.OK, Server.OURS,
         workers=2,

@@ -116,6 +116,7 @@ class ServerProcess:
         workers: int = 1,
         unix: bool = False,
         transport: str = GRPC,
+        page: bool = False,
     ) -> None:
         self.kind = server
         stem = workdir / f"{server}-{id(self):x}"
@@ -143,6 +144,8 @@ class ServerProcess:
             policy = stem.with_suffix(".policy.yaml")
             policy.write_text("response_annotations: on\n")
             args += ["--config", str(policy)]
+        if page:
+            args += ["--ui-listen", f"127.0.0.1:{free_port()}"]
         if self.http and server is Server.OURS:
             listen = ["--listen", "none", "--http-listen", self.listen]
         else:
@@ -385,6 +388,7 @@ def run(
                     workers=c.workers,
                     unix=c.unix_socket,
                     transport=c.transport,
+                    page=c.page,
                 )
             )
             for c in available

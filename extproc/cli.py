@@ -21,7 +21,15 @@ from extproc.accesslog import Reading, Unread, diagnose_text
 from extproc.accesslog.summary import MAX_LINE, Summary
 from extproc.admission import StreamLimits
 from extproc.annotate import diagnosis_headers
-from extproc.config import Direction, Policy, PolicyError, ServeConfig, TlsFiles, load_policy
+from extproc.config import (
+    Direction,
+    Policy,
+    PolicyError,
+    ServeConfig,
+    TlsFiles,
+    load_policy,
+    read_reveal_token,
+)
 from extproc.diagnosis import Diagnosis, Evidence, classify
 from extproc.flags import UnknownFlagError, parse_flags
 from extproc.metrics import MAX_CLUSTER_LABEL_LIMIT
@@ -96,7 +104,12 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
             f"--metrics-cluster-label must be 1 to {MAX_CLUSTER_LABEL_LIMIT}, "
             f"got {args.metrics_cluster_label}"
         )
+    ui_token = _ui_token(args)
     return ServeConfig(
+        ui_listen=args.ui_listen,
+        ui_token=ui_token,
+        ui_recovered_after=args.ui_recovered_after,
+        ui_prometheus=_ui_prometheus(args),
         listen=listen,
         http_listen=args.http_listen,
         http_max_connections=args.http_max_connections,
@@ -112,6 +125,46 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         workers=args.workers,
         envoy_admin=_envoy_admin(args.envoy_admin),
     )
+
+
+def _ui_token(args: argparse.Namespace) -> bytes:
+    """The page's token, read and checked before anything binds; refuses a non-loopback
+    --ui-listen without one, and --ui-listen with --workers (each worker would keep its own
+    table behind one port)."""
+    from extproc.page import PageError, check_listen
+
+    if not args.ui_listen:
+        if args.ui_token_file:
+            raise ConfigError("--ui-token-file needs --ui-listen")
+        return b""
+    if args.workers > 1:
+        raise ConfigError("--ui-listen serves one process's failures: use it with --workers 1")
+    if args.ui_recovered_after <= 0:
+        raise ConfigError(f"--ui-recovered-after must be positive, got {args.ui_recovered_after}")
+    token = b""
+    if args.ui_token_file:
+        try:
+            token = read_reveal_token(args.ui_token_file)
+        except ValueError as exc:
+            raise ConfigError(f"--ui-token-file: {exc}") from None
+    try:
+        check_listen(args.ui_listen, token)
+    except PageError as exc:
+        raise ConfigError(str(exc)) from None
+    return token
+
+
+def _ui_prometheus(args: argparse.Namespace) -> str | None:
+    from extproc.mesh_view import MeshViewError, prometheus_url
+
+    if args.ui_prometheus is None:
+        return None
+    if not args.ui_listen:
+        raise ConfigError("--ui-prometheus needs --ui-listen")
+    try:
+        return prometheus_url(args.ui_prometheus)
+    except MeshViewError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _envoy_admin(url: str | None) -> str | None:
@@ -350,7 +403,22 @@ def _demo(args: argparse.Namespace) -> int:
     except KeyError as exc:
         raise ConfigError(exc.args[0]) from None
     policy = _policy(args.config) if args.config else None
-    return int(run_demo(policy, stay=not args.once, scenarios=chosen, transport=args.transport))
+    # The live page beside the demo while it stays up (`make run` prints its URL).
+    ui_listen = None if args.once or args.ui_listen == "none" else args.ui_listen
+    if ui_listen:
+        from extproc.page import PageError, check_listen
+
+        try:
+            check_listen(ui_listen, b"")  # loopback only: the demo takes no token
+        except PageError as exc:
+            raise ConfigError(str(exc)) from None
+    try:
+        return int(run_demo(policy, stay=not args.once, scenarios=chosen,
+                            transport=args.transport, ui_listen=ui_listen))  # fmt: skip
+    except OSError as exc:
+        print(f"extproc demo: {exc} (another port: --ui-listen 127.0.0.1:PORT, or none)",
+              file=sys.stderr)  # fmt: skip
+        return 1
 
 
 # Which `render` targets each option applies to (by argparse dest; the flag named in the
@@ -796,6 +864,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="also serve grpc.health.v1 alone, in plaintext, here (kubelet probes cannot use TLS)",
     )
     serve.add_argument(
+        "--ui-listen",
+        metavar="HOST:PORT",
+        help="serve the live page of failures here (off by default; docs use 127.0.0.1:9902); "
+        "an address other than loopback needs --ui-token-file",
+    )
+    serve.add_argument(
+        "--ui-token-file",
+        metavar="PATH",
+        help="the page's token (at least 16 visible ASCII characters): open /?token=... once "
+        "(sets a cookie) or send Authorization: Bearer ...",
+    )
+    serve.add_argument(
+        "--ui-recovered-after",
+        type=float,
+        default=ServeConfig().ui_recovered_after,
+        metavar="SECONDS",
+        help="a row with no failure for this long shows as recovered (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--ui-prometheus",
+        metavar="URL",
+        help="the page also shows the mesh-wide view: every replica's diagnoses summed by "
+        "this Prometheus (the rules `extproc render monitoring` writes)",
+    )
+    serve.add_argument(
         "--workers",
         type=int,
         default=1,
@@ -891,6 +984,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["grpc", "http"],
         default="grpc",
         help="how the sidecar calls the server: gRPC or the HTTP lane (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--ui-listen",
+        default="127.0.0.1:9902",
+        metavar="HOST:PORT",
+        help="serve the live page of the demo's failures here while it stays up, or none "
+        "(default: %(default)s; loopback only)",
     )
     demo.set_defaults(func=_demo)
     _add_render_parser(sub)

@@ -341,6 +341,14 @@ class ServeConfig:
     reload_interval: float = 2.0
     # Envoy's admin base URL: the clusters' TLS settings sharpen handshake diagnoses.
     envoy_admin: str | None = None
+    # The live page (extproc/page.py): its HOST:PORT (None: off), the token a non-loopback
+    # address needs (read from --ui-token-file; never printed), and how long a row must
+    # see no failure to show as recovered.
+    ui_listen: str | None = None
+    ui_token: bytes = field(default=b"", repr=False)
+    ui_recovered_after: float = 60.0
+    # Prometheus's base URL: the page's mesh-wide view (extproc/mesh_view.py).
+    ui_prometheus: str | None = None
 
 
 def load_policy(path: str | Path, *, read_secrets: bool = True) -> Policy:

@@ -38,6 +38,7 @@ from extproc import core
 from extproc.config import Direction, Policy
 from extproc.core import Answer
 from extproc.envoy_admin import ClusterTlsCache
+from extproc.failures import Failures
 from extproc.filter_config import DIRECTION_METADATA, METADATA_NAMESPACE
 from extproc.metrics import MESSAGE_KINDS, Metrics
 
@@ -251,6 +252,9 @@ class HttpProcessor:
         self.policy = policy
         self.metrics = metrics or Metrics()
         self.cluster_tls: ClusterTlsCache | None = None
+        # The live page's table (`serve --ui-listen`); None: off. The request phase is a
+        # separate POST here, so samples carry no method, path or request id.
+        self.failures: Failures | None = None
         self.messages, self.seconds = self.metrics.by_transport[TRANSPORT]
         self.errors = self.metrics.errors_by_transport[TRANSPORT]
 
@@ -292,6 +296,9 @@ class HttpProcessor:
         if result is None:
             return CONTINUE[kind]
         self.metrics.count_response(result.diagnosis, TRANSPORT)
+        if result.diagnosis is not None and self.failures is not None:
+            direction = _carried(doc).direction
+            self.failures.record(result.diagnosis, time.time(), direction=str(direction or ""))
         if result.answer is None:
             return CONTINUE[kind]
         return _http(200, "OK", encode(kind, result.answer))

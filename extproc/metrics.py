@@ -155,6 +155,20 @@ class Metrics:
             "extproc_policy_reloads", "policy reloads by result", ["result"], registry=r
         )
         self.reloads = {result: reloads.labels(result) for result in ("ok", "error")}
+        # The live page (extproc/page.py): rows its fixed table evicted, event-stream
+        # clients refused at the cap, and slow clients dropped to a resync.
+        self.page_rows_evicted = Counter(
+            "extproc_page_rows_evicted",
+            "failure rows the live page evicted (least recently seen) at its row cap",
+            registry=r,
+        )
+        page_clients = Counter(
+            "extproc_page_clients",
+            "live page event-stream clients by outcome (refused at the cap, resynced when slow)",
+            ["outcome"],
+            registry=r,
+        )
+        self.page_clients = {o: page_clients.labels(o) for o in ("refused", "resynced")}
 
     def count_request(self, applied: Iterable[Applied]) -> None:
         """What the request phase did (one per rule that acted)."""

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import math
 import signal
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from time import perf_counter
@@ -48,10 +49,13 @@ from extproc.config import Direction, Policy, ServeConfig, TlsFiles, load_policy
 from extproc.core import Answer, Carried
 from extproc.diagnosis import Diagnosis
 from extproc.envoy_admin import ClusterTlsCache
+from extproc.failures import NO_REQUEST, Failures, RequestFields, request_fields
 from extproc.filter_config import DIRECTION_METADATA, METADATA_NAMESPACE
 from extproc.headers import NO_CHANGE, Header, RequestDecision
 from extproc.http_lane import HttpLane, HttpProcessor, Limits
+from extproc.mesh_view import MeshView
 from extproc.metrics import Metrics
+from extproc.page import Page
 from extproc.reload import PolicyReloader
 from extproc.tls import ReloadingCredentials, ReloadingSslContext
 
@@ -87,6 +91,8 @@ class StreamState:
     declared: Direction | None = None
     # What the response phase needs from the request phase.
     carried: Carried = core.NOTHING_CARRIED
+    # The request's method, path and id for the live page; read only while it is on.
+    request: RequestFields = NO_REQUEST
 
 
 def declared_direction(metadata: Sequence[tuple[str, str | bytes]] | None) -> Direction | None:
@@ -279,6 +285,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         self.cluster_tls: ClusterTlsCache | None = None
         self.door = Door(limits or StreamLimits())
         self._warned: dict[str, tuple[float, int]] = {}
+        # The live page's table (`serve --ui-listen`); None: off, and nothing is read for it.
+        self.failures: Failures | None = None
 
     async def Process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         policy, metrics, door = self.policy, self.metrics, self.door
@@ -361,8 +369,13 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         metrics.messages[kind].inc()
         if kind == "request_headers":
             metrics.count_request(state.decision.applied)
+            if self.failures is not None:
+                state.request = request_fields(header_pairs(request.request_headers))
         elif kind == "response_headers":
             metrics.count_response(state.diagnosis)
+            if state.diagnosis is not None and self.failures is not None:
+                self.failures.record(state.diagnosis, time.time(), state.request,
+                                     str(state.carried.direction or ""))  # fmt: skip
         metrics.seconds[kind].observe(perf_counter() - started)
         return response
 
@@ -551,6 +564,8 @@ async def serve(config: ServeConfig) -> None:
         lane_limits = Limits(max_connections=config.http_max_connections)
         lanes.append(HttpLane(processor, config.http_listen, config.grace, ssl_context=context,
                               limits=lane_limits))  # fmt: skip
+    if config.ui_listen is not None:
+        lanes.append(_page(config, processors, metrics))
     if config.metrics_listen:
         metrics.serve(config.metrics_listen)
     stopping = asyncio.Event()
@@ -566,10 +581,21 @@ async def serve(config: ServeConfig) -> None:
         log.info("serving", listen=config.listen, port=ports.get("ExtProcServer"),
                  http_listen=config.http_listen, http_port=ports.get("HttpLane"),
                  policy=policy.source, mode=str(policy.mode), tls=config.tls is not None,
-                 metrics=config.metrics_listen)  # fmt: skip
+                 metrics=config.metrics_listen, ui_port=ports.get("Page"))  # fmt: skip
         await stopping.wait()
         log.info("draining", grace_seconds=config.grace)
     log.info("stopped")
+
+
+def _page(config: ServeConfig, processors: Sequence[Any], metrics: Metrics) -> Page:
+    """The live page, and its table given to each lane: they record what they diagnose."""
+    failures = Failures(recovered_after=config.ui_recovered_after,
+                        on_evict=metrics.page_rows_evicted.inc)  # fmt: skip
+    for processor in processors:
+        processor.failures = failures
+    mesh = MeshView(config.ui_prometheus) if config.ui_prometheus else None
+    return Page(failures, config.ui_listen or "", token=config.ui_token, metrics=metrics,
+                mesh=mesh)  # fmt: skip
 
 
 @contextlib.asynccontextmanager

@@ -15,6 +15,7 @@ from typing import Any, Self, TypeVar
 from extproc.config import Policy
 from extproc.envoy_admin import ClusterTlsCache
 from extproc.http_lane import HttpLane, HttpProcessor
+from extproc.page import Page
 from extproc.server import ExternalProcessor, ExtProcServer
 
 T = TypeVar("T")
@@ -24,7 +25,8 @@ class BackgroundServer:
     """Runs an `ExtProcServer` or an `HttpLane` from a daemon thread; `port` is valid inside the `with`.
 
     With `envoy_admin` (an Envoy admin base URL), the server reads the clusters' TLS
-    settings from it, as `extproc serve --envoy-admin` does.
+    settings from it, as `extproc serve --envoy-admin` does; with `page`, the live page
+    runs on the same loop, as `extproc serve --ui-listen` does.
     """
 
     def __init__(
@@ -32,9 +34,11 @@ class BackgroundServer:
         server: ExtProcServer | HttpLane,
         *,
         envoy_admin: str | None = None,
+        page: Page | None = None,
         timeout: float = 10.0,
     ) -> None:
         self.server = server
+        self.page = page
         self._envoy_admin = envoy_admin
         self._timeout = timeout
         self._loop = asyncio.new_event_loop()
@@ -78,6 +82,9 @@ class BackgroundServer:
             cache = await self._stack.enter_async_context(ClusterTlsCache(self._envoy_admin))
             self._processor().cluster_tls = cache
         await self._stack.enter_async_context(self.server)
+        if self.page is not None:  # the live page, recording what this server diagnoses
+            self._processor().failures = self.page.failures
+            await self._stack.enter_async_context(self.page)
 
     def _processor(self) -> ExternalProcessor | HttpProcessor:
         if isinstance(self.server, HttpLane):
@@ -86,6 +93,10 @@ class BackgroundServer:
         if not isinstance(servicer, ExternalProcessor):
             raise TypeError(f"a {type(servicer).__name__} has no policy or cluster context")
         return servicer
+
+    def call_soon(self, fn: Any, *args: Any) -> None:
+        """Run `fn(*args)` on the server's loop (the page's table lives there)."""
+        self._loop.call_soon_threadsafe(fn, *args)
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run `coro` on the server's loop and wait for it."""

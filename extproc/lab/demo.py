@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import TextIO
 
 from extproc.config import Policy
+from extproc.failures import Failures
 from extproc.filter_config import GRPC, HTTP
 from extproc.http_lane import HttpLane, HttpProcessor
 from extproc.lab.background import BackgroundServer
 from extproc.lab.envoy import free_port
 from extproc.lab.scenarios import DEMO_POLICY, MESH, SCENARIOS, Scenario
 from extproc.lab.topology import LOOPBACK, Lab, Response
+from extproc.page import Page
 from extproc.server import ExtProcServer
 
 HINT_WIDTH = 60
@@ -61,12 +63,13 @@ def running_doctor(
     *,
     envoy_admin: bool = True,
     transport: str = GRPC,
+    page: Page | None = None,
 ) -> Iterator[tuple[Lab, BackgroundServer]]:
     """The mesh lab with the real server in its path, reading the client sidecar's admin.
 
     The Envoys start first, pointed at a free port, so the server can be given their
     admin address; the ext_proc filter fails open until the server is up. `transport`:
-    gRPC, or the HTTP lane (`serve --http-listen`).
+    gRPC, or the HTTP lane (`serve --http-listen`); `page`: the live page beside it.
     """
     port = free_port()
     address = f"{LOOPBACK}:{port}"
@@ -76,7 +79,9 @@ def running_doctor(
     )  # fmt: skip
     with (
         Lab((LOOPBACK, port), workdir, MESH, transport=transport) as lab,
-        BackgroundServer(lane, envoy_admin=lab.admin_url if envoy_admin else None) as server,
+        BackgroundServer(
+            lane, envoy_admin=lab.admin_url if envoy_admin else None, page=page
+        ) as server,
     ):
         yield lab, server
 
@@ -182,15 +187,22 @@ def run_demo(
     out: TextIO = sys.stdout,
     scenarios: Iterable[Scenario] | None = None,
     transport: str = GRPC,
+    ui_listen: str | None = None,
 ) -> int:
-    """Start the lab and the server; print the table; wait for Ctrl-C if `stay`."""
+    """Start the lab and the server (and the live page on `ui_listen`); print the table;
+    wait for Ctrl-C if `stay`."""
     policy = policy or DEMO_POLICY
     chosen = tuple(scenarios or SCENARIOS)
+    page = Page(Failures(), ui_listen) if ui_listen else None
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="extproc-demo-")))
-        lab, server = stack.enter_context(running_doctor(workdir, policy, transport=transport))
+        lab, server = stack.enter_context(
+            running_doctor(workdir, policy, transport=transport, page=page)
+        )
         outcomes = [run_scenario(lab, s, server) for s in chosen]
         print(render_table(outcomes), file=out)
+        if page is not None:
+            print(f"\nThe live page of these failures: {page_url(page)}", file=out, flush=True)
         print("\n" + CLUSTER_NOTE, file=out)
         example = next((o for o in outcomes if o.scenario.name == EXAMPLE), None)
         if len(outcomes) == 1 or example is None:
@@ -202,6 +214,11 @@ def run_demo(
         if stay:
             _stay_up(lab, out)
     return 1 if bad else 0
+
+
+def page_url(page: Page) -> str:
+    host = f"[{page.host}]" if ":" in page.host else page.host
+    return f"http://{host}:{page.port}/"
 
 
 def _stay_up(lab: Lab, out: TextIO) -> None:

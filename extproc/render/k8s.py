@@ -53,6 +53,11 @@ TLS_DIR = "/etc/extproc-doctor-tls"
 TLS_SECRET = f"{NAME}-tls"
 HEALTH_PORT = 50052
 METRICS_PORT = 9090
+# The live page (`serve --ui-listen`): on the pod's loopback, so only `kubectl
+# port-forward` reaches it (the kubelet's runtime dials localhost:PORT inside the pod's
+# network namespace: containerd 25e3270 pkg/cri/server/sandbox_portforward_linux.go);
+# a Deployment port, never a Service's (docs/page.md).
+UI_PORT = 9902
 DRAIN_SECONDS = 10
 # How long Envoys may still open streams to a pod after it starts terminating. Its
 # EndpointSlice entry goes at once, but the headless name is answered from DNS: the
@@ -202,6 +207,7 @@ def _args(options: RenderOptions) -> list[str]:
         "--http-listen", f"0.0.0.0:{HTTP_PORT}",
         "--health-listen", f"0.0.0.0:{HEALTH_PORT}",
         "--metrics-listen", f"0.0.0.0:{METRICS_PORT}",
+        "--ui-listen", f"127.0.0.1:{UI_PORT}",
         "--config", f"{POLICY_DIR}/{POLICY_FILE}",
         "--grace", str(DRAIN_SECONDS),
     ]  # fmt: skip
@@ -233,6 +239,7 @@ def _container(options: RenderOptions) -> dict[str, Any]:
             {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
             {"name": "health", "containerPort": HEALTH_PORT, "protocol": "TCP"},
             {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+            {"name": "ui", "containerPort": UI_PORT, "protocol": "TCP"},
         ],
         "readinessProbe": probe | {"periodSeconds": 5},
         "lifecycle": {"preStop": {"sleep": {"seconds": PRE_STOP_SECONDS}}},

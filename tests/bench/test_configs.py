@@ -38,6 +38,8 @@ class TestRows:
         assert ROWS["always-unix"].needs == ("unix:",)
         assert ROWS["always-unix-workers2"].needs == ("--workers", "unix:")
         assert ROWS["always"].needs == ()
+        assert ROWS["always-page"].needs == ("--ui-listen",)
+        assert ROWS["gated-fail-page"].needs == ("--ui-listen",)
 
     def test_a_server_needs_a_filter(self):
         """A row with a server but no filter (or the reverse) is refused."""

@@ -359,6 +359,18 @@ class TestKubernetes:
         assert f"0.0.0.0:{ports['health']}" in container["args"]
         assert f"0.0.0.0:{ports['metrics']}" in container["args"]
 
+    def test_live_page_on_loopback_in_the_deployment_only(self):
+        """The Deployment serves the live page on the pod's loopback and names its port (for
+        kubectl port-forward); no Service or NetworkPolicy opens it."""
+        manifests = render_manifests(RenderOptions())
+        (container,) = manifests["deployment.yaml"]["spec"]["template"]["spec"]["containers"]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        args = container["args"]
+        assert args[args.index("--ui-listen") + 1] == f"127.0.0.1:{ports['ui']}"
+        service_ports = [p["port"] for p in manifests["service.yaml"]["spec"]["ports"]]
+        assert ports["ui"] not in service_ports
+        assert str(ports["ui"]) not in str(manifests["networkpolicy.yaml"])
+
     def test_tls_to_the_server_mounts_the_secret(self):
         """With --extproc-tls-ca the server serves TLS from the mounted Secret; probes stay plaintext."""
         options = RenderOptions(extproc_tls_ca="/etc/certs/extproc-ca.pem")

@@ -100,6 +100,20 @@ class TestWheel:
         assert out[1] == "True"
         assert not [p for p in out[2:] if p and Path(p).resolve().is_relative_to(ROOT)]
 
+    def test_page_files_in_the_wheel(self, installed):
+        """The live page's HTML, script and style are package data, read from the venv."""
+        venv, env, cwd = installed
+        probe = (
+            "from importlib import resources; import extproc.page as p; "
+            "print(all(resources.files('extproc').joinpath('ui', n).is_file() "
+            "for n, _ in p._STATIC.values()))"
+        )
+        out = subprocess.run(
+            [str(venv / "bin" / "python"), "-c", probe],
+            cwd=cwd, env=env, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        assert out.stdout.strip() == "True"
+
     def test_version(self, installed):
         """`extproc --version` names the version the metadata has."""
         result = extproc(installed, "--version")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import pytest
 
@@ -128,6 +129,14 @@ class TestDemo:
         assert "search.default.svc.cluster.local/" in table
         assert "alpn_mismatch" in table
         assert 'alpn="istio-http/1.1"' in table
+
+    def test_live_page_beside_the_demo(self):
+        """With a page address the demo serves the live page and prints its URL."""
+        out = io.StringIO()
+        code = run_demo(scenarios=find_scenarios("5"), stay=False, out=out, ui_listen="127.0.0.1:0")
+        assert code == 0
+        line = next(x for x in out.getvalue().splitlines() if x.startswith("The live page"))
+        assert re.search(r"http://127\.0\.0\.1:[1-9][0-9]*/$", line)
 
     def test_table_says_what_a_cluster_gets(self):
         """The demo shows, beside its own reason, the one the rendered deployment (no admin) gives."""

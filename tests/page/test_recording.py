@@ -1,0 +1,93 @@
+"""What the adapters record for the page: failures with their request, and nothing when off."""
+
+from __future__ import annotations
+
+import grpc
+import orjson
+import pytest
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from google.protobuf import json_format
+
+from extproc import failures as F
+from extproc.config import Policy
+from extproc.failures import Failures
+from extproc.http_lane import HttpProcessor
+from extproc.server import ExtProcServer
+from tests.conftest import CLEAN, REFUSED_MESH, request_headers, response_headers
+from tests.grpc.test_server import exchange
+
+REQUEST = [(":method", "POST"), (":path", "/cart?session=s3cret"), (":authority", "orders"),
+           ("cookie", "id=c00kie"), ("x-request-id", "req-1")]  # fmt: skip
+
+
+async def through_grpc(
+    failures: Failures | None, attrs: dict[str, object], status: str = "503"
+) -> None:
+    async with ExtProcServer(Policy(), "127.0.0.1:0", grace=1.0) as server:
+        server.servicer.failures = failures
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            await exchange(channel, request_headers(REQUEST),
+                           response_headers([(":status", status)], attrs))  # fmt: skip
+
+
+class TestGrpc:
+    @pytest.mark.asyncio
+    async def test_failure_recorded_with_its_request(self):
+        """A diagnosed failure is a row whose sample has method, path without query, id."""
+        table = Failures()
+        await through_grpc(table, REFUSED_MESH)
+        (row,) = table.rows.values()
+        assert (row.cluster, row.reason) == (REFUSED_MESH["xds.cluster_name"], "upstream_refused")
+        (sample,) = row.samples
+        assert (sample.method, sample.path, sample.request_id, sample.status) == (
+            "POST",
+            "/cart",
+            "req-1",
+            503,
+        )
+        shown = orjson.dumps(table.snapshot(0.0))
+        assert b"s3cret" not in shown and b"c00kie" not in shown
+
+    @pytest.mark.asyncio
+    async def test_clean_response_records_nothing(self):
+        """A clean answer leaves the table empty."""
+        table = Failures()
+        await through_grpc(table, CLEAN, "200")
+        assert table.seq == 0 and not table.rows
+
+    @pytest.mark.asyncio
+    async def test_off_reads_nothing_for_the_page(self, monkeypatch):
+        """With the page off, the request's fields are never picked and nothing records."""
+
+        def refuse(*_: object) -> None:
+            raise AssertionError("called with the page off")
+
+        monkeypatch.setattr("extproc.server.request_fields", refuse)
+        monkeypatch.setattr(F.Failures, "record", refuse)
+        await through_grpc(None, REFUSED_MESH)
+
+
+class TestHttpLane:
+    def test_failure_recorded_without_request_fields(self):
+        """Over the HTTP lane the failure is a row; its samples have no method or path (the
+        request phase was another POST)."""
+        processor = HttpProcessor(Policy())
+        processor.failures = table = Failures()
+        message = response_headers([(":status", "503")], REFUSED_MESH)
+        processor.answer(
+            json_format.MessageToJson(message, preserving_proto_field_name=True).encode()
+        )
+        (row,) = table.rows.values()
+        assert row.reason == "upstream_refused"
+        assert row.samples[0].method == "" and row.samples[0].status == 503
+
+    def test_clean_records_nothing(self):
+        """A clean answer over the HTTP lane records nothing."""
+        processor = HttpProcessor(Policy())
+        processor.failures = table = Failures()
+        message = response_headers([(":status", "200")], CLEAN)
+        processor.answer(
+            json_format.MessageToJson(message, preserving_proto_field_name=True).encode()
+        )
+        assert not table.rows
+        assert isinstance(message, pb.ProcessingRequest)

@@ -1,0 +1,166 @@
+"""The live page's table of failures (extproc/failures.py): caps, eviction, cost, recovery."""
+
+from __future__ import annotations
+
+from extproc import failures as F
+from extproc.diagnosis import Diagnosis, Evidence, classify
+from extproc.failures import Failures, RequestFields, request_fields
+
+REFUSED = Evidence(status=503, flags=1 << 5, code_details="upstream_reset_before_response_started"
+                   "{remote_connection_failure|delayed_connect_error:_Connection_refused}",
+                   cluster="outbound|80||reviews.default.svc.cluster.local",
+                   upstream_address="10.0.0.7:9080", host="reviews:9080", has_attributes=True,
+                   cluster_metadata='filter_metadata { key: "istio" value { fields { key: "config"'
+                   ' value { string_value: "/apis/networking.istio.io/v1/namespaces/shop/'
+                   'destination-rule/reviews" } } } }')  # fmt: skip
+
+
+def diagnosis(cluster: str = REFUSED.cluster, **changes: object) -> Diagnosis:
+    from dataclasses import replace
+
+    found = classify(replace(REFUSED, cluster=cluster, **changes))  # type: ignore[arg-type]
+    assert found is not None
+    return found
+
+
+class TestRequestFields:
+    def test_keeps_method_path_and_id_only(self):
+        """The query, the fragment and every other header value stay out of a sample."""
+        fields = request_fields([(":method", "GET"), (":path", "/a/b?token=secret#x"),
+                                 ("cookie", "s=1"), ("authorization", "Bearer t"),
+                                 ("x-request-id", "abc")])  # fmt: skip
+        assert fields == RequestFields("GET", "/a/b", "abc")
+        assert "secret" not in repr(fields) and "Bearer" not in repr(fields)
+
+
+class TestRows:
+    def test_one_row_per_cluster_and_reason(self):
+        """Failures of one cluster with one reason share a row: counts, times, DestinationRule."""
+        table = Failures()
+        for at in (100.0, 130.0, 170.0):
+            table.record(diagnosis(), at, RequestFields("GET", "/p", "r1"))
+        (row,) = table.rows.values()
+        view = table.row_view(row, 171.0)
+        assert view["count"] == 3
+        assert (view["first_seen"], view["last_seen"]) == (100.0, 170.0)
+        assert view["where"] == "outbound"
+        assert view["destination_rule"] == "shop/reviews"
+        assert view["reason"] == diagnosis().reason and view["hint"]
+        assert view["per_minute"][-2:] == [1, 2]  # minute 1 (100 s), minute 2 (130, 170 s)
+        assert view["samples"][-1] == {
+            "at": 170.0,
+            "method": "GET",
+            "path": "/p",
+            "status": 503,
+            "host": "reviews:9080",
+            "request_id": "r1",
+        }
+
+    def test_shared_evidence_drops_what_differs(self):
+        """Evidence the same in every failure of a row stays; an upstream that differs goes."""
+        table = Failures()
+        table.record(diagnosis(), 1.0)
+        table.record(diagnosis(upstream_address="10.0.0.8:9080"), 2.0)
+        (row,) = table.rows.values()
+        assert "upstream" not in row.shared
+        assert row.shared["flags"] == "UF"
+
+    def test_per_minute_ring_forgets_an_hour_ago(self):
+        """A slot reused an hour later starts from zero, not from the old minute's count."""
+        table = Failures()
+        table.record(diagnosis(), 0.0)
+        table.record(diagnosis(), 3600.0)
+        (row,) = table.rows.values()
+        assert sum(row.per_minute(60)) == 1
+
+    def test_recovered_after_quiet_time(self):
+        """A row with no failure for the recovery time shows as recovered; before it, not."""
+        table = Failures(recovered_after=60.0)
+        table.record(diagnosis(), 1000.0)
+        (row,) = table.rows.values()
+        assert not table.row_view(row, 1059.0)["recovered"]
+        assert table.row_view(row, 1060.0)["recovered"]
+
+
+class TestCaps:
+    def test_samples_per_row_capped(self):
+        """A row keeps the last SAMPLES_PER_ROW samples, newest last."""
+        table = Failures()
+        for i in range(F.SAMPLES_PER_ROW + 3):
+            table.record(diagnosis(), float(i), RequestFields("GET", f"/{i}", ""))
+        (row,) = table.rows.values()
+        assert [s.path for s in row.samples][-1] == f"/{F.SAMPLES_PER_ROW + 2}"
+        assert len(row.samples) == F.SAMPLES_PER_ROW
+
+    def test_recent_ring_capped(self):
+        """The global ring keeps the last RECENT failures."""
+        table = Failures()
+        for i in range(F.RECENT + 10):
+            table.record(diagnosis(f"outbound|80||s{i}.ns.svc.cluster.local"), float(i))
+        assert len(table.recent) == F.RECENT
+
+    def test_least_recently_seen_row_evicted_and_counted(self):
+        """At the row cap a new row evicts the least recently seen one, and each eviction is counted."""
+        evictions = []
+        table = Failures(max_rows=3, on_evict=lambda: evictions.append(1))
+        for name in ("a", "b", "c"):
+            table.record(diagnosis(f"outbound|80||{name}"), 1.0)
+        table.record(diagnosis("outbound|80||a"), 2.0)  # a is seen again: b is now the oldest
+        table.record(diagnosis("outbound|80||d"), 3.0)
+        assert [c for c, _ in table.rows] == ["outbound|80||c", "outbound|80||a", "outbound|80||d"]
+        assert table.evicted == 1 and len(evictions) == 1
+
+    def test_long_names_cut(self):
+        """A cluster name longer than MAX_TEXT is kept cut to it."""
+        table = Failures()
+        table.record(diagnosis("outbound|80||" + "x" * 5000), 1.0)
+        ((cluster, _),) = table.rows
+        assert len(cluster) == F.MAX_TEXT
+
+
+class TestCost:
+    def test_recording_cost_does_not_grow_with_the_table(self, monkeypatch):
+        """Recording into a table of 8n rows takes as many row steps as into one of n rows."""
+        steps = {"n": 0}
+        real = F.Row.add
+
+        def counted(self, minute):  # counts the per-row work one record does
+            steps["n"] += 1
+            return real(self, minute)
+
+        monkeypatch.setattr(F.Row, "add", counted)
+
+        def cost(rows: int) -> int:
+            table = Failures(max_rows=rows)
+            for i in range(rows):
+                table.record(diagnosis(f"c{i}"), 1.0)
+            steps["n"] = 0
+            walked = 0
+            for i in range(100):
+                table.record(diagnosis(f"c{i * 7 % rows}"), 2.0)
+                walked += sum(1 for _ in table.changed_since(table.seq - 1))
+            return steps["n"] + walked
+
+        assert cost(100) == cost(800)
+
+    def test_changed_since_walks_only_changed_rows(self):
+        """After k records, catching up walks k rows whatever the table size."""
+        table = Failures()
+        for i in range(500):
+            table.record(diagnosis(f"c{i}"), 1.0)
+        seq = table.seq
+        table.record(diagnosis("c3"), 2.0)
+        table.record(diagnosis("c9"), 2.0)
+        assert [r.cluster for r in table.changed_since(seq)] == ["c9", "c3"]
+
+    def test_resumable_until_an_eviction(self):
+        """A client behind an eviction must resync; one after it can catch up."""
+        table = Failures(max_rows=2)
+        table.record(diagnosis("a"), 1.0)
+        seq = table.seq
+        assert table.resumable(seq)
+        table.record(diagnosis("b"), 1.0)
+        table.record(diagnosis("c"), 1.0)
+        assert not table.resumable(seq)
+        assert table.resumable(table.seq)
+        assert not table.resumable(table.seq + 5)
