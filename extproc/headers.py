@@ -244,6 +244,14 @@ class _Active:
 
     rules: tuple[tuple[HeaderRule, Action, bool], ...]
     protected: frozenset[str]  # names the policy's own strip rules remove here
+    underscores: bool  # a rule looks at every name containing `_`
+
+    def may_act(self, names: frozenset[str]) -> bool:
+        """Whether any rule could act on a request with these header names: one set test
+        (and one join when a rule looks for `_`) rules out a clean request."""
+        if not self.protected.isdisjoint(names):
+            return True
+        return self.underscores and "_" in "".join(names)
 
 
 def rule_action(policy: Policy, rule: HeaderRule, direction: Direction) -> Action:
@@ -289,7 +297,8 @@ def _active_rules(policy: Policy, direction: Direction) -> _Active:
         active.append((rule, action, report))
         if rule.names is not None:
             stripped |= rule.names
-    return _Active(tuple(active), frozenset(stripped))
+    underscores = any(rule.names is None for rule, _, _ in active)
+    return _Active(tuple(active), frozenset(stripped), underscores)
 
 
 @dataclass(slots=True)
@@ -324,6 +333,10 @@ def decide(
     direction = resolve_direction(policy, listener_direction, declared)
     active = _active_rules(policy, direction)
     names = frozenset(n for n, _ in headers)
+    host = _authority(headers)
+    rewrites_host = bool(host) and bool(policy.host_rewrites or policy.strip_host_port)
+    if not rewrites_host and not active.may_act(names):  # the common, clean request
+        return RequestDecision(host=host) if host else NO_CHANGE
     out = _Builder()
     for rule, action, report in active.rules:
         candidates = _candidates(rule, names)
@@ -341,8 +354,7 @@ def decide(
             )
         else:
             _strip(out, rule, hits, report=report)
-    host = _authority(headers)
-    if host and (policy.host_rewrites or policy.strip_host_port):
+    if rewrites_host:
         host = _rewrite_host(policy, host, names, direction, out)
     if not out.applied:
         return RequestDecision(host=host) if host else NO_CHANGE
