@@ -21,7 +21,7 @@ import hmac
 import math
 import time
 import traceback
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any, Protocol
@@ -34,12 +34,14 @@ from extproc.config import Direction, Policy
 from extproc.diagnosis import Diagnosis, Evidence, classify, is_envoy_failure
 from extproc.filter_config import ANNOTATION_HEADERS
 from extproc.headers import (
+    NO_CHANGE,
     REVEAL_HEADER,
     Applied,
     Header,
     RequestDecision,
     decide,
     resolve_direction,
+    untouched,
 )
 
 log = structlog.get_logger("extproc")
@@ -237,6 +239,27 @@ def on_request(
         },
     )
     return RequestOutcome(decision, Carried(actions, decision.host, direction, reveal), answer)
+
+
+def request_phase(
+    policy: Policy,
+    names: Collection[str],
+    authority: str,
+    read: Callable[[], Sequence[Header]],
+    *,
+    listener: int | None = None,
+    declared: Direction | None = None,
+) -> RequestOutcome:
+    """The request headers' answer, from their names first: the common, clean request (no
+    rule looks at any of its names, `headers.untouched`) is continued with only its
+    authority read; any other is read whole (`read()`) and goes to `on_request`.
+
+    `authority`: the value of the header at `headers.authority_position(names)`, or "".
+    """
+    direction = resolve_direction(policy, listener, declared)
+    if untouched(policy, names, direction):
+        return RequestOutcome(NO_CHANGE, Carried("", authority, direction), None)
+    return on_request(policy, read(), listener, declared)
 
 
 def _refuse_reveal(decision: RequestDecision) -> RequestDecision:

@@ -20,7 +20,7 @@ policy would remove is protected too (docs/threat-model.md, T1).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -246,7 +246,7 @@ class _Active:
     protected: frozenset[str]  # names the policy's own strip rules remove here
     underscores: bool  # a rule looks at every name containing `_`
 
-    def may_act(self, names: frozenset[str]) -> bool:
+    def may_act(self, names: Collection[str]) -> bool:
         """Whether any rule could act on a request with these header names: one set test
         (and one join when a rule looks for `_`) rules out a clean request."""
         if not self.protected.isdisjoint(names):
@@ -366,6 +366,24 @@ def decide(
         applied=tuple(out.applied),
         host=host,
     )
+
+
+def untouched(policy: Policy, names: Collection[str], direction: Direction) -> bool:
+    """Whether `decide` leaves a request with these header names alone whatever their
+    values: no rule of the policy looks at any of them and no Host rewrite is configured.
+    The common, clean request is answered so without reading a value."""
+    if policy.host_rewrites or policy.strip_host_port:
+        return False
+    return not _active_rules(policy, direction).may_act(names)
+
+
+def authority_position(names: Sequence[str]) -> int | None:
+    """Where the authority the request is routed with is among the header names (as
+    `decide` reads it: `:authority`, else `host`), or None."""
+    for wanted in (":authority", "host"):
+        if wanted in names:
+            return names.index(wanted)
+    return None
 
 
 def _names(hits: Sequence[Header]) -> tuple[str, ...]:
