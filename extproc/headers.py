@@ -243,7 +243,9 @@ class _Active:
     """The rules that apply under one policy and direction, computed once."""
 
     rules: tuple[tuple[HeaderRule, Action, bool], ...]
-    protected: frozenset[str]  # names the policy's own strip rules remove here
+    # Every fixed name an active rule looks at: what its strip rules may remove here, and
+    # so what a rename must not create.
+    protected: frozenset[str]
     underscores: bool  # a rule looks at every name containing `_`
 
     def may_act(self, names: Collection[str]) -> bool:
