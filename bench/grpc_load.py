@@ -56,6 +56,22 @@ def load_messages(path: Path = DATA_FILE) -> list[pb.ProcessingRequest]:
     return [ParseDict(item, pb.ProcessingRequest()) for item in json.loads(path.read_text())]
 
 
+def clean_messages() -> list[pb.ProcessingRequest]:
+    """The data file's request headers, then a clean 200 as Envoy 1.40 sends it to an
+    always-on filter (its attributes included): the clean path, nothing to diagnose."""
+    request = load_messages()[0]
+    response = pb.ProcessingRequest()
+    for key, value in ((":status", b"200"), ("content-type", b"application/json"),
+                       ("content-length", b"120"), ("date", b"Wed, 02 Dec 2026 11:00:00 GMT"),
+                       ("x-envoy-upstream-service-time", b"2"), ("server", b"envoy")):  # fmt: skip
+        response.response_headers.headers.headers.add(key=key, raw_value=value)
+    response.attributes["envoy.filters.http.ext_proc"].update({
+        "response.flags": 0, "response.code": 200, "response.code_details": "via_upstream",
+        "xds.listener_direction": 2,
+    })  # fmt: skip
+    return [request, response]
+
+
 def check_answers(sent: list[pb.ProcessingRequest], answers: list[bytes]) -> None:
     """Each message got one answer for the same phase, or GrpcLoadError says what came back."""
     kinds = [m.WhichOneof("request") for m in sent]
@@ -65,10 +81,11 @@ def check_answers(sent: list[pb.ProcessingRequest], answers: list[bytes]) -> Non
 
 
 async def run(
-    target: str, concurrency: int, duration: float, connections: int = 1
+    target: str, concurrency: int, duration: float, connections: int = 1, *, clean: bool = False
 ) -> GrpcLoadResult:
-    """Keep `concurrency` streams busy on `connections` channels for `duration` seconds."""
-    messages = load_messages()
+    """Keep `concurrency` streams busy on `connections` channels for `duration` seconds;
+    `clean`: a clean 200 instead of the data file's 503."""
+    messages = clean_messages() if clean else load_messages()
     payloads = [m.SerializeToString() for m in messages]
     # A local subchannel pool gives each channel its own connection, as ghz's --connections.
     options = [("grpc.use_local_subchannel_pool", 1)]
@@ -139,9 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=1, help="HTTP/2 connections")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--clean", action="store_true",
+                        help="answer a clean 200 instead of the data file's refused 503")  # fmt: skip
     args = parser.parse_args(argv)
     try:
-        result = asyncio.run(run(args.target, args.concurrency, args.duration, args.connections))
+        result = asyncio.run(
+            run(args.target, args.concurrency, args.duration, args.connections, clean=args.clean)
+        )
     except (GrpcLoadError, grpc.RpcError) as exc:
         print(f"grpc_load: {exc}", file=sys.stderr)
         return 1

@@ -21,8 +21,9 @@ import hmac
 import math
 import time
 import traceback
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import Any, Protocol
 
 import structlog
@@ -33,12 +34,14 @@ from extproc.config import Direction, Policy
 from extproc.diagnosis import Diagnosis, Evidence, classify, is_envoy_failure
 from extproc.filter_config import ANNOTATION_HEADERS
 from extproc.headers import (
+    NO_CHANGE,
     REVEAL_HEADER,
     Applied,
     Header,
     RequestDecision,
     decide,
     resolve_direction,
+    untouched,
 )
 
 log = structlog.get_logger("extproc")
@@ -238,6 +241,27 @@ def on_request(
     return RequestOutcome(decision, Carried(actions, decision.host, direction, reveal), answer)
 
 
+def request_phase(
+    policy: Policy,
+    names: Collection[str],
+    authority: str,
+    read: Callable[[], Sequence[Header]],
+    *,
+    listener: int | None = None,
+    declared: Direction | None = None,
+) -> RequestOutcome:
+    """The request headers' answer, from their names first: the common, clean request (no
+    rule looks at any of its names, `headers.untouched`) is continued with only its
+    authority read; any other is read whole (`read()`) and goes to `on_request`.
+
+    `authority`: the value of the header at `headers.authority_position(names)`, or "".
+    """
+    direction = resolve_direction(policy, listener, declared)
+    if untouched(policy, names, direction):
+        return RequestOutcome(NO_CHANGE, Carried("", authority, direction), None)
+    return on_request(policy, read(), listener, declared)
+
+
 def _refuse_reveal(decision: RequestDecision) -> RequestDecision:
     """The decision with the refused token on record; a log line, at most one per interval.
 
@@ -328,10 +352,31 @@ def triage(
     answered = "x-envoy-upstream-service-time" in signs
     overloaded = "x-envoy-overloaded" in signs
     if not has_attributes:
+        return _triaged(status, grpc_status, answered, overloaded, None)
+    return _triaged(status, grpc_status, answered, overloaded, (flags or 0, code, details))
+
+
+# Clean traffic brings a handful of distinct triage inputs (200 via_upstream, a 404, ...):
+# each one's Evidence is built once (a 25-field frozen dataclass costs more than the rest
+# of the clean response phase) and shared, which a frozen value allows. A peer sending
+# ever new details only evicts; each entry holds at most MAX_CODE_DETAILS characters.
+TRIAGE_CACHE_SIZE = 256
+
+
+@lru_cache(maxsize=TRIAGE_CACHE_SIZE)
+def _triaged(
+    status: int | None,
+    grpc_status: int | None,
+    answered: bool,
+    overloaded: bool,
+    attributes: tuple[int, int | None, str] | None,
+) -> Evidence:
+    """`triage`'s Evidence; `attributes`: (flags, response.code, details), None without them."""
+    if attributes is None:
         return Evidence(status=status, grpc_status=grpc_status, upstream_answered=answered,
                         overloaded=overloaded)  # fmt: skip
+    bits, code, details = attributes
     # A newer Envoy's flag bits this table does not know are kept as evidence, not matched.
-    bits = flags or 0
     return Evidence(
         status=status if status is not None else code,
         flags=bits & F.ALL_FLAGS,

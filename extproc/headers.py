@@ -20,7 +20,7 @@ policy would remove is protected too (docs/threat-model.md, T1).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -243,7 +243,17 @@ class _Active:
     """The rules that apply under one policy and direction, computed once."""
 
     rules: tuple[tuple[HeaderRule, Action, bool], ...]
-    protected: frozenset[str]  # names the policy's own strip rules remove here
+    # Every fixed name an active rule looks at: what its strip rules may remove here, and
+    # so what a rename must not create.
+    protected: frozenset[str]
+    underscores: bool  # a rule looks at every name containing `_`
+
+    def may_act(self, names: Collection[str]) -> bool:
+        """Whether any rule could act on a request with these header names: one set test
+        (and one join when a rule looks for `_`) rules out a clean request."""
+        if not self.protected.isdisjoint(names):
+            return True
+        return self.underscores and "_" in "".join(names)
 
 
 def rule_action(policy: Policy, rule: HeaderRule, direction: Direction) -> Action:
@@ -289,7 +299,8 @@ def _active_rules(policy: Policy, direction: Direction) -> _Active:
         active.append((rule, action, report))
         if rule.names is not None:
             stripped |= rule.names
-    return _Active(tuple(active), frozenset(stripped))
+    underscores = any(rule.names is None for rule, _, _ in active)
+    return _Active(tuple(active), frozenset(stripped), underscores)
 
 
 @dataclass(slots=True)
@@ -324,6 +335,10 @@ def decide(
     direction = resolve_direction(policy, listener_direction, declared)
     active = _active_rules(policy, direction)
     names = frozenset(n for n, _ in headers)
+    host = _authority(headers)
+    rewrites_host = bool(host) and bool(policy.host_rewrites or policy.strip_host_port)
+    if not rewrites_host and not active.may_act(names):  # the common, clean request
+        return RequestDecision(host=host) if host else NO_CHANGE
     out = _Builder()
     for rule, action, report in active.rules:
         candidates = _candidates(rule, names)
@@ -341,8 +356,7 @@ def decide(
             )
         else:
             _strip(out, rule, hits, report=report)
-    host = _authority(headers)
-    if host and (policy.host_rewrites or policy.strip_host_port):
+    if rewrites_host:
         host = _rewrite_host(policy, host, names, direction, out)
     if not out.applied:
         return RequestDecision(host=host) if host else NO_CHANGE
@@ -354,6 +368,24 @@ def decide(
         applied=tuple(out.applied),
         host=host,
     )
+
+
+def untouched(policy: Policy, names: Collection[str], direction: Direction) -> bool:
+    """Whether `decide` leaves a request with these header names alone whatever their
+    values: no rule of the policy looks at any of them and no Host rewrite is configured.
+    The common, clean request is answered so without reading a value."""
+    if policy.host_rewrites or policy.strip_host_port:
+        return False
+    return not _active_rules(policy, direction).may_act(names)
+
+
+def authority_position(names: Sequence[str]) -> int | None:
+    """Where the authority the request is routed with is among the header names (as
+    `decide` reads it: `:authority`, else `host`), or None."""
+    for wanted in (":authority", "host"):
+        if wanted in names:
+            return names.index(wanted)
+    return None
 
 
 def _names(hits: Sequence[Header]) -> tuple[str, ...]:

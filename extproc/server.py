@@ -51,7 +51,7 @@ from extproc.diagnosis import Diagnosis
 from extproc.envoy_admin import ClusterTlsCache
 from extproc.failures import NO_REQUEST, Failures, RequestFields, request_fields
 from extproc.filter_config import DIRECTION_METADATA, METADATA_NAMESPACE
-from extproc.headers import NO_CHANGE, Header, RequestDecision
+from extproc.headers import NO_CHANGE, Header, RequestDecision, authority_position
 from extproc.http_lane import HttpLane, HttpProcessor, Limits
 from extproc.mesh_view import MeshView
 from extproc.metrics import Metrics
@@ -111,10 +111,12 @@ def header_pairs(headers: pb.HttpHeaders) -> list[Header]:
 
     Bytes that are not UTF-8 survive the round trip as surrogate escapes.
     """
-    return [
-        (h.key, raw.decode("utf-8", "surrogateescape") if (raw := h.raw_value) else h.value)
-        for h in headers.headers.headers
-    ]
+    return [(h.key, _value(h)) for h in headers.headers.headers]
+
+
+def _value(header: base_pb2.HeaderValue) -> str:
+    raw = header.raw_value
+    return raw.decode("utf-8", "surrogateescape") if raw else str(header.value)
 
 
 def _header_option(name: str, value: str, action: int) -> base_pb2.HeaderValueOption:
@@ -199,9 +201,15 @@ def on_request_headers(
     policy: Policy, request: pb.ProcessingRequest, state: StreamState
 ) -> pb.ProcessingResponse:
     listener = _number(_attributes(request), core.LISTENER_ATTRIBUTE, 2)
-    outcome = core.on_request(
-        policy, header_pairs(request.request_headers), listener, state.declared
-    )
+    # Names first: a clean request's values, but for its authority, are never decoded.
+    headers = request.request_headers.headers.headers
+    names = [h.key for h in headers]
+    at = authority_position(names)
+    authority = "" if at is None else _value(headers[at])
+    outcome = core.request_phase(
+        policy, names, authority, lambda: header_pairs(request.request_headers),
+        listener=listener, declared=state.declared,
+    )  # fmt: skip
     state.decision, state.carried = outcome.decision, outcome.carried
     if outcome.answer is None:
         return CONTINUE["request_headers"]

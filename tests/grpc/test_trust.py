@@ -180,7 +180,8 @@ class TestErrorsThatCanBeActedOn:
 
         monkeypatch.setattr(core_module, "decide", broken)
         processor = ExternalProcessor(Policy())
-        request = request_headers([(":authority", "a"), ("cookie", secret)])
+        # keep-alive: a name a rule looks at, so the headers are read and decided.
+        request = request_headers([(":authority", "a"), ("cookie", secret), ("keep-alive", "1")])
         with capture_logs() as logs:
             answer = processor._answer(
                 "request_headers", Policy(), request, server_module.StreamState()

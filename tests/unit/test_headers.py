@@ -15,9 +15,11 @@ from extproc.headers import (
     NO_CHANGE,
     REVEAL_HEADER,
     Applied,
+    authority_position,
     decide,
     native_removals,
     resolve_direction,
+    untouched,
 )
 
 OUTBOUND, INBOUND = 2, 1
@@ -441,3 +443,52 @@ class TestArbitraryInput:
         decision = decide(p, headers, direction)
         assert set(decision.remove) <= {n for n, _ in headers}
         assert all(isinstance(a, Applied) for a in decision.applied)
+
+
+class TestNamesFirst:
+    """`untouched` and `authority_position` let an adapter skip reading a clean request."""
+
+    NAMES = st.sampled_from(
+        [":authority", "host", ":path", "accept", "cookie", "te", "keep-alive", "content-length",
+         "transfer-encoding", "x-envoy-attempt-count", "x-forwarded-host", "x_user_id",
+         REVEAL_HEADER, "x-request-id"]
+    )  # fmt: skip
+
+    @given(
+        st.lists(st.tuples(NAMES, st.sampled_from(["", "a", "trailers", "shop:8080", "x"]))),
+        st.sampled_from([None, 0, 1, 2]),
+        st.sampled_from([{}, {"strip_host_port": True}, {"underscore_headers": "keep"},
+                         {"mode": "report"}, {"forwarding_headers": "keep"}]),
+    )  # fmt: skip
+    def test_untouched_requests_are_left_alone_by_decide(self, headers, listener, keys):
+        """Whenever `untouched` says so from the names alone, decide changes nothing."""
+        p = policy(**keys)
+        direction = resolve_direction(p, listener)
+        if untouched(p, [n for n, _ in headers], direction):
+            decision = decide(p, headers, listener)
+            assert decision.applied == () and not decision.changes
+
+    def test_a_clean_request_is_untouched(self):
+        """A request with only everyday header names needs no value read."""
+        names = [":authority", ":path", ":method", "accept", "user-agent", "x-request-id"]
+        assert untouched(policy(), names, resolve_direction(policy(), OUTBOUND))
+
+    def test_a_name_some_rule_looks_at_is_not(self):
+        """keep-alive (a rule's name) or any name with `_` sends the request to decide."""
+        direction = resolve_direction(policy(), OUTBOUND)
+        assert not untouched(policy(), [":authority", "keep-alive"], direction)
+        assert not untouched(policy(), [":authority", "x_user_id"], direction)
+
+    @pytest.mark.parametrize(
+        ("headers", "expected"),
+        [
+            ([(":path", "/"), (":authority", "a"), ("host", "b")], "a"),
+            ([("host", "b"), (":path", "/")], "b"),
+            ([(":path", "/")], ""),
+        ],
+    )
+    def test_authority_position_finds_what_decide_routes_with(self, headers, expected):
+        """The position names the same value that decide reports as the request's host."""
+        at = authority_position([n for n, _ in headers])
+        assert ("" if at is None else headers[at][1]) == expected
+        assert decide(policy(), headers).host == expected
