@@ -91,8 +91,9 @@ class StreamState:
     declared: Direction | None = None
     # What the response phase needs from the request phase.
     carried: Carried = core.NOTHING_CARRIED
-    # The request's method, path and id for the live page; read only while it is on.
-    request: RequestFields = NO_REQUEST
+    # The request's headers for the live page, kept only while it is on and read only when
+    # the response fails: a clean request pays one reference, no decoding.
+    request_headers: pb.HttpHeaders | None = None
 
 
 def declared_direction(metadata: Sequence[tuple[str, str | bytes]] | None) -> Direction | None:
@@ -271,6 +272,13 @@ def _dispatch(
             return CONTINUE[kind]
 
 
+def _sample_fields(state: StreamState) -> RequestFields:
+    """The failing request's method, path and id for the live page (none if never seen)."""
+    if state.request_headers is None:
+        return NO_REQUEST
+    return request_fields(header_pairs(state.request_headers))
+
+
 def error_fields(exc: BaseException, request: pb.ProcessingRequest) -> dict[str, str]:
     """`core.error_fields` with every header value of `request` as the values to cut out."""
     values = [v for part in ("request_headers", "response_headers") if request.HasField(part)
@@ -378,11 +386,11 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         if kind == "request_headers":
             metrics.count_request(state.decision.applied)
             if self.failures is not None:
-                state.request = request_fields(header_pairs(request.request_headers))
+                state.request_headers = request.request_headers
         elif kind == "response_headers":
             metrics.count_response(state.diagnosis)
             if state.diagnosis is not None and self.failures is not None:
-                self.failures.record(state.diagnosis, time.time(), state.request,
+                self.failures.record(state.diagnosis, time.time(), _sample_fields(state),
                                      str(state.carried.direction or ""))  # fmt: skip
         metrics.seconds[kind].observe(perf_counter() - started)
         return response
