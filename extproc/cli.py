@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import logging
 import os
 import sys
 import time
@@ -14,8 +13,6 @@ from dataclasses import replace
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, BinaryIO
-
-import structlog
 
 from extproc.accesslog import Reading, Unread, diagnose_text
 from extproc.accesslog.summary import MAX_LINE, Summary
@@ -32,6 +29,7 @@ from extproc.config import (
 )
 from extproc.diagnosis import Diagnosis, Evidence, classify
 from extproc.flags import UnknownFlagError, parse_flags
+from extproc.logs import configure_logging
 from extproc.metrics import MAX_CLUSTER_LABEL_LIMIT
 
 # `--metrics-cluster-label` without a number: enough for a namespace's services, and at
@@ -41,20 +39,6 @@ DEFAULT_CLUSTER_LABEL_LIMIT = 50
 
 class ConfigError(ValueError):
     """Command-line arguments that do not fit together."""
-
-
-def configure_logging(level: str = "info") -> None:
-    """One JSON object per line on stderr, as log shippers expect."""
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.JSONRenderer(),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        cache_logger_on_first_use=True,
-    )
 
 
 def _policy(path: str | None, *, read_secrets: bool = True) -> Policy:
@@ -176,22 +160,11 @@ def _envoy_admin(url: str | None) -> str | None:
         raise ConfigError(str(exc)) from None
 
 
-def run_server(config: ServeConfig) -> int:
-    """One server process until it is told to stop; 1 when it cannot start."""
-    from extproc.server import run
-    from extproc.tls import TlsError
-
-    try:
-        run(config)
-    except (OSError, TlsError) as exc:
-        print(f"extproc serve: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
 def _serve(args: argparse.Namespace) -> int:
     config = serve_config(args)
     if config.workers == 1:
+        from extproc.process import run_server
+
         return run_server(config)
     from extproc.workers import Supervisor
 

@@ -1,4 +1,7 @@
-"""The gRPC adapter: ProcessingRequest in, ProcessingResponse out, and nothing else.
+"""The gRPC door: ProcessingRequest in, ProcessingResponse out, and nothing else.
+
+One of the process's three doors (`extproc.process` starts them; the HTTP lane is
+`extproc.http_lane`, the live page `extproc.page`); it knows gRPC and the core only.
 
 This is the only module that touches the ext_proc protobufs. It turns each message into
 plain data for `headers.decide` and `diagnosis.classify`, and their answers back into a
@@ -11,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import signal
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -28,11 +30,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-try:
-    import uvloop
-except ImportError:  # not on every platform; the server runs on asyncio's loop then
-    uvloop = None  # type: ignore[assignment]
-
 from extproc import core
 from extproc.admission import (
     CONNECTION_IDLE_SECONDS,
@@ -45,19 +42,15 @@ from extproc.admission import (
     StreamLimits,
     peer_address,
 )
-from extproc.config import Direction, Policy, ServeConfig, TlsFiles, load_policy
+from extproc.config import Direction, Policy, TlsFiles
 from extproc.core import Answer, Carried
 from extproc.diagnosis import Diagnosis
 from extproc.envoy_admin import ClusterTlsCache
 from extproc.failures import NO_REQUEST, Failures, RequestFields, request_fields
 from extproc.filter_config import DIRECTION_METADATA, METADATA_NAMESPACE
 from extproc.headers import NO_CHANGE, Header, RequestDecision, authority_position
-from extproc.http_lane import HttpLane, HttpProcessor, Limits
-from extproc.mesh_view import MeshView
 from extproc.metrics import Metrics
-from extproc.page import Page
-from extproc.reload import PolicyReloader
-from extproc.tls import ReloadingCredentials, ReloadingSslContext
+from extproc.tls import ReloadingCredentials
 
 log = structlog.get_logger("extproc")
 
@@ -544,107 +537,3 @@ class ExtProcServer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
-
-
-def run(config: ServeConfig) -> None:
-    """Serve on uvloop where it is installed (faster gRPC streams), else asyncio's loop."""
-    if uvloop is None:
-        asyncio.run(serve(config))
-    else:
-        uvloop.run(serve(config))
-
-
-async def serve(config: ServeConfig) -> None:
-    """Serve until SIGTERM or SIGINT, reloading the policy on SIGHUP or change; then drain.
-
-    The gRPC listener and the HTTP lane (either or both) share the loop, the policy, the
-    metrics and the clusters' TLS cache.
-    """
-    policy = load_policy(config.policy_path) if config.policy_path else Policy()
-    metrics = Metrics(config.metrics_cluster_label)
-    processors: list[ExternalProcessor | HttpProcessor] = []
-    lanes: list[contextlib.AbstractAsyncContextManager[Any]] = []
-    if config.listen is not None:
-        stream_limits = StreamLimits(config.max_streams, config.stream_idle_timeout,
-                                     config.max_message_bytes)  # fmt: skip
-        servicer = ExternalProcessor(policy, metrics, stream_limits)
-        processors.append(servicer)
-        lanes.append(ExtProcServer(
-            policy, config.listen, config.grace, servicer=servicer, tls=config.tls,
-            limits=stream_limits, metrics=metrics, health_listen=config.health_listen,
-        ))  # fmt: skip
-    if config.http_listen is not None:
-        processor = HttpProcessor(policy, metrics)
-        processors.append(processor)
-        context = ReloadingSslContext(config.tls).context if config.tls else None
-        lane_limits = Limits(max_connections=config.http_max_connections)
-        lanes.append(HttpLane(processor, config.http_listen, config.grace, ssl_context=context,
-                              limits=lane_limits))  # fmt: skip
-    if config.ui_listen is not None:
-        lanes.append(_page(config, processors, metrics))
-    if config.metrics_listen:
-        metrics.serve(config.metrics_listen)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    async with contextlib.AsyncExitStack() as stack:
-        for lane in lanes:
-            await stack.enter_async_context(lane)
-        await stack.enter_async_context(_reloading(config, processors, metrics))
-        await stack.enter_async_context(_cluster_tls(config, processors))
-        ports = {type(lane).__name__: getattr(lane, "port", 0) for lane in lanes}
-        log.info("serving", listen=config.listen, port=ports.get("ExtProcServer"),
-                 http_listen=config.http_listen, http_port=ports.get("HttpLane"),
-                 policy=policy.source, mode=str(policy.mode), tls=config.tls is not None,
-                 metrics=config.metrics_listen, ui_port=ports.get("Page"))  # fmt: skip
-        await stopping.wait()
-        log.info("draining", grace_seconds=config.grace)
-    log.info("stopped")
-
-
-def _page(config: ServeConfig, processors: Sequence[Any], metrics: Metrics) -> Page:
-    """The live page, and its table given to each lane: they record what they diagnose."""
-    failures = Failures(recovered_after=config.ui_recovered_after,
-                        on_evict=metrics.page_rows_evicted.inc)  # fmt: skip
-    for processor in processors:
-        processor.failures = failures
-    mesh = MeshView(config.ui_prometheus) if config.ui_prometheus else None
-    return Page(failures, config.ui_listen or "", token=config.ui_token, metrics=metrics,
-                mesh=mesh)  # fmt: skip
-
-
-@contextlib.asynccontextmanager
-async def _cluster_tls(config: ServeConfig, processors: Sequence[Any]) -> AsyncIterator[None]:
-    """Read the clusters' TLS settings from Envoy's admin endpoint while the server runs."""
-    if config.envoy_admin is None:
-        yield
-        return
-    async with ClusterTlsCache(config.envoy_admin) as cache:
-        for processor in processors:
-            processor.cluster_tls = cache
-        yield
-
-
-@contextlib.asynccontextmanager
-async def _reloading(
-    config: ServeConfig, processors: Sequence[Any], metrics: Metrics
-) -> AsyncIterator[None]:
-    """Reload the policy file on SIGHUP and on change, while the server runs."""
-    if config.policy_path is None:
-        yield
-        return
-
-    def apply(policy: Policy) -> None:
-        for processor in processors:
-            processor.policy = policy
-
-    reloader = PolicyReloader(config.policy_path, apply, metrics)
-    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reloader.trigger)
-    task = asyncio.create_task(reloader.run(config.reload_interval))
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task

@@ -24,8 +24,9 @@ from types import FrameType
 import structlog
 from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 
-from extproc.cli import configure_logging, run_server
 from extproc.config import ServeConfig
+from extproc.logs import configure_logging
+from extproc.process import run_server
 
 log = structlog.get_logger("extproc")
 

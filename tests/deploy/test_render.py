@@ -101,7 +101,7 @@ class TestTypedEnvoyParts:
     def test_server_start_up_never_imports_envoy_data_plane(self):
         """`extproc serve`'s import path stays free of envoy-data-plane and pydantic."""
         code = (
-            "import sys, extproc.cli, extproc.server; "
+            "import sys, extproc.cli, extproc.process; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'envoy_data_plane', 'pydantic', 'betterproto2'}))"
         )
         out = subprocess.run(

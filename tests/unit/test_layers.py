@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[2] / "extproc"
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = ROOT / "extproc"
 PURE_MODULES = [
     "core.py",
     "admission.py",
@@ -91,3 +92,31 @@ class TestPureDecisionLogic:
             imported = imported_modules(path)
             assert "extproc.headers" not in imported or adapter == "server.py"
             assert "extproc.diagnosis" not in imported or adapter == "server.py"
+
+
+DOORS = {"extproc.server", "extproc.http_lane", "extproc.page"}
+
+
+class TestOneModulePerDoor:
+    """The process starts the doors; each door knows its protocol and the core, not the others."""
+
+    @pytest.mark.parametrize("door", sorted(DOORS))
+    def test_a_door_imports_no_other_door_nor_the_process(self, door):
+        """gRPC, the HTTP lane and the page import neither each other nor extproc.process."""
+        path = ROOT / (door.replace(".", "/") + ".py")
+        imported = imported_modules(path)
+        assert not imported & (DOORS - {door}), door
+        assert "extproc.process" not in imported, door
+
+    def test_the_process_starts_every_door(self):
+        """extproc.process is where the three doors meet."""
+        assert imported_modules(ROOT / "extproc" / "process.py") >= DOORS
+
+    def test_the_command_line_and_the_workers_do_not_import_each_other(self):
+        """cli builds the config and hands it over; workers runs the process, not the CLI."""
+        assert "extproc.cli" not in imported_modules(ROOT / "extproc" / "workers.py")
+        cli = ast.parse((ROOT / "extproc" / "cli.py").read_text(encoding="utf-8"))
+        top_level = {
+            node.module for node in cli.body if isinstance(node, ast.ImportFrom) and node.module
+        }
+        assert "extproc.workers" not in top_level
