@@ -94,6 +94,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         ui_token=ui_token,
         ui_recovered_after=args.ui_recovered_after,
         ui_prometheus=_ui_prometheus(args),
+        ui_trace_url=_ui_trace_url(args),
         listen=listen,
         http_listen=args.http_listen,
         http_max_connections=args.http_max_connections,
@@ -149,6 +150,29 @@ def _ui_prometheus(args: argparse.Namespace) -> str | None:
         return prometheus_url(args.ui_prometheus)
     except MeshViewError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def _ui_trace_url(args: argparse.Namespace) -> str:
+    """`--ui-trace-url`: an http(s) URL holding `{trace_id}` once, where the page links
+    each sample's trace id; no quotes, spaces or other braces (it becomes a link)."""
+    template: str | None = args.ui_trace_url
+    if template is None:
+        return ""
+    if not args.ui_listen:
+        raise ConfigError("--ui-trace-url needs --ui-listen")
+    rest = template.replace("{trace_id}", "", 1)
+    if (
+        not template.startswith(("https://", "http://"))
+        or "{trace_id}" not in template
+        or len(template) > 1024
+        or any(c in rest for c in "{}\"'<> ")
+        or not template.isprintable()
+    ):
+        raise ConfigError(
+            "--ui-trace-url: expected an http(s) URL holding {trace_id} once, e.g. "
+            f"'https://jaeger.example/trace/{{trace_id}}', got {template!r}"
+        )
+    return template
 
 
 def _envoy_admin(url: str | None) -> str | None:
@@ -854,6 +878,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=ServeConfig().ui_recovered_after,
         metavar="SECONDS",
         help="a row with no failure for this long shows as recovered (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--ui-trace-url",
+        metavar="TEMPLATE",
+        help="the page links each sample's trace id (traceparent or x-b3-traceid) here, "
+        "e.g. 'https://jaeger.example/trace/{trace_id}'",
     )
     serve.add_argument(
         "--ui-prometheus",

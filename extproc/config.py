@@ -349,6 +349,7 @@ class ServeConfig:
     ui_recovered_after: float = 60.0
     # Prometheus's base URL: the page's mesh-wide view (extproc/mesh_view.py).
     ui_prometheus: str | None = None
+    ui_trace_url: str = ""  # a link template with {trace_id}; "": ids as text
 
 
 def load_policy(path: str | Path, *, read_secrets: bool = True) -> Policy:

@@ -43,19 +43,37 @@ def _cut(value: object) -> str:
 
 @dataclass(frozen=True, slots=True)
 class RequestFields:
-    """The request's three fields a sample shows; "" when absent."""
+    """The request's fields a sample shows; "" when absent."""
 
     method: str = ""
     path: str = ""  # without its query
     request_id: str = ""
+    trace_id: str = ""  # lowercase hex, from traceparent or x-b3-traceid, checked
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def trace_id_of(traceparent: str, b3: str) -> str:
+    """The trace id Envoy propagates: W3C `traceparent` (version-traceid-parent-flags, the
+    trace id 32 hex digits, not all zero), else B3's `x-b3-traceid` (16 or 32 hex digits);
+    "" when neither is well formed, so nothing else ever reaches a link."""
+    parts = traceparent.split("-")
+    if len(parts) >= 4 and len(parts[1]) == 32 and set(parts[1]) <= _HEX and parts[1].strip("0"):
+        return parts[1]
+    b3 = b3.lower()
+    if len(b3) in (16, 32) and set(b3) <= _HEX and b3.strip("0"):
+        return b3
+    return ""
 
 
 NO_REQUEST = RequestFields()
 
 
 def request_fields(headers: Iterable[tuple[str, str]]) -> RequestFields:
-    """Method, path (query cut off) and x-request-id from the request headers; nothing else."""
-    method = path = request_id = ""
+    """Method, path (query cut off), x-request-id and the trace id from the request
+    headers; nothing else."""
+    method = path = request_id = traceparent = b3 = ""
     for name, value in headers:
         if name == ":method":
             method = value
@@ -63,7 +81,12 @@ def request_fields(headers: Iterable[tuple[str, str]]) -> RequestFields:
             path = value.split("?", 1)[0].split("#", 1)[0]
         elif name == "x-request-id":
             request_id = value
-    return RequestFields(_cut(method), _cut(path), _cut(request_id))
+        elif name == "traceparent":
+            traceparent = value[:MAX_TEXT]
+        elif name == "x-b3-traceid":
+            b3 = value[:MAX_TEXT]
+    trace_id = trace_id_of(traceparent, b3)
+    return RequestFields(_cut(method), _cut(path), _cut(request_id), trace_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +97,7 @@ class Sample:
     status: int | None
     host: str
     request_id: str
+    trace_id: str = ""
 
 
 @dataclass(slots=True)
@@ -128,11 +152,14 @@ class Failures:
         max_rows: int = MAX_ROWS,
         recovered_after: float = RECOVERED_SECONDS,
         on_evict: Callable[[], None] | None = None,
+        trace_url: str = "",
     ) -> None:
         if max_rows < 1:
             raise ValueError(f"the failures table needs at least 1 row, got {max_rows}")
         self.max_rows = max_rows
         self.recovered_after = recovered_after
+        # `serve --ui-trace-url`: a link template with `{trace_id}`; "" shows ids as text.
+        self.trace_url = trace_url
         self.on_evict = on_evict
         self.rows: OrderedDict[tuple[str, str], Row] = OrderedDict()
         self.recent: deque[tuple[int, str, str, Sample]] = deque(maxlen=RECENT)
@@ -167,7 +194,8 @@ class Failures:
         status = evidence.get("status")
         sample = Sample(now, request.method, request.path,
                         status if isinstance(status, int) else None,
-                        _cut(evidence.get("host", "")), request.request_id)  # fmt: skip
+                        _cut(evidence.get("host", "")), request.request_id,
+                        request.trace_id)  # fmt: skip
         row.samples.append(sample)
         self.recent.append((self.seq, cluster, diagnosis.reason, sample))
 
@@ -230,6 +258,7 @@ class Failures:
             "seq": self.seq,
             "now": now,
             "recovered_after": self.recovered_after,
+            "trace_url": self.trace_url,
             "evicted": self.evicted,
             "rows": [self.row_view(r, now) for r in reversed(self.rows.values())],
             "recent": [
@@ -247,4 +276,5 @@ def sample_view(sample: Sample) -> dict[str, Any]:
         "status": sample.status,
         "host": sample.host,
         "request_id": sample.request_id,
+        "trace_id": sample.trace_id,
     }

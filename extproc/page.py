@@ -413,7 +413,8 @@ class Page:
         failures, now = self.failures, time.time()
         rows = [failures.row_view(row, now) for row in failures.changed_since(since)]
         return _event("update", failures.seq, {"seq": failures.seq, "now": now, "rows": rows,
-                                               "recovered_after": failures.recovered_after})  # fmt: skip
+                                               "recovered_after": failures.recovered_after,
+                                               "trace_url": failures.trace_url})  # fmt: skip
 
     def broadcast(self) -> None:
         """One update with the rows changed since the last, to every client (each tick)."""

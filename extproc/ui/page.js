@@ -5,6 +5,7 @@
 const rows = new Map(); // "cluster\u0000reason" -> row from the server
 const opened = new Set(); // keys of rows opened to their detail
 let recoveredAfter = 60;
+let traceUrl = ""; // serve --ui-trace-url: a template with {trace_id}, or none
 let skew = 0; // server clock minus ours, in seconds
 
 function el(tag, text, cls) {
@@ -27,6 +28,7 @@ function namespaceOf(row) {
 function apply(message, whole) {
   if (whole) rows.clear();
   recoveredAfter = message.recovered_after;
+  traceUrl = message.trace_url || "";
   skew = message.now - Date.now() / 1000;
   for (const row of message.rows) rows.set(keyOf(row), row);
   render();
@@ -59,7 +61,7 @@ function detail(row) {
   const samples = el("table", null, "samples");
   samples.append(el("caption", "The last requests of this row"));
   const head = el("tr");
-  for (const name of ["Time", "Method", "Path", "Status", "Host", "Request id"]) {
+  for (const name of ["Time", "Method", "Path", "Status", "Host", "Request id", "Trace"]) {
     const th = el("th", name);
     th.scope = "col";
     head.append(th);
@@ -70,11 +72,27 @@ function detail(row) {
     for (const value of [clock(s.at), s.method, s.path, s.status, s.host, s.request_id]) {
       line.append(el("td", value));
     }
+    line.append(traceCell(s.trace_id));
     samples.append(line);
   }
   td.append(samples);
   tr.append(td);
   return tr;
+}
+
+// The server sends only hex trace ids (failures.trace_id_of) and a template it checked.
+function traceCell(traceId) {
+  const td = el("td");
+  if (!traceId) return td;
+  if (!traceUrl) {
+    td.textContent = traceId;
+    return td;
+  }
+  const link = el("a", traceId);
+  link.href = traceUrl.replace("{trace_id}", encodeURIComponent(traceId));
+  link.rel = "noopener noreferrer";
+  td.append(link);
+  return td;
 }
 
 function matches(row, filters) {

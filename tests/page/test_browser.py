@@ -11,13 +11,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from extproc.diagnosis import Diagnosis
-from extproc.failures import Failures
+from extproc.failures import Failures, RequestFields
 from extproc.lab import DEMO_POLICY
 from extproc.lab.demo import run_scenario, running_doctor
 from extproc.lab.envoy import free_port
@@ -138,6 +139,25 @@ class TestRows:
         tab.get_by_label("Namespace").fill("default")
         expect(row(tab, mesh_host("ratings"), "upstream_requires_mtls")).to_be_visible()
         expect(row(tab, "PassthroughCluster")).to_have_count(0)
+
+
+class TestTraceLinks:
+    def test_a_sample_links_its_trace(self, tab, lab):
+        """With --ui-trace-url a sample's trace id is a link built from the template."""
+        trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+        failures = lab[1].page.failures
+        evidence = (("status", 503), ("cluster", "traced-cluster"), ("host", "traced.example"))
+
+        def record() -> None:
+            failures.trace_url = "https://jaeger.example/trace/{trace_id}"
+            failures.record(Diagnosis("upstream_refused", "hint", evidence), time.time(),
+                            RequestFields("GET", "/t", "r-1", trace))  # fmt: skip
+
+        lab[1].call_soon(record)
+        traced = row(tab, "traced-cluster")
+        traced.get_by_role("button").click()
+        link = tab.locator("#rows tr.detail").get_by_role("link", name=trace)
+        expect(link).to_have_attribute("href", f"https://jaeger.example/trace/{trace}")
 
 
 class TestSafety:

@@ -268,3 +268,33 @@ class TestEvents:
             assert len(orjson.loads(event["data"])["rows"]) == 10
             assert metrics.page_clients["resynced"]._value.get() == 1
             writer.close()
+
+
+class TestTraceLinks:
+    @pytest.mark.parametrize(
+        "template",
+        [
+            "https://jaeger.example/trace",  # no placeholder
+            "javascript:alert('{trace_id}')",
+            'https://jaeger.example/trace/{trace_id}?q="x"',
+            "https://jaeger.example/{trace_id}/{other}",
+        ],
+    )
+    def test_bad_template_refused(self, template):
+        """--ui-trace-url must be an http(s) URL holding {trace_id}, with nothing that could
+        leave the link's attribute."""
+        from extproc.cli import ConfigError, build_parser, serve_config
+
+        argv = ["serve", "--ui-listen", "127.0.0.1:0", "--ui-trace-url", template]
+        with pytest.raises(ConfigError, match="--ui-trace-url"):
+            serve_config(build_parser().parse_args(argv))
+
+    def test_template_accepted_only_with_the_page(self):
+        """A good template is taken with --ui-listen, refused without it."""
+        from extproc.cli import ConfigError, build_parser, serve_config
+
+        good = "https://tempo.example/explore?trace={trace_id}"
+        argv = ["serve", "--ui-listen", "127.0.0.1:0", "--ui-trace-url", good]
+        assert serve_config(build_parser().parse_args(argv)).ui_trace_url == good
+        with pytest.raises(ConfigError, match="needs --ui-listen"):
+            serve_config(build_parser().parse_args(["serve", "--ui-trace-url", good]))

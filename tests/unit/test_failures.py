@@ -54,6 +54,7 @@ class TestRows:
             "status": 503,
             "host": "reviews:9080",
             "request_id": "r1",
+            "trace_id": "",
         }
 
     def test_shared_evidence_drops_what_differs(self):
@@ -164,3 +165,46 @@ class TestCost:
         assert not table.resumable(seq)
         assert table.resumable(table.seq)
         assert not table.resumable(table.seq + 5)
+
+
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+class TestTraceIds:
+    """A sample carries the trace id Envoy propagates, and nothing else from those headers."""
+
+    def test_w3c_traceparent(self):
+        """The trace id of a well-formed traceparent is kept."""
+        headers = [("traceparent", f"00-{TRACE}-00f067aa0ba902b7-01")]
+        assert request_fields(headers).trace_id == TRACE
+
+    def test_b3_when_no_traceparent(self):
+        """x-b3-traceid, 16 or 32 hex digits, any case, is the fallback."""
+        assert request_fields([("x-b3-traceid", TRACE.upper())]).trace_id == TRACE
+        assert request_fields([("x-b3-traceid", TRACE[:16])]).trace_id == TRACE[:16]
+
+    def test_traceparent_wins_over_b3(self):
+        """Both present: the W3C one."""
+        headers = [("x-b3-traceid", "a" * 16), ("traceparent", f"00-{TRACE}-00f067aa0ba902b7-01")]
+        assert request_fields(headers).trace_id == TRACE
+
+    def test_malformed_ids_never_reach_a_link(self):
+        """Non-hex, wrong length, all-zero or markup-carrying values give no trace id."""
+        for traceparent, b3 in [
+            (f"00-{'0' * 32}-00f067aa0ba902b7-01", ""),
+            (f'00-{TRACE[:-1]}"-00f067aa0ba902b7-01', ""),
+            ("", "javascript:alert(1)"),
+            ("", "<script>x</script>"),
+            ("", "a" * 20),
+            ("", "0" * 16),
+        ]:
+            headers = [("traceparent", traceparent), ("x-b3-traceid", b3)]
+            assert request_fields(headers).trace_id == "", (traceparent, b3)
+
+    def test_snapshot_carries_the_id_and_the_template(self):
+        """The page gets each sample's trace id and the operator's link template."""
+        table = Failures(trace_url="https://jaeger.example/trace/{trace_id}")
+        table.record(diagnosis(), 1000.0, RequestFields("GET", "/", "r1", TRACE), "outbound")
+        snapshot = table.snapshot(1000.0)
+        assert snapshot["trace_url"] == "https://jaeger.example/trace/{trace_id}"
+        assert snapshot["rows"][0]["samples"][0]["trace_id"] == TRACE
