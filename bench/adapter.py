@@ -20,6 +20,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import json_format
 
 from extproc.config import Policy
+from extproc.headers import names_first
 from extproc.server import ExternalProcessor, StreamState, handle
 
 DATA = Path(__file__).resolve().parent / "ghz" / "process.json"
@@ -54,6 +55,7 @@ def measure() -> dict[str, float]:
     structlog.configure(processors=[], logger_factory=structlog.ReturnLoggerFactory())
     policy = Policy()
     servicer = ExternalProcessor(policy)
+    first = names_first(policy)
     request, clean, failing = _messages()
 
     def bare(response: pb.ProcessingRequest) -> Callable[[], None]:
@@ -67,8 +69,8 @@ def measure() -> dict[str, float]:
     def metered(response: pb.ProcessingRequest) -> Callable[[], None]:
         def stream() -> None:
             state = StreamState()
-            servicer._answer("request_headers", policy, request, state)
-            servicer._answer("response_headers", policy, response, state)
+            servicer._answer("request_headers", policy, first, request, state)
+            servicer._answer("response_headers", policy, first, response, state)
 
         return stream
 
@@ -102,6 +104,7 @@ def run_clean_streams(streams: int) -> None:
     structlog.configure(processors=[], logger_factory=structlog.ReturnLoggerFactory())
     policy = Policy()
     servicer = ExternalProcessor(policy)
+    first = names_first(policy)
     request, clean, _ = _messages()
     payloads = (request.SerializeToString(), clean.SerializeToString())
     parse = pb.ProcessingRequest.FromString
@@ -109,7 +112,7 @@ def run_clean_streams(streams: int) -> None:
         state = StreamState()
         for payload in payloads:
             message = parse(payload)
-            servicer._answer(message.WhichOneof("request"), policy, message, state)
+            servicer._answer(message.WhichOneof("request"), policy, first, message, state)
 
 
 def main(argv: list[str] | None = None) -> None:

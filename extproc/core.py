@@ -38,10 +38,10 @@ from extproc.headers import (
     REVEAL_HEADER,
     Applied,
     Header,
+    NamesFirst,
     RequestDecision,
     decide,
     resolve_direction,
-    untouched,
 )
 
 log = structlog.get_logger("extproc")
@@ -241,25 +241,28 @@ def on_request(
     return RequestOutcome(decision, Carried(actions, decision.host, direction, reveal), answer)
 
 
+# The common, clean request's outcome: nothing changed, nothing carried. Its Host is not
+# carried either: the response phase reads `request.host`, as over the HTTP lane, where a
+# clean request writes no metadata. Built once (a frozen dataclass costs more to build
+# than the rest of a clean request phase).
+UNTOUCHED = RequestOutcome(NO_CHANGE, NOTHING_CARRIED, None)
+
+
 def request_phase(
     policy: Policy,
+    first: NamesFirst,
     names: Collection[str],
-    authority: str,
-    read: Callable[[], Sequence[Header]],
-    *,
-    listener: int | None = None,
+    read: Callable[[], tuple[Sequence[Header], int | None]],
     declared: Direction | None = None,
 ) -> RequestOutcome:
     """The request headers' answer, from their names first: the common, clean request (no
-    rule looks at any of its names, `headers.untouched`) is continued with only its
-    authority read; any other is read whole (`read()`) and goes to `on_request`.
-
-    `authority`: the value of the header at `headers.authority_position(names)`, or "".
-    """
-    direction = resolve_direction(policy, listener, declared)
-    if untouched(policy, names, direction):
-        return RequestOutcome(NO_CHANGE, Carried("", authority, direction), None)
-    return on_request(policy, read(), listener, declared)
+    rule looks at any of its names wherever the filter sits: `first`, the policy's
+    `headers.names_first`) is `UNTOUCHED`, no value read. Any other is read whole (`read()`:
+    the headers, and the listener's direction) and goes to `on_request`."""
+    if first.untouched(names):
+        return UNTOUCHED
+    headers, listener = read()
+    return on_request(policy, headers, listener, declared)
 
 
 def _refuse_reveal(decision: RequestDecision) -> RequestDecision:

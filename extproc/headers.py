@@ -370,22 +370,32 @@ def decide(
     )
 
 
-def untouched(policy: Policy, names: Collection[str], direction: Direction) -> bool:
+@dataclass(frozen=True, slots=True)
+class NamesFirst:
     """Whether `decide` leaves a request with these header names alone whatever their
-    values: no rule of the policy looks at any of them and no Host rewrite is configured.
-    The common, clean request is answered so without reading a value."""
-    if policy.host_rewrites or policy.strip_host_port:
-        return False
-    return not _active_rules(policy, direction).may_act(names)
+    values and wherever the filter sits: no rule of the policy, in any direction, looks at
+    any of them, and no Host rewrite is configured. Built once per policy (`names_first`),
+    so the common, clean request is answered from its names alone, before anything reads
+    a value or the listener's direction."""
+
+    watched: frozenset[str]  # every fixed name an active rule looks at, in any direction
+    underscores: bool  # a rule looks at every name containing `_`
+    reads_host: bool  # a Host rewrite is configured: every request is read whole
+
+    def untouched(self, names: Collection[str]) -> bool:
+        if self.reads_host or not self.watched.isdisjoint(names):
+            return False
+        return not (self.underscores and "_" in "".join(names))
 
 
-def authority_position(names: Sequence[str]) -> int | None:
-    """Where the authority the request is routed with is among the header names (as
-    `decide` reads it: `:authority`, else `host`), or None."""
-    for wanted in (":authority", "host"):
-        if wanted in names:
-            return names.index(wanted)
-    return None
+def names_first(policy: Policy) -> NamesFirst:
+    """The names-first test of `policy`: the union of what each direction's rules watch."""
+    active = [_active_rules(policy, d) for d in Direction if d is not Direction.AUTO]
+    return NamesFirst(
+        frozenset().union(*(a.protected for a in active)),
+        any(a.underscores for a in active),
+        bool(policy.host_rewrites or policy.strip_host_port),
+    )
 
 
 def _names(hits: Sequence[Header]) -> tuple[str, ...]:

@@ -255,7 +255,7 @@ class HttpProcessor:
         # The live page's table (`serve --ui-listen`); None: off. The request phase is a
         # separate POST here, so samples carry no method, path or request id.
         self.failures: Failures | None = None
-        self.messages, self.seconds = self.metrics.by_transport[TRANSPORT]
+        self.tallies = self.metrics.tallies[TRANSPORT]
         self.errors = self.metrics.errors_by_transport[TRANSPORT]
 
     def answer(self, body: bytes, declared: Direction | None = None) -> bytes:
@@ -269,8 +269,7 @@ class HttpProcessor:
             log.error("processing_failed", kind=kind, transport=TRANSPORT,
                       **core.error_fields(exc, _values(doc)))  # fmt: skip
             response = CONTINUE[kind]
-        self.messages[kind].inc()
-        self.seconds[kind].observe(time.perf_counter() - started)
+        self.tallies[kind].observe(time.perf_counter() - started)
         return response
 
     def _handle(self, kind: str, doc: dict[str, Any], declared: Direction | None) -> bytes:

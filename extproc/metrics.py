@@ -1,7 +1,14 @@
 """Prometheus metrics, on their own registry, with the labelled children bound up front.
 
-The hot path only calls `inc()`/`observe()` on pre-bound children: no label lookups, no
-allocation per message. Reason and action labels come from the catalogue and the rule
+What every message touches (`extproc_messages_total`, `extproc_processing_seconds`,
+`extproc_streams_total`, `extproc_streams_active`) is counted in plain numbers (`Tally`,
+`StreamCount`): prometheus-client takes a lock per `inc()` and two per `observe()`, some
+36,000 interpreter instructions per clean gRPC stream (bench/README.md), more than the
+rest of the metrics' work together. `Metrics.flush` moves them into the families: at every
+scrape (a collector registered first), and every `FLUSH_SECONDS` (`extproc.process`),
+which is what `--workers` needs: its parent reads each worker's values from files, never
+its memory. Everything else a message may count is rare (an action, a diagnosis, an error)
+and calls `inc()` on a pre-bound child: no label lookups, no allocation per message. Reason and action labels come from the catalogue and the rule
 table, so their number is bounded. The opt-in `cluster` label on the diagnoses counter
 comes from Envoy's config, not from the catalogue, so it is bounded here: the first
 `cluster_label_limit` distinct clusters keep their name, later ones are counted as
@@ -10,10 +17,13 @@ comes from Envoy's config, not from the catalogue, so it is bounded here: the fi
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import threading
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.registry import Collector
 
 from extproc.admission import CLOSINGS, REFUSALS
 from extproc.diagnosis import HINTS, Diagnosis
@@ -48,6 +58,8 @@ ERRORS = (
 )
 # Processing one message takes microseconds; the buckets resolve that and show outliers.
 _BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 50e-3)
+# How often the plain counts reach the families besides each scrape (for --workers).
+FLUSH_SECONDS = 1.0
 # The cluster label's value for every cluster past the limit.
 OTHER_CLUSTER = "other"
 # The most distinct cluster names `--metrics-cluster-label` may keep, per server process.
@@ -71,8 +83,50 @@ def _action_tokens() -> list[str]:
     ]
 
 
+class Tally:
+    """One (kind, transport)'s answered messages as plain numbers: their summed seconds, and
+    per bucket of `_BUCKETS` (the last one: slower than all) how many took that long."""
+
+    __slots__ = ("buckets", "seconds")
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(_BUCKETS) + 1)
+        self.seconds = 0.0
+
+    @property
+    def count(self) -> int:
+        return sum(self.buckets)
+
+    def observe(self, elapsed: float) -> None:
+        """One message answered in `elapsed` seconds (`Histogram.observe`'s bucket: le)."""
+        self.seconds += elapsed
+        self.buckets[bisect_left(_BUCKETS, elapsed)] += 1
+
+
+class StreamCount:
+    """gRPC streams as plain numbers: opened ever, and open now."""
+
+    __slots__ = ("active", "opened")
+
+    def __init__(self) -> None:
+        self.opened = 0
+        self.active = 0
+
+
+class _Flush(Collector):
+    """Registered first, so each scrape sees the plain counts: it flushes, yields nothing."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Any]:
+        self.metrics.flush()
+        return iter(())
+
+
 class Metrics:
-    """The server's metrics. One instance per server; tests read `registry`."""
+    """The server's metrics. One instance per server; tests read `registry` (and
+    call `flush()` first, as a scrape does)."""
 
     def __init__(self, cluster_label_limit: int = 0) -> None:
         """`cluster_label_limit` > 0 adds the `cluster` label to the diagnoses counter."""
@@ -84,10 +138,14 @@ class Metrics:
         self.cluster_label_limit = cluster_label_limit
         self.registry = CollectorRegistry()
         r = self.registry
-        self.streams = Counter(
+        self._flush_lock = threading.Lock()  # a scrape's thread and the loop's timer
+        r.register(_Flush(self))
+        self.stream_count = StreamCount()
+        self._streams_flushed = 0
+        self._streams = Counter(
             "extproc_streams", "ext_proc streams opened (one per HTTP request)", registry=r
         )
-        self.active_streams = Gauge(
+        self._active_streams = Gauge(
             "extproc_streams_active",
             "ext_proc streams open now",
             registry=r,
@@ -121,15 +179,14 @@ class Metrics:
             buckets=_BUCKETS,
             registry=r,
         )
-        # Children per transport; `messages` and `seconds` are gRPC's, as before.
-        self.by_transport = {
-            t: (
-                {kind: messages.labels(kind, t) for kind in MESSAGE_KINDS},
-                {kind: seconds.labels(kind, t) for kind in MESSAGE_KINDS},
-            )
-            for t in TRANSPORTS
-        }
-        self.messages, self.seconds = self.by_transport["grpc"]
+        # The hot path's plain counts per transport and kind, each with the children it
+        # is flushed into and the bucket counts flushed so far.
+        self.tallies = {t: {kind: Tally() for kind in MESSAGE_KINDS} for t in TRANSPORTS}
+        self._flushed = [
+            (tally, messages.labels(kind, t), seconds.labels(kind, t), Tally())
+            for t, tallies in self.tallies.items()
+            for kind, tally in tallies.items()
+        ]
         self._init_diagnoses()
         actions = Counter(
             "extproc_actions",
@@ -169,6 +226,26 @@ class Metrics:
             registry=r,
         )
         self.page_clients = {o: page_clients.labels(o) for o in ("refused", "resynced")}
+
+    def flush(self) -> None:
+        """Move what the plain counts gained since the last flush into the families.
+
+        Only the loop's thread writes the counts; this may run on a scrape's thread, so it
+        reads each number once and keeps what it flushed (never resets what it read)."""
+        with self._flush_lock:
+            for tally, messages, seconds, flushed in self._flushed:
+                buckets = list(tally.buckets)
+                added = [now - before for now, before in zip(buckets, flushed.buckets, strict=True)]
+                if not any(added):
+                    continue
+                total, elapsed = tally.seconds, flushed.seconds
+                messages.inc(sum(added))
+                _observed(seconds, added, total - elapsed)
+                flushed.buckets, flushed.seconds = buckets, total
+            opened = self.stream_count.opened
+            self._streams.inc(opened - self._streams_flushed)
+            self._streams_flushed = opened
+            self._active_streams.set(self.stream_count.active)
 
     def count_request(self, applied: Iterable[Applied]) -> None:
         """What the request phase did (one per rule that acted)."""
@@ -238,3 +315,12 @@ class Metrics:
         """Expose /metrics over HTTP on HOST:PORT."""
         host, _, port = listen.rpartition(":")
         start_http_server(int(port), addr=host or "0.0.0.0", registry=self.registry)  # noqa: S104
+
+
+def _observed(histogram: Any, added: list[int], seconds: float) -> None:
+    """Add bucket counts and their summed seconds to a prometheus-client Histogram child,
+    as as many `observe()` calls would (tests/unit/test_metrics.py holds it to that)."""
+    histogram._sum.inc(seconds)
+    for bucket, count in zip(histogram._buckets, added, strict=True):
+        if count:
+            bucket.inc(count)

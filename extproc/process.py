@@ -29,7 +29,7 @@ from extproc.envoy_admin import ClusterTlsCache
 from extproc.failures import Failures
 from extproc.http_lane import HttpLane, HttpProcessor, Limits
 from extproc.mesh_view import MeshView
-from extproc.metrics import Metrics
+from extproc.metrics import FLUSH_SECONDS, Metrics
 from extproc.page import Page
 from extproc.reload import PolicyReloader
 from extproc.server import ExternalProcessor, ExtProcServer
@@ -91,6 +91,7 @@ async def serve(config: ServeConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(_flushing(metrics))  # exits last: after the drain
         for lane in lanes:
             await stack.enter_async_context(lane)
         await stack.enter_async_context(_reloading(config, processors, metrics))
@@ -126,6 +127,26 @@ async def _cluster_tls(config: ServeConfig, processors: Sequence[Any]) -> AsyncI
         for processor in processors:
             processor.cluster_tls = cache
         yield
+
+
+@contextlib.asynccontextmanager
+async def _flushing(metrics: Metrics) -> AsyncIterator[None]:
+    """Flush the hot path's plain counts every FLUSH_SECONDS, and once more at the end (after
+    the doors drained): under --workers the parent reads only what was flushed."""
+
+    async def tick() -> None:
+        while True:
+            await asyncio.sleep(FLUSH_SECONDS)
+            metrics.flush()
+
+    task = asyncio.create_task(tick())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        metrics.flush()
 
 
 @contextlib.asynccontextmanager

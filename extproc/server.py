@@ -48,7 +48,13 @@ from extproc.diagnosis import Diagnosis
 from extproc.envoy_admin import ClusterTlsCache
 from extproc.failures import NO_REQUEST, Failures, RequestFields, request_fields
 from extproc.filter_config import DIRECTION_METADATA, METADATA_NAMESPACE
-from extproc.headers import NO_CHANGE, Header, RequestDecision, authority_position
+from extproc.headers import (
+    NO_CHANGE,
+    Header,
+    NamesFirst,
+    RequestDecision,
+    names_first,
+)
 from extproc.metrics import Metrics
 from extproc.tls import ReloadingCredentials
 
@@ -192,17 +198,14 @@ class _StructAttributes:
 
 
 def on_request_headers(
-    policy: Policy, request: pb.ProcessingRequest, state: StreamState
+    policy: Policy, first: NamesFirst, request: pb.ProcessingRequest, state: StreamState
 ) -> pb.ProcessingResponse:
-    listener = _number(_attributes(request), core.LISTENER_ATTRIBUTE, 2)
-    # Names first: a clean request's values, but for its authority, are never decoded.
-    headers = request.request_headers.headers.headers
-    names = [h.key for h in headers]
-    at = authority_position(names)
-    authority = "" if at is None else _value(headers[at])
+    # Names first: a clean request's values are never decoded.
     outcome = core.request_phase(
-        policy, names, authority, lambda: header_pairs(request.request_headers),
-        listener=listener, declared=state.declared,
+        policy, first, [h.key for h in request.request_headers.headers.headers],
+        lambda: (header_pairs(request.request_headers),
+                 _number(_attributes(request), core.LISTENER_ATTRIBUTE, 2)),
+        state.declared,
     )  # fmt: skip
     state.decision, state.carried = outcome.decision, outcome.carried
     if outcome.answer is None:
@@ -245,15 +248,19 @@ def handle(
     policy: Policy, request: pb.ProcessingRequest, state: StreamState
 ) -> pb.ProcessingResponse | None:
     """The answer to one message, or None when there is nothing to answer."""
-    return _dispatch(request.WhichOneof("request"), policy, request, state)
+    return _dispatch(request.WhichOneof("request"), policy, names_first(policy), request, state)
 
 
 def _dispatch(
-    kind: str | None, policy: Policy, request: pb.ProcessingRequest, state: StreamState
+    kind: str | None,
+    policy: Policy,
+    first: NamesFirst,
+    request: pb.ProcessingRequest,
+    state: StreamState,
 ) -> pb.ProcessingResponse | None:
     match kind:
         case "request_headers":
-            return on_request_headers(policy, request, state)
+            return on_request_headers(policy, first, request, state)
         case "response_headers":
             return on_response_headers(policy, request, state)
         case None:
@@ -291,14 +298,24 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
     ) -> None:
         self.policy = policy
         self.metrics = metrics or Metrics()
+        self.tallies = self.metrics.tallies[TRANSPORT]
         self.cluster_tls: ClusterTlsCache | None = None
         self.door = Door(limits or StreamLimits())
         self._warned: dict[str, tuple[float, int]] = {}
         # The live page's table (`serve --ui-listen`); None: off, and nothing is read for it.
         self.failures: Failures | None = None
 
+    @property
+    def policy(self) -> Policy:
+        return self._rules[0]
+
+    @policy.setter
+    def policy(self, policy: Policy) -> None:
+        """A policy and its names-first test, built once here, not per stream."""
+        self._rules = (policy, names_first(policy))
+
     async def Process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
-        policy, metrics, door = self.policy, self.metrics, self.door
+        (policy, first), metrics, door = self._rules, self.metrics, self.door
         clock = asyncio.get_running_loop().time
         stream = self._admit(context, clock())
         if stream is None:
@@ -307,13 +324,14 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         state = StreamState(
             cluster_tls=self.cluster_tls, declared=declared_direction(context.invocation_metadata())
         )
-        metrics.streams.inc()
-        metrics.active_streams.inc()
+        counts = metrics.stream_count
+        counts.opened += 1
+        counts.active += 1
         try:
             while (request := await context.read()) is not grpc.aio.EOF:
                 door.heard(stream, clock())
                 kind = request.WhichOneof("request")
-                response = self._answer(kind, policy, request, state)
+                response = self._answer(kind, policy, first, request, state)
                 if response is not None and not request.observability_mode:
                     await context.write(response)
                 if kind == "response_headers":
@@ -331,7 +349,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, stream.closed_by)
         finally:
             door.done(stream)
-            metrics.active_streams.dec()
+            counts.active -= 1
 
     def _admit(self, context: grpc.aio.ServicerContext, now: float) -> Stream | None:
         task = asyncio.current_task()
@@ -362,12 +380,17 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         )  # fmt: skip
 
     def _answer(
-        self, kind: str | None, policy: Policy, request: pb.ProcessingRequest, state: StreamState
+        self,
+        kind: str | None,
+        policy: Policy,
+        first: NamesFirst,
+        request: pb.ProcessingRequest,
+        state: StreamState,
     ) -> pb.ProcessingResponse | None:
         started = perf_counter()
         metrics = self.metrics
         try:
-            response = _dispatch(kind, policy, request, state)
+            response = _dispatch(kind, policy, first, request, state)
         except Exception as exc:  # one bad message must not end the stream or the server
             metrics.errors["processing_failed"].inc()
             log.error("processing_failed", kind=kind, **error_fields(exc, request))
@@ -375,7 +398,6 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         if kind is None:
             metrics.errors["bad_message"].inc()
             return response
-        metrics.messages[kind].inc()
         if kind == "request_headers":
             metrics.count_request(state.decision.applied)
             if self.failures is not None:
@@ -385,7 +407,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
             if state.diagnosis is not None and self.failures is not None:
                 self.failures.record(state.diagnosis, time.time(), _sample_fields(state),
                                      str(state.carried.direction or ""))  # fmt: skip
-        metrics.seconds[kind].observe(perf_counter() - started)
+        self.tallies[kind].observe(perf_counter() - started)
         return response
 
 

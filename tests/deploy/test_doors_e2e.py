@@ -107,13 +107,15 @@ class GrpcWitness(ExternalProcessor):
         super().__init__(policy, limits=limits)
         self.seen = Witness()
 
-    def _answer(self, kind: str | None, policy: Policy, request: Any, state: Any) -> Any:
+    def _answer(
+        self, kind: str | None, policy: Policy, first: Any, request: Any, state: Any
+    ) -> Any:
         if kind in ("request_headers", "response_headers"):
             headers = getattr(request, kind).headers.headers
             self.seen.header_names.append({h.key for h in headers})
         self.seen.attribute_keys.update(request.attributes.keys())
         self.seen.raw.append(request.SerializeToString())
-        return super()._answer(kind, policy, request, state)
+        return super()._answer(kind, policy, first, request, state)
 
 
 class HttpWitness(HttpProcessor):

@@ -366,10 +366,10 @@ class TestPipelinedFlood:
         or has answered them all."""
         async with lane_with() as lane, flood(lane, requests) as transport:
             connection = next(iter(lane.connections))
-            answered = lane.processor.messages["request_headers"]
-            await until(lambda: not transport.is_reading() or answered._value.get() == requests)
+            answered = lane.processor.tallies["request_headers"]
+            await until(lambda: not transport.is_reading() or answered.count == requests)
             held = transport.get_write_buffer_size() + len(getattr(connection, "unparsed", b""))
-            return held, int(answered._value.get())
+            return held, answered.count
 
     async def test_unread_answers_hold_a_bounded_buffer(self):
         """n and 8n pipelined requests: the server holds about the same, not 8x (was: 104 MB for 14 MB)."""
@@ -515,7 +515,7 @@ class TestUpgrade:
         status, _, body = await refused(lane, request_bytes)
         assert (status, body["error"]) == (400, "upgrade_refused")
         assert errors(lane, "upgrade_refused") == 1
-        assert lane.processor.messages["request_headers"]._value.get() == 0
+        assert lane.processor.tallies["request_headers"].count == 0
         await still_serves(lane)
         assert not [r for r in caplog.records if r.name == "asyncio"]  # no "Fatal error"
 

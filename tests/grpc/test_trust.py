@@ -159,10 +159,12 @@ class TestExposure:
 
     async def test_unknown_declaration_falls_back_to_the_listener(self):
         """A declared value the server does not know is ignored, not trusted."""
+        # Both phases carry the listener, as the rendered filter asks (filter_config.py).
+        listener = {"xds.listener_direction": 2}
         _, resp = await exchange(
             Policy(),
-            request_headers([(":authority", "a")], {"xds.listener_direction": 2}),
-            response_headers([(":status", "503")], REFUSED),
+            request_headers([(":authority", "a")], listener),
+            response_headers([(":status", "503")], {**REFUSED, **listener}),
             direction="sideways",
         )
         assert "x-extproc-diagnosis" in mutated(resp, "response_headers")
@@ -183,8 +185,9 @@ class TestErrorsThatCanBeActedOn:
         # keep-alive: a name a rule looks at, so the headers are read and decided.
         request = request_headers([(":authority", "a"), ("cookie", secret), ("keep-alive", "1")])
         with capture_logs() as logs:
+            policy, first = processor._rules
             answer = processor._answer(
-                "request_headers", Policy(), request, server_module.StreamState()
+                "request_headers", policy, first, request, server_module.StreamState()
             )
         assert answer is server_module.CONTINUE["request_headers"]
         (event,) = [e for e in logs if e["event"] == "processing_failed"]

@@ -15,11 +15,10 @@ from extproc.headers import (
     NO_CHANGE,
     REVEAL_HEADER,
     Applied,
-    authority_position,
     decide,
+    names_first,
     native_removals,
     resolve_direction,
-    untouched,
 )
 
 OUTBOUND, INBOUND = 2, 1
@@ -446,49 +445,45 @@ class TestArbitraryInput:
 
 
 class TestNamesFirst:
-    """`untouched` and `authority_position` let an adapter skip reading a clean request."""
+    """`names_first` lets an adapter answer a clean request from its header names alone."""
 
     NAMES = st.sampled_from(
         [":authority", "host", ":path", "accept", "cookie", "te", "keep-alive", "content-length",
-         "transfer-encoding", "x-envoy-attempt-count", "x-forwarded-host", "x_user_id",
-         REVEAL_HEADER, "x-request-id"]
+         "transfer-encoding", "x-envoy-attempt-count", "x-forwarded-host", "x-forwarded-prefix",
+         "x_user_id", REVEAL_HEADER, "x-request-id", "forwarded", "x-real-ip"]
     )  # fmt: skip
 
     @given(
         st.lists(st.tuples(NAMES, st.sampled_from(["", "a", "trailers", "shop:8080", "x"]))),
         st.sampled_from([None, 0, 1, 2]),
+        st.sampled_from([None, *[d for d in Direction if d is not Direction.AUTO]]),
         st.sampled_from([{}, {"strip_host_port": True}, {"underscore_headers": "keep"},
-                         {"mode": "report"}, {"forwarding_headers": "keep"}]),
+                         {"mode": "report"}, {"forwarding_headers": "keep"},
+                         {"direction": "inbound"}, {"trusted_hops": 1}]),
     )  # fmt: skip
-    def test_untouched_requests_are_left_alone_by_decide(self, headers, listener, keys):
-        """Whenever `untouched` says so from the names alone, decide changes nothing."""
+    def test_untouched_requests_are_left_alone_by_decide_wherever_it_sits(
+        self, headers, listener, declared, keys
+    ):
+        """Whenever the names-first test says so, decide changes nothing in any direction."""
         p = policy(**keys)
-        direction = resolve_direction(p, listener)
-        if untouched(p, [n for n, _ in headers], direction):
-            decision = decide(p, headers, listener)
+        if names_first(p).untouched([n for n, _ in headers]):
+            decision = decide(p, headers, listener, declared)
             assert decision.applied == () and not decision.changes
 
     def test_a_clean_request_is_untouched(self):
         """A request with only everyday header names needs no value read."""
-        names = [":authority", ":path", ":method", "accept", "user-agent", "x-request-id"]
-        assert untouched(policy(), names, resolve_direction(policy(), OUTBOUND))
-
-    def test_a_name_some_rule_looks_at_is_not(self):
-        """keep-alive (a rule's name) or any name with `_` sends the request to decide."""
-        direction = resolve_direction(policy(), OUTBOUND)
-        assert not untouched(policy(), [":authority", "keep-alive"], direction)
-        assert not untouched(policy(), [":authority", "x_user_id"], direction)
+        names = [":authority", ":path", ":method", "accept", "user-agent", "x-request-id",
+                 "x-forwarded-proto", "x-forwarded-for"]  # fmt: skip
+        assert names_first(policy()).untouched(names)
 
     @pytest.mark.parametrize(
-        ("headers", "expected"),
-        [
-            ([(":path", "/"), (":authority", "a"), ("host", "b")], "a"),
-            ([("host", "b"), (":path", "/")], "b"),
-            ([(":path", "/")], ""),
-        ],
+        "name", ["keep-alive", "x_user_id", "x-envoy-original-path", "x-forwarded-prefix"]
     )
-    def test_authority_position_finds_what_decide_routes_with(self, headers, expected):
-        """The position names the same value that decide reports as the request's host."""
-        at = authority_position([n for n, _ in headers])
-        assert ("" if at is None else headers[at][1]) == expected
-        assert decide(policy(), headers).host == expected
+    def test_a_name_some_rule_looks_at_somewhere_is_not(self, name):
+        """A rule's name in any direction (the edge's x-forwarded-prefix too), or any name
+        with `_`, sends the request to decide."""
+        assert not names_first(policy()).untouched([":authority", name])
+
+    def test_a_host_rewrite_reads_every_request(self):
+        """With a Host rewrite configured, no request is answered from its names."""
+        assert not names_first(policy(strip_host_port=True)).untouched([":authority"])
