@@ -153,6 +153,7 @@ class Failures:
         recovered_after: float = RECOVERED_SECONDS,
         on_evict: Callable[[], None] | None = None,
         trace_url: str = "",
+        docs_url: str = "",
     ) -> None:
         if max_rows < 1:
             raise ValueError(f"the failures table needs at least 1 row, got {max_rows}")
@@ -160,6 +161,9 @@ class Failures:
         self.recovered_after = recovered_after
         # `serve --ui-trace-url`: a link template with `{trace_id}`; "" shows ids as text.
         self.trace_url = trace_url
+        # `serve --ui-docs-url`: the documentation site, ending in "/", where each reason's
+        # entry is `reasons/#reason-CODE`; "" names the file and the anchor as text.
+        self.docs_url = docs_url
         self.on_evict = on_evict
         self.rows: OrderedDict[tuple[str, str], Row] = OrderedDict()
         self.recent: deque[tuple[int, str, str, Sample]] = deque(maxlen=RECENT)
@@ -259,6 +263,7 @@ class Failures:
             "now": now,
             "recovered_after": self.recovered_after,
             "trace_url": self.trace_url,
+            "docs_url": self.docs_url,
             "evicted": self.evicted,
             "rows": [self.row_view(r, now) for r in reversed(self.rows.values())],
             "recent": [

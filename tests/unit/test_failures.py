@@ -201,6 +201,12 @@ class TestTraceIds:
             headers = [("traceparent", traceparent), ("x-b3-traceid", b3)]
             assert request_fields(headers).trace_id == "", (traceparent, b3)
 
+    def test_snapshot_carries_the_docs_url(self):
+        """The page gets the documentation site its reason links point into ("" : none)."""
+        assert Failures().snapshot(1000.0)["docs_url"] == ""
+        table = Failures(docs_url="https://docs.example/")
+        assert table.snapshot(1000.0)["docs_url"] == "https://docs.example/"
+
     def test_snapshot_carries_the_id_and_the_template(self):
         """The page gets each sample's trace id and the operator's link template."""
         table = Failures(trace_url="https://jaeger.example/trace/{trace_id}")
