@@ -15,6 +15,7 @@ from extproc.filter_config import (
     METADATA_NAMESPACE,
     REQUEST_ATTRIBUTES,
     RESPONSE_ATTRIBUTES,
+    SAMPLE_ATTRIBUTES,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,7 +38,10 @@ class TestPages:
         assert f'| <a id="reason-{reason}"></a>`{reason}` |' in REASONS
         assert HINTS[reason] in REASONS
 
-    @pytest.mark.parametrize("attribute", REQUEST_ATTRIBUTES + RESPONSE_ATTRIBUTES)
+    @pytest.mark.parametrize(
+        "attribute",
+        REQUEST_ATTRIBUTES + RESPONSE_ATTRIBUTES + tuple(a for a, _ in SAMPLE_ATTRIBUTES),
+    )
     def test_every_attribute_is_listed(self, attribute):
         """docs/filter-settings.md lists every attribute the filter config asks Envoy for."""
         assert f"`{attribute}`" in FILTER_SETTINGS
