@@ -46,13 +46,7 @@ from extproc.config import Direction, Policy, TlsFiles
 from extproc.core import Answer, Carried
 from extproc.diagnosis import Diagnosis
 from extproc.envoy_admin import ClusterTlsCache
-from extproc.failures import (
-    NO_REQUEST,
-    Failures,
-    RequestFields,
-    attribute_fields,
-    request_fields,
-)
+from extproc.failures import NO_REQUEST, Failures, RequestFields, request_fields
 from extproc.filter_config import DIRECTION_METADATA, METADATA_NAMESPACE
 from extproc.headers import NO_CHANGE, Header, RequestDecision, authority_position
 from extproc.metrics import Metrics
@@ -271,14 +265,11 @@ def _dispatch(
             return CONTINUE[kind]
 
 
-def _sample_fields(state: StreamState, request: pb.ProcessingRequest) -> RequestFields:
-    """The failing request's method, path, id and trace id for the live page: from the
-    request headers the stream saw, else (a response-only filter, gated mode) from the
-    attributes Envoy sent with the response (`filter_config.SAMPLE_ATTRIBUTES`)."""
-    if state.request_headers is not None:
-        return request_fields(header_pairs(state.request_headers))
-    fields = _attributes(request)
-    return NO_REQUEST if fields is None else attribute_fields(_StructAttributes(fields).text)
+def _sample_fields(state: StreamState) -> RequestFields:
+    """The failing request's method, path and id for the live page (none if never seen)."""
+    if state.request_headers is None:
+        return NO_REQUEST
+    return request_fields(header_pairs(state.request_headers))
 
 
 def error_fields(exc: BaseException, request: pb.ProcessingRequest) -> dict[str, str]:
@@ -392,7 +383,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         elif kind == "response_headers":
             metrics.count_response(state.diagnosis)
             if state.diagnosis is not None and self.failures is not None:
-                self.failures.record(state.diagnosis, time.time(), _sample_fields(state, request),
+                self.failures.record(state.diagnosis, time.time(), _sample_fields(state),
                                      str(state.carried.direction or ""))  # fmt: skip
         metrics.seconds[kind].observe(perf_counter() - started)
         return response
