@@ -135,6 +135,10 @@ CONFIGS: tuple[Config, ...] = (
            Server.NAIVE_HTTP, transport=HTTP),
     Config("always-http", "ours over HTTP, always-on", Filter.ALWAYS, Route.OK, Server.OURS,
            transport=HTTP),
+    # Over the HTTP lane the page costs a clean request one thing: the request phase carries
+    # the sample's fields in our metadata namespace instead of the prebuilt continue.
+    Config("always-http-page", "ours over HTTP, always-on, live page on", Filter.ALWAYS,
+           Route.OK, Server.OURS, transport=HTTP, page=True),
     Config("always-http-fail", "ours over HTTP, always-on, refused upstream", Filter.ALWAYS,
            Route.REFUSED, Server.OURS, transport=HTTP),
     Config("bare-gate", "a bare gate (one composite, one :status matcher)", Filter.BARE_GATE,

@@ -95,6 +95,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         ui_recovered_after=args.ui_recovered_after,
         ui_prometheus=_ui_prometheus(args),
         ui_trace_url=_ui_trace_url(args),
+        ui_docs_url=_ui_docs_url(args),
         listen=listen,
         http_listen=args.http_listen,
         http_max_connections=args.http_max_connections,
@@ -155,6 +156,8 @@ def _ui_prometheus(args: argparse.Namespace) -> str | None:
 def _ui_trace_url(args: argparse.Namespace) -> str:
     """`--ui-trace-url`: an http(s) URL holding `{trace_id}` once, where the page links
     each sample's trace id; no quotes, spaces or other braces (it becomes a link)."""
+    from extproc.page import MAX_UI_URL
+
     template: str | None = args.ui_trace_url
     if template is None:
         return ""
@@ -164,7 +167,7 @@ def _ui_trace_url(args: argparse.Namespace) -> str:
     if (
         not template.startswith(("https://", "http://"))
         or "{trace_id}" not in template
-        or len(template) > 1024
+        or len(template) > MAX_UI_URL
         or any(c in rest for c in "{}\"'<> ")
         or not template.isprintable()
     ):
@@ -173,6 +176,47 @@ def _ui_trace_url(args: argparse.Namespace) -> str:
             f"'https://jaeger.example/trace/{{trace_id}}', got {template!r}"
         )
     return template
+
+
+def _ui_docs_url(args: argparse.Namespace) -> str:
+    """`--ui-docs-url`: the documentation site the page links each row's reason into
+    (`URL/reasons/#reason-CODE`); by default the Documentation Project-URL of the installed
+    package, when it names one. "" (none known): the page says where the entry is instead.
+    An http(s) URL with a host and no query or fragment (the page appends a path and a
+    fragment), and nothing that could leave a link's attribute."""
+    from urllib.parse import urlsplit
+
+    from extproc.page import MAX_UI_URL
+    from extproc.render.options import published_documentation_url
+
+    url: str | None = args.ui_docs_url
+    if url is not None and not args.ui_listen:
+        raise ConfigError("--ui-docs-url needs --ui-listen")
+    source = "--ui-docs-url"
+    if url is None:
+        if not args.ui_listen:
+            return ""
+        url, source = published_documentation_url(), "the package's Documentation Project-URL"
+        if url is None:
+            return ""
+    try:
+        parts = urlsplit(url)
+        well_formed = bool(parts.hostname)
+    except ValueError:
+        well_formed = False
+    if (
+        not url.startswith(("https://", "http://"))
+        or not well_formed
+        or len(url) > MAX_UI_URL
+        or not (url.isascii() and url.isprintable())
+        or any(c in url for c in "?#{}\"'<>` ")
+    ):
+        raise ConfigError(
+            f"{source}: expected an http(s) URL of the documentation site, with a host and "
+            f"no query, fragment, quote, space or angle bracket, e.g. "
+            f"'https://docs.example/extproc-doctor/', got {url!r}"
+        )
+    return url.rstrip("/") + "/"
 
 
 def _envoy_admin(url: str | None) -> str | None:
@@ -884,6 +928,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TEMPLATE",
         help="the page links each sample's trace id (traceparent or x-b3-traceid) here, "
         "e.g. 'https://jaeger.example/trace/{trace_id}'",
+    )
+    serve.add_argument(
+        "--ui-docs-url",
+        metavar="URL",
+        help="the page links each row's reason to its entry in this documentation site "
+        "(URL/reasons/#reason-CODE); default: the package's Documentation Project-URL, if any",
     )
     serve.add_argument(
         "--ui-prometheus",

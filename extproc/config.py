@@ -350,6 +350,8 @@ class ServeConfig:
     # Prometheus's base URL: the page's mesh-wide view (extproc/mesh_view.py).
     ui_prometheus: str | None = None
     ui_trace_url: str = ""  # a link template with {trace_id}; "": ids as text
+    # The documentation site the page links reasons into (ends in "/"); "": names the file.
+    ui_docs_url: str = ""
 
 
 def load_policy(path: str | Path, *, read_secrets: bool = True) -> Policy:

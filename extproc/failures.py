@@ -5,20 +5,23 @@ recording is O(1) (a dict lookup, a move to the end, a slot of a fixed ring) and
 oldest row is the one evicted when the table is full. Every size is a named constant
 below; the page's limits table in docs/page.md lists them.
 
-A sample keeps the request's method, path without its query, status, Host and request
-id: never another header value, a query string, a body or a cookie. The adapters pick
-those three request fields (`request_fields`) only while the page is on; a clean
-response never reaches `record`.
+A sample keeps the request's method, path without its query, status, Host, request id
+and trace id: never another header value, a query string, a body or a cookie. The
+adapters pick the request's fields (`request_fields`) only while the page is on; a clean
+response never reaches `record`. Over the HTTP lane the response phase is a separate
+POST, so the request phase carries those fields in our metadata namespace (`carry`) and
+the response phase reads them back (`carried_fields`), checked again on the way in.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from extproc.diagnosis import Diagnosis
+from extproc.filter_config import SAMPLE_ATTRIBUTES
 
 # ---- Limits (docs/page.md, "Limits").
 # Rows, one per (cluster, reason): Istio names one cluster per service port and subset, so
@@ -38,7 +41,23 @@ SHARED_KEYS = ("flags", "detail", "upstream", "route", "policy", "tls", "sni", "
 
 
 def _cut(value: object) -> str:
-    return str(value)[:MAX_TEXT]
+    """At most MAX_TEXT characters of valid UTF-8: the adapters keep undecodable bytes as
+    surrogate escapes, which JSON (the page's, Envoy's metadata) cannot carry; each becomes
+    U+FFFD."""
+    text = str(value)[:MAX_TEXT]
+    if text.isascii():
+        return text
+    try:  # the undecodable bytes back, one U+FFFD each
+        data = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate no byte made (a JSON \ud800 escape)
+        data = text.encode("utf-8", "surrogatepass")
+    return data.decode("utf-8", "replace")[:MAX_TEXT]
+
+
+def sample_path(path: str) -> str:
+    """The path without its query, fragment or path parameters (`;jsessionid=...` is a
+    session id in a URL), at most MAX_TEXT characters (cut first: the same prefix)."""
+    return _cut(path[:MAX_TEXT].split("?", 1)[0].split("#", 1)[0].split(";", 1)[0])
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +97,7 @@ def request_fields(headers: Iterable[tuple[str, str]]) -> RequestFields:
         if name == ":method":
             method = value
         elif name == ":path":
-            path = value.split("?", 1)[0].split("#", 1)[0]
+            path = value
         elif name == "x-request-id":
             request_id = value
         elif name == "traceparent":
@@ -86,7 +105,51 @@ def request_fields(headers: Iterable[tuple[str, str]]) -> RequestFields:
         elif name == "x-b3-traceid":
             b3 = value[:MAX_TEXT]
     trace_id = trace_id_of(traceparent, b3)
-    return RequestFields(_cut(method), _cut(path), _cut(request_id), trace_id)
+    return RequestFields(_cut(method), sample_path(path), _cut(request_id), trace_id)
+
+
+def attribute_fields(text: Callable[[str], str]) -> RequestFields:
+    """The sample's request fields from the attributes a response-only filter asks for
+    (`filter_config.SAMPLE_ATTRIBUTES`; `text` reads one, "" if absent), checked as the
+    request headers are."""
+    return request_fields((header, text(attribute)) for attribute, header in SAMPLE_ATTRIBUTES)
+
+
+# Our metadata namespace's keys for a sample's request fields (HTTP lane, page on only).
+CARRIED_METHOD = "sample_method"
+CARRIED_PATH = "sample_path"
+CARRIED_REQUEST_ID = "sample_request_id"
+CARRIED_TRACE_ID = "sample_trace_id"
+
+
+def carry(fields: RequestFields) -> dict[str, str]:
+    """The request phase's fields for our metadata namespace: the set ones only."""
+    pairs = (
+        (CARRIED_METHOD, fields.method),
+        (CARRIED_PATH, fields.path),
+        (CARRIED_REQUEST_ID, fields.request_id),
+        (CARRIED_TRACE_ID, fields.trace_id),
+    )
+    return {key: value for key, value in pairs if value}
+
+
+def carried_fields(namespace: Mapping[str, object] | None) -> RequestFields:
+    """The fields `carry` wrote, as the response phase's POST brings them back. Each is
+    checked again (a peer, or another filter writing our namespace, could send anything):
+    a string or nothing, cut to MAX_TEXT, the path without its query, a hex trace id."""
+    if not namespace:
+        return NO_REQUEST
+
+    def text(key: str) -> str:
+        value = namespace.get(key)
+        return value if isinstance(value, str) else ""
+
+    return RequestFields(
+        _cut(text(CARRIED_METHOD)),
+        sample_path(text(CARRIED_PATH)),
+        _cut(text(CARRIED_REQUEST_ID)),
+        trace_id_of("", text(CARRIED_TRACE_ID)[:MAX_TEXT]),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +216,7 @@ class Failures:
         recovered_after: float = RECOVERED_SECONDS,
         on_evict: Callable[[], None] | None = None,
         trace_url: str = "",
+        docs_url: str = "",
     ) -> None:
         if max_rows < 1:
             raise ValueError(f"the failures table needs at least 1 row, got {max_rows}")
@@ -160,6 +224,9 @@ class Failures:
         self.recovered_after = recovered_after
         # `serve --ui-trace-url`: a link template with `{trace_id}`; "" shows ids as text.
         self.trace_url = trace_url
+        # `serve --ui-docs-url`: the documentation site, ending in "/", where each reason's
+        # entry is `reasons/#reason-CODE`; "" names the file and the anchor as text.
+        self.docs_url = docs_url
         self.on_evict = on_evict
         self.rows: OrderedDict[tuple[str, str], Row] = OrderedDict()
         self.recent: deque[tuple[int, str, str, Sample]] = deque(maxlen=RECENT)
@@ -259,6 +326,7 @@ class Failures:
             "now": now,
             "recovered_after": self.recovered_after,
             "trace_url": self.trace_url,
+            "docs_url": self.docs_url,
             "evicted": self.evicted,
             "rows": [self.row_view(r, now) for r in reversed(self.rows.values())],
             "recent": [

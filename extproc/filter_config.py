@@ -47,6 +47,24 @@ RESPONSE_ATTRIBUTES: tuple[str, ...] = (
     "upstream.tls_version",
 )
 
+# Sent with the response headers to an HTTP-lane filter that sees no request phase and
+# runs only on a failing response (gated mode's diagnose filter): the failing request's
+# method, path, id and trace id, for the live page's samples (`failures.attribute_fields`),
+# so only failures pay. A filter that sees every response does not ask: the request phase
+# has them. Envoy 1.40 evaluates each as a CEL expression and leaves an absent header out
+# (tests/page/test_samples_e2e.py). Not over gRPC: there the attributes are a protobuf
+# Struct, whose strings must be UTF-8, and Envoy 1.40 puts a header's bytes in as they
+# are, so one non-UTF-8 x-request-id makes the whole message undecodable and the failure
+# goes undiagnosed (seen with Envoy 1.40); over HTTP Envoy's JSON has replaced such bytes.
+# (attribute, the request header it reads)
+SAMPLE_ATTRIBUTES: tuple[tuple[str, str], ...] = (
+    ("request.method", ":method"),
+    ("request.path", ":path"),  # with its query: the server cuts it, as the header's
+    ("request.id", "x-request-id"),
+    ("request.headers['traceparent']", "traceparent"),
+    ("request.headers['x-b3-traceid']", "x-b3-traceid"),
+)
+
 # Envoy waits this long for each answer before it applies failure_mode_allow. The
 # default (200 ms) is tight for a Python server on a busy node; a late answer on the
 # failure path only costs an annotation, never the request, because the filter fails open.
@@ -162,6 +180,7 @@ def ext_proc_filter(
     direction: str | None = None,
     transport: str = GRPC,
     forward_metadata: bool = False,
+    only_failures: bool = False,
 ) -> dict[str, Any]:
     """The `envoy.filters.http.ext_proc` HTTP filter.
 
@@ -175,7 +194,11 @@ def ext_proc_filter(
     phase reads what the request phase carried in our namespace (`forwarding_namespaces`).
     `forward_metadata` forwards it over gRPC too: gated mode's hygiene filter then sees a
     diagnosis the response filter wrote before it, and does not make a second one.
+    `only_failures`: a response-only filter that a response matcher creates for failing
+    responses alone; over HTTP it also asks for the request's `SAMPLE_ATTRIBUTES`.
     """
+    if only_failures and request_headers:
+        raise ValueError("only a response-only filter runs on failing responses alone")
     if transport == HTTP and request_headers and response_headers:
         raise ValueError("an http_service ext_proc filter takes one header phase")
     service_key, service = _service(cluster_name, direction, transport)
@@ -199,7 +222,10 @@ def ext_proc_filter(
                 "response_trailer_mode": "SKIP",
             },
             "request_attributes": list(REQUEST_ATTRIBUTES) if request_headers else [],
-            "response_attributes": list(RESPONSE_ATTRIBUTES) if response_headers else [],
+            "response_attributes": [
+                *(RESPONSE_ATTRIBUTES if response_headers else ()),
+                *(a for a, _ in SAMPLE_ATTRIBUTES if only_failures and transport == HTTP),
+            ],
             # The Host rewrite changes :authority, a routing header, and stripping echoed
             # x-envoy-* headers needs allow_envoy: without them Envoy ignores those
             # mutations silently.

@@ -27,7 +27,7 @@ import math
 import ssl
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import httptools
@@ -38,7 +38,15 @@ from extproc import core
 from extproc.config import Direction, Policy
 from extproc.core import Answer
 from extproc.envoy_admin import ClusterTlsCache
-from extproc.failures import Failures
+from extproc.failures import (
+    NO_REQUEST,
+    Failures,
+    RequestFields,
+    attribute_fields,
+    carried_fields,
+    carry,
+    request_fields,
+)
 from extproc.filter_config import DIRECTION_METADATA, METADATA_NAMESPACE
 from extproc.metrics import MESSAGE_KINDS, Metrics
 
@@ -202,12 +210,31 @@ class _JsonAttributes:
         return _text(self.fields, key)
 
 
-def _carried(doc: Mapping[str, Any]) -> core.Carried:
+def _namespace(doc: Mapping[str, Any]) -> Mapping[str, Any] | None:
     """What the request-phase filter wrote into our namespace, forwarded back by Envoy."""
     context = doc.get("metadata_context")
     namespaces = context.get("filter_metadata") if context else None
     fields = namespaces.get(METADATA_NAMESPACE) if namespaces else None
-    return core.carried_from(fields if isinstance(fields, dict) else None)
+    return fields if isinstance(fields, dict) else None
+
+
+def _sample(namespace: Mapping[str, Any] | None, fields: Mapping[str, Any] | None) -> RequestFields:
+    """The failing request's fields for the live page: carried by the request phase (our
+    namespace), else asked of Envoy by a response-only filter (gated mode's attributes)."""
+    carried = carried_fields(namespace)
+    if carried == NO_REQUEST and fields is not None:
+        return attribute_fields(_JsonAttributes(fields).text)
+    return carried
+
+
+def _with_sample(answer: Answer | None, fields: RequestFields) -> Answer | None:
+    """The request phase's answer, also carrying the sample's fields for the live page."""
+    sample = carry(fields)
+    if not sample:
+        return answer
+    if answer is None:
+        return Answer(metadata=sample)
+    return replace(answer, metadata={**(answer.metadata or {}), **sample})
 
 
 def _option(name: str, value: str, action: str) -> dict[str, Any]:
@@ -253,7 +280,8 @@ class HttpProcessor:
         self.metrics = metrics or Metrics()
         self.cluster_tls: ClusterTlsCache | None = None
         # The live page's table (`serve --ui-listen`); None: off. The request phase is a
-        # separate POST here, so samples carry no method, path or request id.
+        # separate POST here: while the page is on it carries the sample's request fields
+        # (method, path, request id, trace id) in our namespace for the response phase.
         self.failures: Failures | None = None
         self.tallies = self.metrics.tallies[TRANSPORT]
         self.errors = self.metrics.errors_by_transport[TRANSPORT]
@@ -276,11 +304,15 @@ class HttpProcessor:
         policy = self.policy
         if kind == "request_headers":
             listener = _number(_attributes(doc), core.LISTENER_ATTRIBUTE, 2)
-            outcome = core.on_request(policy, header_pairs(doc[kind]), listener, declared)
+            pairs = header_pairs(doc[kind])
+            outcome = core.on_request(policy, pairs, listener, declared)
             self.metrics.count_request(outcome.decision.applied)
-            if outcome.answer is None:
+            answer = outcome.answer
+            if self.failures is not None:  # the page is on: any response may fail
+                answer = _with_sample(answer, request_fields(pairs))
+            if answer is None:
                 return CONTINUE[kind]
-            return _http(200, "OK", encode(kind, outcome.answer))
+            return _http(200, "OK", encode(kind, answer))
         if kind != "response_headers":
             return CONTINUE[kind]
         # Only the few response headers that decide triage are read.
@@ -288,16 +320,18 @@ class HttpProcessor:
             h["key"]: _value(h) for h in _headers(doc[kind]) if h["key"] in core.RESPONSE_SIGNS
         }
         fields = _attributes(doc)
+        namespace = _namespace(doc)
+        carried = core.carried_from(namespace)
         result = core.response_phase(
-            policy, signs, None if fields is None else _JsonAttributes(fields), _carried(doc),
+            policy, signs, None if fields is None else _JsonAttributes(fields), carried,
             declared=declared, cluster_tls=self.cluster_tls,
         )  # fmt: skip
         if result is None:
             return CONTINUE[kind]
         self.metrics.count_response(result.diagnosis, TRANSPORT)
         if result.diagnosis is not None and self.failures is not None:
-            direction = _carried(doc).direction
-            self.failures.record(result.diagnosis, time.time(), direction=str(direction or ""))
+            self.failures.record(result.diagnosis, time.time(), _sample(namespace, fields),
+                                 direction=str(carried.direction or ""))  # fmt: skip
         if result.answer is None:
             return CONTINUE[kind]
         return _http(200, "OK", encode(kind, result.answer))

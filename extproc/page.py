@@ -12,7 +12,7 @@ the last, with `id:` the table's sequence number; a browser reconnecting with
 were evicted meanwhile. Each client has a bounded queue; a client too slow to take its
 events is dropped to one `resync` instead of queueing more.
 
-Security (docs/threat-model.md T37-T42): loopback by default, and a token
+Security (docs/threat-model.md T37-T44): loopback by default, and a token
 (`--ui-token-file`) for any other address; the Host must be a loopback name unless a
 token is set (DNS rebinding); an Origin must be the page's own; GET only; a strict
 Content-Security-Policy; the script renders every string with textContent.
@@ -50,6 +50,7 @@ HEAD_SECONDS = 10.0  # the head must arrive whole this soon; then 408
 WRITE_SECONDS = 10.0  # a client must take an event this soon, or is disconnected
 TICK_SECONDS = 1.0  # updates are coalesced to at most one per tick
 HEARTBEAT_SECONDS = 15.0  # a comment line keeps an idle stream open through proxies
+MAX_UI_URL = 1024  # --ui-trace-url and --ui-docs-url, in characters: links, not documents
 
 COOKIE = "extproc_ui"
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
@@ -414,7 +415,8 @@ class Page:
         rows = [failures.row_view(row, now) for row in failures.changed_since(since)]
         return _event("update", failures.seq, {"seq": failures.seq, "now": now, "rows": rows,
                                                "recovered_after": failures.recovered_after,
-                                               "trace_url": failures.trace_url})  # fmt: skip
+                                               "trace_url": failures.trace_url,
+                                               "docs_url": failures.docs_url})  # fmt: skip
 
     def broadcast(self) -> None:
         """One update with the rows changed since the last, to every client (each tick)."""

@@ -109,6 +109,7 @@ async def serve(config: ServeConfig) -> None:
 def _page(config: ServeConfig, processors: Sequence[Any], metrics: Metrics) -> Page:
     """The live page, and its table given to each lane: they record what they diagnose."""
     failures = Failures(recovered_after=config.ui_recovered_after, trace_url=config.ui_trace_url,
+                        docs_url=config.ui_docs_url,
                         on_evict=metrics.page_rows_evicted.inc)  # fmt: skip
     for processor in processors:
         processor.failures = failures

@@ -143,8 +143,9 @@ def doctor_filters(
     # x-envoy-expected-rq-timeout-ms): request tests would then match every request.
     responses = tuple(condition for _, condition in RESPONSE_CONDITIONS)
     diagnose = ext_proc_filter(
-        cluster, request_headers=False, direction=direction, transport=transport
-    )
+        cluster, request_headers=False, direction=direction, transport=transport,
+        only_failures=True,
+    )  # fmt: skip
     gated.append(gated_filter(DIAGNOSE_FILTER, responses, [diagnose]))
     return [typed(HttpFilter, f) for f in gated]
 

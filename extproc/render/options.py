@@ -37,14 +37,20 @@ def documentation_url(project_urls: Iterable[str]) -> str | None:
     return None
 
 
-def published_runbook_url() -> str | None:
-    """The monitoring page of the documentation site the installed package's metadata names
-    (pyproject.toml `[project.urls] Documentation`); None when it names none."""
+def published_documentation_url() -> str | None:
+    """The documentation site the installed package's metadata names (pyproject.toml
+    `[project.urls] Documentation`); None when it names none. The alerts' runbooks and the
+    live page's reason links (`serve --ui-docs-url`) both start from it."""
     try:
         urls = metadata(NAME).get_all("Project-URL") or []
     except PackageNotFoundError:
         return None
-    base = documentation_url(urls)
+    return documentation_url(urls)
+
+
+def published_runbook_url() -> str | None:
+    """The monitoring page of the published documentation site; None when none is named."""
+    base = published_documentation_url()
     return f"{base.rstrip('/')}/{MONITORING_PAGE}" if base else None
 
 

@@ -6,6 +6,7 @@ const rows = new Map(); // "cluster\u0000reason" -> row from the server
 const opened = new Set(); // keys of rows opened to their detail
 let recoveredAfter = 60;
 let traceUrl = ""; // serve --ui-trace-url: a template with {trace_id}, or none
+let docsUrl = ""; // serve --ui-docs-url: the documentation site, ending in "/", or none
 let skew = 0; // server clock minus ours, in seconds
 
 function el(tag, text, cls) {
@@ -29,6 +30,7 @@ function apply(message, whole) {
   if (whole) rows.clear();
   recoveredAfter = message.recovered_after;
   traceUrl = message.trace_url || "";
+  docsUrl = message.docs_url || "";
   skew = message.now - Date.now() / 1000;
   for (const row of message.rows) rows.set(keyOf(row), row);
   render();
@@ -55,7 +57,7 @@ function detail(row) {
   const list = el("dl");
   const add = (name, value) => { list.append(el("dt", name), el("dd", value)); };
   add("Hint", row.hint);
-  add("Reason", row.reason + " (see the reason catalogue, docs/reasons.md)");
+  list.append(el("dt", "Reason"), reasonEntry(row.reason));
   for (const [name, value] of Object.entries(row.shared)) add("Shared " + name, value);
   td.append(list);
   const samples = el("table", null, "samples");
@@ -78,6 +80,24 @@ function detail(row) {
   td.append(samples);
   tr.append(td);
   return tr;
+}
+
+// The reason's entry in the catalogue: a link into the documentation site the server
+// checked (--ui-docs-url), else where the entry is, as text.
+function reasonEntry(reason) {
+  const dd = el("dd");
+  const anchor = "reason-" + reason;
+  if (!docsUrl) {
+    dd.textContent = reason + ": its entry is in docs/reasons.md, anchor " + anchor;
+    return dd;
+  }
+  const link = el("a", reason + " in the reason catalogue");
+  const target = new URL("reasons/", docsUrl);
+  target.hash = encodeURIComponent(anchor);
+  link.href = target.href;
+  link.rel = "noopener noreferrer";
+  dd.append(link);
+  return dd;
 }
 
 // The server sends only hex trace ids (failures.trace_id_of) and a template it checked.

@@ -13,7 +13,7 @@ import yaml
 
 from extproc.cli import build_parser
 from extproc.config import Action, Direction, Policy
-from extproc.filter_config import DIRECTION_METADATA, RESPONSE_ATTRIBUTES
+from extproc.filter_config import DIRECTION_METADATA, RESPONSE_ATTRIBUTES, SAMPLE_ATTRIBUTES
 from extproc.render import (
     TARGETS,
     RenderError,
@@ -68,6 +68,43 @@ class TestDeployDirectory:
                     for text in files.values():
                         assert all(a in text for a in RESPONSE_ATTRIBUTES)
                         assert "failure_mode_allow: true" in text
+
+
+class TestSampleAttributes:
+    def test_only_the_http_lanes_gated_diagnose_filter_asks(self):
+        """The request's sample attributes are asked for by the HTTP lane's gated diagnose
+        filter alone: it runs on failing responses only; a filter that sees every response,
+        or one over gRPC (a non-UTF-8 byte would break the protobuf message), does not."""
+        wanted = [a for a, _ in SAMPLE_ATTRIBUTES]
+
+        def asked(mode: RenderMode, transport: str) -> list[list[str]]:
+            options = RenderOptions(mode=mode, transport=transport)
+            name = f"envoy/{mode}.yaml" if transport == "grpc" else f"envoy/{mode}-{transport}.yaml"
+            text = render("envoy", options)[name]
+            return [
+                f["typed_config"]["response_attributes"] for f in _ext_proc(yaml.safe_load(text))
+            ]
+
+        for mode, transport in [(RenderMode.ALWAYS, "grpc"), (RenderMode.ALWAYS, "http"),
+                                (RenderMode.GATED, "grpc")]:  # fmt: skip
+            assert not [a for f in asked(mode, transport) for a in f if a in wanted]
+        gated = asked(RenderMode.GATED, "http")
+        assert [f[-len(wanted) :] for f in gated if set(wanted) <= set(f)] == [wanted]
+
+
+def _ext_proc(tree: object) -> list[dict]:
+    """Every ext_proc HTTP filter in a rendered tree, however deep (composite filters)."""
+    found: list[dict] = []
+    if isinstance(tree, dict):
+        config = tree.get("typed_config")
+        if isinstance(config, dict) and "response_attributes" in config:
+            found.append(tree)
+        for value in tree.values():
+            found += _ext_proc(value)
+    elif isinstance(tree, list):
+        for value in tree:
+            found += _ext_proc(value)
+    return found
 
 
 class TestTypedEnvoyParts:

@@ -12,9 +12,15 @@ import os
 import shutil
 import subprocess
 import sys
+from collections import Counter
+from collections.abc import Iterator
+from html.parser import HTMLParser
 from pathlib import Path
 
+import pytest
 import yaml
+
+from extproc.diagnosis import HINTS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,17 +49,43 @@ def copy_project(tmp_path: Path) -> Path:
     return root
 
 
+class _Ids(HTMLParser):
+    """Every `id` of an HTML page's `<a>` elements, counted (a maintained parser, not a
+    regex); headings keep their own ids on the heading."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: Counter[str] = Counter()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "a":
+            self.ids.update(value for name, value in attrs if name == "id" and value)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The site of this checkout, built once with --strict; its build must pass."""
+    out = tmp_path_factory.mktemp("site") / "site"
+    result = build(ROOT, out)
+    assert result.returncode == 0, result.stdout + result.stderr
+    yield out
+
+
 class TestSite:
-    def test_builds_strict(self, tmp_path):
+    def test_builds_strict(self, site):
         """The site builds with no warning, every page of docs/ in it."""
-        result = build(ROOT, tmp_path / "site")
-        assert result.returncode == 0, result.stdout + result.stderr
         pages = {p.relative_to(ROOT / "docs") for p in (ROOT / "docs").rglob("*.md")}
-        built = {
-            p for p in pages if (tmp_path / "site" / p.with_suffix("") / "index.html").exists()
-        }
+        built = {p for p in pages if (site / p.with_suffix("") / "index.html").exists()}
         built |= {p for p in pages if p.name == "index.md"}
         assert built == pages
+
+    def test_one_anchor_per_reason(self, site):
+        """The built reason catalogue has exactly one `reason-CODE` anchor per reason code the
+        core knows (diagnosis.HINTS), and none for a code it does not: the live page links
+        each row's reason there (`serve --ui-docs-url`)."""
+        parser = _Ids()
+        parser.feed((site / "reasons" / "index.html").read_text(encoding="utf-8"))
+        assert parser.ids == {f"reason-{code}": 1 for code in HINTS}
 
     def test_broken_anchor_fails(self, tmp_path):
         """A link to an anchor that no heading makes fails the build (what --strict is for)."""

@@ -160,6 +160,42 @@ class TestTraceLinks:
         expect(link).to_have_attribute("href", f"https://jaeger.example/trace/{trace}")
 
 
+class TestReasonLinks:
+    DOCS = "https://docs.example/extproc-doctor/"
+
+    @staticmethod
+    def _record(lab, cluster: str, docs_url: str) -> None:
+        failures = lab[1].page.failures
+        evidence = (("status", 503), ("cluster", cluster), ("host", "docs.example"))
+
+        def record() -> None:
+            failures.docs_url = docs_url
+            failures.record(Diagnosis("upstream_refused", "hint", evidence), time.time())
+
+        lab[1].call_soon(record)
+
+    def test_without_a_docs_url_the_row_names_the_entry(self, tab, lab):
+        """With no documentation site known the opened row names the file and the anchor
+        as text, and links nothing."""
+        self._record(lab, "plain-text-cluster", "")
+        row(tab, "plain-text-cluster").get_by_role("button").click()
+        detail = tab.locator("#rows tr.detail")
+        expect(detail).to_contain_text("docs/reasons.md, anchor reason-upstream_refused")
+        expect(detail.locator("dd a")).to_have_count(0)
+
+    def test_a_row_links_its_reason(self, tab, lab):
+        """With --ui-docs-url the opened row links its reason's catalogue entry, the link
+        made under the page's CSP with no violation reported."""
+        csp: list[str] = []
+        tab.on("console", lambda m: csp.append(m.text) if "Content Security" in m.text else None)
+        self._record(lab, "linked-cluster", self.DOCS)
+        row(tab, "linked-cluster").get_by_role("button").click()
+        link = tab.locator("#rows tr.detail").get_by_role("link", name="upstream_refused")
+        expect(link).to_have_attribute("href", f"{self.DOCS}reasons/#reason-upstream_refused")
+        expect(link).to_have_attribute("rel", "noopener noreferrer")
+        assert csp == []
+
+
 class TestSafety:
     def test_markup_in_names_shows_as_text_and_runs_nothing(self, tab, lab):
         """A cluster name and a Host holding markup show as text; no script runs, no element is made."""

@@ -298,3 +298,57 @@ class TestTraceLinks:
         assert serve_config(build_parser().parse_args(argv)).ui_trace_url == good
         with pytest.raises(ConfigError, match="needs --ui-listen"):
             serve_config(build_parser().parse_args(["serve", "--ui-trace-url", good]))
+
+
+class TestDocsLinks:
+    @pytest.mark.parametrize(
+        "url",
+        [
+            "javascript:alert(1)",
+            "docs.example/extproc-doctor",  # no scheme
+            "https:///reasons",  # no host
+            "https://docs.example/x?q=1",  # the page appends a path: a query would be lost
+            "https://docs.example/#top",
+            'https://docs.example/"onmouseover=alert(1)',
+            "https://docs.example/a b",
+            "https://docs.example/\u00e9",
+            "https://docs.example/" + "a" * 1024,
+        ],
+    )
+    def test_bad_url_refused(self, url):
+        """--ui-docs-url must be an http(s) URL with a host and no query, fragment or
+        character that could leave the link's attribute; serve refuses to start, naming it."""
+        from extproc.cli import ConfigError, build_parser, serve_config
+
+        argv = ["serve", "--ui-listen", "127.0.0.1:0", "--ui-docs-url", url]
+        with pytest.raises(ConfigError, match="--ui-docs-url: expected an http"):
+            serve_config(build_parser().parse_args(argv))
+
+    def test_url_accepted_only_with_the_page(self):
+        """A good URL is taken with --ui-listen (ending in "/", so the page appends to it),
+        refused without it."""
+        from extproc.cli import ConfigError, build_parser, serve_config
+
+        argv = ["serve", "--ui-listen", "127.0.0.1:0", "--ui-docs-url", "https://d.example/x"]
+        assert serve_config(build_parser().parse_args(argv)).ui_docs_url == "https://d.example/x/"
+        with pytest.raises(ConfigError, match="needs --ui-listen"):
+            serve_config(build_parser().parse_args(["serve", "--ui-docs-url", "https://d.example"]))
+
+    def test_default_is_the_documentation_project_url(self, monkeypatch):
+        """Without --ui-docs-url the page links into the installed package's Documentation
+        Project-URL when its metadata names one (today it names none: no link)."""
+        from extproc.cli import build_parser, serve_config
+        from extproc.render import options
+
+        argv = ["serve", "--ui-listen", "127.0.0.1:0"]
+        assert serve_config(build_parser().parse_args(argv)).ui_docs_url == ""
+
+        class Meta:
+            def get_all(self, name: str) -> list[str]:
+                return ["Source, https://src.example", "Documentation, https://docs.example/x"]
+
+        monkeypatch.setattr(options, "metadata", lambda name: Meta())
+        assert (
+            serve_config(build_parser().parse_args(argv)).ui_docs_url == "https://docs.example/x/"
+        )
+        assert serve_config(build_parser().parse_args(["serve"])).ui_docs_url == ""

@@ -11,7 +11,7 @@ from google.protobuf import json_format
 from extproc import failures as F
 from extproc.config import Policy
 from extproc.failures import Failures
-from extproc.http_lane import HttpProcessor
+from extproc.http_lane import CONTINUE, HttpProcessor
 from extproc.server import ExtProcServer
 from tests.conftest import CLEAN, REFUSED_MESH, request_headers, response_headers
 from tests.grpc.test_server import exchange
@@ -67,27 +67,58 @@ class TestGrpc:
         await through_grpc(None, REFUSED_MESH)
 
 
+def as_json(message: pb.ProcessingRequest) -> bytes:
+    return json_format.MessageToJson(message, preserving_proto_field_name=True).encode()
+
+
+def through_http(
+    processor: HttpProcessor, attrs: dict[str, object], status: str = "503"
+) -> tuple[bytes, dict[str, object]]:
+    """Both phases over the HTTP lane, as Envoy sends them: the request phase's answer, and
+    our namespace from it forwarded into the response phase's POST (forwarding_namespaces)."""
+    answer = processor.answer(as_json(request_headers(REQUEST)))
+    body = orjson.loads(answer.split(b"\r\n\r\n", 1)[1])
+    namespace = body.get("dynamic_metadata", {}).get("extproc_doctor", {})
+    response = orjson.loads(as_json(response_headers([(":status", status)], attrs)))
+    response["metadata_context"] = {"filter_metadata": {"extproc_doctor": namespace}}
+    processor.answer(orjson.dumps(response))
+    return answer, namespace
+
+
 class TestHttpLane:
-    def test_failure_recorded_without_request_fields(self):
-        """Over the HTTP lane the failure is a row; its samples have no method or path (the
-        request phase was another POST)."""
+    def test_failure_recorded_with_its_request(self):
+        """Over the HTTP lane the request phase carries the sample's fields to the response
+        phase: the row's sample has method, path without query, id; no query, no cookie."""
         processor = HttpProcessor(Policy())
         processor.failures = table = Failures()
-        message = response_headers([(":status", "503")], REFUSED_MESH)
-        processor.answer(
-            json_format.MessageToJson(message, preserving_proto_field_name=True).encode()
-        )
+        _, namespace = through_http(processor, REFUSED_MESH)
+        assert namespace == {"sample_method": "POST", "sample_path": "/cart",
+                             "sample_request_id": "req-1"}  # fmt: skip
         (row,) = table.rows.values()
         assert row.reason == "upstream_refused"
-        assert row.samples[0].method == "" and row.samples[0].status == 503
+        (sample,) = row.samples
+        assert (sample.method, sample.path, sample.request_id, sample.status) == (
+            "POST", "/cart", "req-1", 503,
+        )  # fmt: skip
+        shown = orjson.dumps(table.snapshot(0.0))
+        assert b"s3cret" not in shown and b"c00kie" not in shown
 
     def test_clean_records_nothing(self):
         """A clean answer over the HTTP lane records nothing."""
         processor = HttpProcessor(Policy())
         processor.failures = table = Failures()
-        message = response_headers([(":status", "200")], CLEAN)
-        processor.answer(
-            json_format.MessageToJson(message, preserving_proto_field_name=True).encode()
-        )
+        through_http(processor, CLEAN, "200")
         assert not table.rows
-        assert isinstance(message, pb.ProcessingRequest)
+
+    def test_off_carries_nothing(self, monkeypatch):
+        """With the page off the request phase answers the continue built once, and the
+        request's fields are never picked: a clean request pays nothing for the page."""
+
+        def refuse(*_: object) -> None:
+            raise AssertionError("called with the page off")
+
+        monkeypatch.setattr("extproc.http_lane.request_fields", refuse)
+        monkeypatch.setattr("extproc.http_lane.carried_fields", refuse)
+        processor = HttpProcessor(Policy())
+        answer, namespace = through_http(processor, REFUSED_MESH)
+        assert answer is CONTINUE["request_headers"] and namespace == {}

@@ -15,6 +15,7 @@ from extproc.filter_config import (
     METADATA_NAMESPACE,
     REQUEST_ATTRIBUTES,
     RESPONSE_ATTRIBUTES,
+    SAMPLE_ATTRIBUTES,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,11 +33,15 @@ EXAMPLE = (ROOT / "examples" / "policy.yaml").read_text(encoding="utf-8")
 class TestPages:
     @pytest.mark.parametrize("reason", sorted(HINTS))
     def test_every_reason_is_in_the_catalogue_table(self, reason):
-        """Each reason code has a row with its hint in docs/reasons.md."""
-        assert f"| `{reason}` |" in REASONS
+        """Each reason code has a row with its hint in docs/reasons.md, opening with the
+        anchor the live page links to (`reason-CODE`)."""
+        assert f'| <a id="reason-{reason}"></a>`{reason}` |' in REASONS
         assert HINTS[reason] in REASONS
 
-    @pytest.mark.parametrize("attribute", REQUEST_ATTRIBUTES + RESPONSE_ATTRIBUTES)
+    @pytest.mark.parametrize(
+        "attribute",
+        REQUEST_ATTRIBUTES + RESPONSE_ATTRIBUTES + tuple(a for a, _ in SAMPLE_ATTRIBUTES),
+    )
     def test_every_attribute_is_listed(self, attribute):
         """docs/filter-settings.md lists every attribute the filter config asks Envoy for."""
         assert f"`{attribute}`" in FILTER_SETTINGS

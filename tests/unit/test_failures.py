@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import orjson
+
 from extproc import failures as F
 from extproc.diagnosis import Diagnosis, Evidence, classify
 from extproc.failures import Failures, RequestFields, request_fields
@@ -31,6 +33,75 @@ class TestRequestFields:
                                  ("x-request-id", "abc")])  # fmt: skip
         assert fields == RequestFields("GET", "/a/b", "abc")
         assert "secret" not in repr(fields) and "Bearer" not in repr(fields)
+
+    def test_path_parameters_cut_off(self):
+        """A session id in the path's parameters (`;jsessionid=`) stays out of a sample."""
+        fields = request_fields([(":path", "/cart;jsessionid=S3SSION?x=1")])
+        assert fields.path == "/cart"
+
+    def test_undecodable_bytes_still_make_json(self):
+        """A path or id with bytes that are not UTF-8 (kept by the adapters as surrogate
+        escapes) is recorded as U+FFFD, so the page's JSON can still be made."""
+        raw = b"/caf\xe9/\xff".decode("utf-8", "surrogateescape")
+        fields = request_fields([(":path", raw), ("x-request-id", raw), (":method", raw)])
+        assert fields.path == "/caf\ufffd/\ufffd" == fields.request_id == fields.method
+        table = Failures()
+        table.record(diagnosis(), 1.0, fields)
+        assert "/caf\ufffd/\ufffd" in orjson.dumps(table.snapshot(1.0)).decode()
+
+
+# Values a hostile peer could put in our metadata namespace, or a hostile client in its
+# request: each must come out a bounded, JSON-safe string with no query.
+HUGE = "x" * 100_000
+BYTES = b"/\xe9\xff\xfe".decode("utf-8", "surrogateescape") * 1000
+
+
+class TestCarried:
+    """The HTTP lane's request phase carries a sample's fields to the response phase."""
+
+    def test_round_trip(self):
+        """What the request phase carries, the response phase reads back the same."""
+        fields = request_fields([(":method", "GET"), (":path", "/a?q=1"), ("x-request-id", "r1"),
+                                 ("traceparent", f"00-{TRACE}-00f067aa0ba902b7-01")])  # fmt: skip
+        carried = F.carry(fields)
+        assert carried == {"sample_method": "GET", "sample_path": "/a", "sample_request_id": "r1",
+                           "sample_trace_id": TRACE}  # fmt: skip
+        assert F.carried_fields(orjson.loads(orjson.dumps(carried))) == fields
+        assert F.carry(F.NO_REQUEST) == {}
+
+    def test_hostile_request_values_are_capped(self):
+        """Huge, undecodable, query-holding and cookie-looking request values carry at most
+        MAX_TEXT characters each, valid UTF-8, no query, no path parameter."""
+        headers = [(":method", HUGE), (":path", "/" + HUGE + "?token=s3cret"),
+                   ("x-request-id", BYTES), ("traceparent", HUGE), ("x-b3-traceid", BYTES)]  # fmt: skip
+        for path in ("/" + HUGE + "?token=s3cret", "/a;jsessionid=s3cret", "/?cookie=s3cret",
+                     "/a#s3cret", BYTES):  # fmt: skip
+            headers[1] = (":path", path)
+            carried = F.carry(request_fields(headers))
+            text = orjson.dumps(carried).decode()  # raises on a surrogate
+            assert "s3cret" not in text
+            assert all(len(v) <= F.MAX_TEXT for v in carried.values())
+            assert "sample_trace_id" not in carried
+
+    def test_hostile_namespace_values_are_checked_again(self):
+        """Whatever the namespace holds when it comes back (wrong types, huge or undecodable
+        strings, a query, a trace id that is not hex), the sample is bounded and clean."""
+        hostile: list[object] = [HUGE, BYTES, 7, 1.5, None, True, ["GET"], {"a": "b"},
+                                 "/p?token=s3cret", "/p;jsessionid=s3cret"]  # fmt: skip
+        for value in hostile:
+            namespace = {key: value for key in (F.CARRIED_METHOD, F.CARRIED_PATH,
+                                                F.CARRIED_REQUEST_ID, F.CARRIED_TRACE_ID)}  # fmt: skip
+            fields = F.carried_fields(namespace)
+            assert all(len(v) <= F.MAX_TEXT for v in (fields.method, fields.path,
+                                                      fields.request_id))  # fmt: skip
+            assert fields.trace_id == ""
+            assert "s3cret" not in fields.path
+            table = Failures()
+            table.record(diagnosis(), 1.0, fields)
+            orjson.dumps(table.snapshot(1.0))
+        good = {F.CARRIED_TRACE_ID: TRACE.upper(), F.CARRIED_PATH: 5}
+        assert F.carried_fields(good) == RequestFields(trace_id=TRACE)
+        assert F.carried_fields(None) is F.carried_fields({}) is F.NO_REQUEST
 
 
 class TestRows:
@@ -200,6 +271,12 @@ class TestTraceIds:
         ]:
             headers = [("traceparent", traceparent), ("x-b3-traceid", b3)]
             assert request_fields(headers).trace_id == "", (traceparent, b3)
+
+    def test_snapshot_carries_the_docs_url(self):
+        """The page gets the documentation site its reason links point into ("" : none)."""
+        assert Failures().snapshot(1000.0)["docs_url"] == ""
+        table = Failures(docs_url="https://docs.example/")
+        assert table.snapshot(1000.0)["docs_url"] == "https://docs.example/"
 
     def test_snapshot_carries_the_id_and_the_template(self):
         """The page gets each sample's trace id and the operator's link template."""
