@@ -335,7 +335,12 @@ def code_of(raw: bytes | None) -> int | None:
 
 def forged_of(signs: Mapping[str, bytes]) -> tuple[str, ...]:
     """The x-extproc-* headers an upstream sent (only the doctor writes them)."""
+    if _ANNOTATIONS.isdisjoint(signs):  # the common case, in one set test
+        return ()
     return tuple(name for name in ANNOTATION_HEADERS if name in signs)
+
+
+_ANNOTATIONS = frozenset(ANNOTATION_HEADERS)
 
 
 def triage(
@@ -443,6 +448,7 @@ def read_text(attributes: Attributes, key: str) -> str:
 class ResponseOutcome:
     diagnosis: Diagnosis | None
     answer: Answer | None
+    direction: Direction | None = None  # where the filter sits, as this phase resolved it
 
 
 def on_response(
@@ -486,8 +492,8 @@ def on_response(
     # What the upstream sent under our names goes, unless our own value replaces it.
     written = {name for name, _ in headers}
     remove = tuple(name for name in forged if name not in written)
-    return ResponseOutcome(diagnosis, Answer(overwrite=tuple(headers), remove=remove,
-                                             metadata=metadata))  # fmt: skip
+    answer = Answer(overwrite=tuple(headers), remove=remove, metadata=metadata)
+    return ResponseOutcome(diagnosis, answer, direction)
 
 
 def response_phase(
@@ -509,7 +515,9 @@ def response_phase(
         triaged = triage(
             signs, has_attributes=True,
             flags=attributes.number(FLAGS_ATTRIBUTE, F.MAX_FLAGS_VALUE),
-            code=attributes.number(CODE_ATTRIBUTE, 999),
+            # Only a response without a readable :status takes its status from the attribute.
+            code=None if code_of(signs.get(":status")) is not None
+            else attributes.number(CODE_ATTRIBUTE, 999),
             details=attributes.text(DETAILS_ATTRIBUTE)[:MAX_CODE_DETAILS],
         )  # fmt: skip
     if not needs_answer(triaged, forged, carried):

@@ -331,7 +331,7 @@ class HttpProcessor:
         self.metrics.count_response(result.diagnosis, TRANSPORT)
         if result.diagnosis is not None and self.failures is not None:
             self.failures.record(result.diagnosis, time.time(), _sample(namespace, fields),
-                                 direction=str(carried.direction or ""))  # fmt: skip
+                                 direction=str(result.direction or ""))  # fmt: skip
         if result.answer is None:
             return CONTINUE[kind]
         return _http(200, "OK", encode(kind, result.answer))

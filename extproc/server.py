@@ -84,6 +84,7 @@ class StreamState:
 
     decision: RequestDecision = NO_CHANGE
     diagnosis: Diagnosis | None = None
+    direction: Direction | None = None  # where the filter sits, once a response phase resolved it
     # The clusters' TLS settings from Envoy's admin endpoint (`--envoy-admin`), if known.
     cluster_tls: ClusterTlsCache | None = None
     # Where the rendered filter says it sits (x-extproc-direction), if it says.
@@ -163,16 +164,6 @@ def _attributes(request: pb.ProcessingRequest) -> Any:
     return None if attributes is None else attributes.fields
 
 
-def _text(fields: Any, key: str) -> str:
-    value = fields.get(key)
-    if value is None:
-        return ""
-    if value.WhichOneof("kind") == "number_value":
-        number = value.number_value
-        return str(int(number)) if math.isfinite(number) else ""
-    return str(value.string_value)
-
-
 def _number(fields: Any, key: str, limit: int) -> int | None:
     """A whole number attribute in [0, limit], or None: Envoy sends doubles, a peer could send anything."""
     value = fields.get(key) if fields is not None else None
@@ -191,10 +182,20 @@ class _StructAttributes:
         self.fields = fields
 
     def number(self, key: str, limit: int) -> int | None:
-        return _number(self.fields, key, limit)
+        value = self.fields.get(key)
+        if value is None or value.WhichOneof("kind") != "number_value":
+            return None
+        number = value.number_value
+        return int(number) if 0 <= number <= limit else None
 
     def text(self, key: str) -> str:
-        return _text(self.fields, key)
+        value = self.fields.get(key)
+        if value is None:
+            return ""
+        if value.WhichOneof("kind") == "number_value":
+            number = value.number_value
+            return str(int(number)) if math.isfinite(number) else ""
+        return str(value.string_value)
 
 
 def on_request_headers(
@@ -229,7 +230,7 @@ def on_response_headers(
     )  # fmt: skip
     if outcome is None:
         return CONTINUE["response_headers"]
-    state.diagnosis = outcome.diagnosis
+    state.diagnosis, state.direction = outcome.diagnosis, outcome.direction
     if outcome.answer is None:
         return CONTINUE["response_headers"]
     return encode("response_headers", outcome.answer)
@@ -399,14 +400,15 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
             metrics.errors["bad_message"].inc()
             return response
         if kind == "request_headers":
-            metrics.count_request(state.decision.applied)
+            if state.decision.applied:
+                metrics.count_request(state.decision.applied)
             if self.failures is not None:
                 state.request_headers = request.request_headers
-        elif kind == "response_headers":
+        elif kind == "response_headers" and state.diagnosis is not None:
             metrics.count_response(state.diagnosis)
-            if state.diagnosis is not None and self.failures is not None:
+            if self.failures is not None:
                 self.failures.record(state.diagnosis, time.time(), _sample_fields(state),
-                                     str(state.carried.direction or ""))  # fmt: skip
+                                     str(state.direction or ""))  # fmt: skip
         self.tallies[kind].observe(perf_counter() - started)
         return response
 

@@ -49,6 +49,15 @@ class TestGrpc:
         assert b"s3cret" not in shown and b"c00kie" not in shown
 
     @pytest.mark.asyncio
+    async def test_where_is_the_direction_the_response_phase_resolved(self):
+        """A clean request carries no direction; the row says where from the response's
+        listener (inbound here), not from the cluster's outbound| prefix."""
+        table = Failures()
+        await through_grpc(table, {**REFUSED_MESH, "xds.listener_direction": 1})
+        (row,) = table.rows.values()
+        assert row.where == "inbound"
+
+    @pytest.mark.asyncio
     async def test_clean_response_records_nothing(self):
         """A clean answer leaves the table empty."""
         table = Failures()
