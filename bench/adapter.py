@@ -61,8 +61,8 @@ def measure() -> dict[str, float]:
     def bare(response: pb.ProcessingRequest) -> Callable[[], None]:
         def stream() -> None:
             state = StreamState()
-            handle(policy, request, state)
-            handle(policy, response, state)
+            handle(policy, request, state, first)
+            handle(policy, response, state, first)
 
         return stream
 
@@ -97,33 +97,10 @@ def markdown(result: dict[str, float]) -> str:
     ])  # fmt: skip
 
 
-def run_clean_streams(streams: int) -> None:
-    """`streams` clean streams through `_answer`, each message parsed from its bytes as
-    grpc hands it over: the work to count instructions of (README, "Where the always-on
-    gRPC time goes"), with and without this loop's body."""
-    structlog.configure(processors=[], logger_factory=structlog.ReturnLoggerFactory())
-    policy = Policy()
-    servicer = ExternalProcessor(policy)
-    first = names_first(policy)
-    request, clean, _ = _messages()
-    payloads = (request.SerializeToString(), clean.SerializeToString())
-    parse = pb.ProcessingRequest.FromString
-    for _ in range(streams):
-        state = StreamState()
-        for payload in payloads:
-            message = parse(payload)
-            servicer._answer(message.WhichOneof("request"), policy, first, message, state)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.adapter", description=__doc__)
-    parser.add_argument("--streams", type=int, default=0,
-                        help="run this many clean streams and print nothing (for callgrind)")  # fmt: skip
-    args = parser.parse_args(argv)
-    if args.streams:
-        run_clean_streams(args.streams)
-    else:
-        print(markdown(measure()))
+    parser.parse_args(argv)
+    print(markdown(measure()))
 
 
 if __name__ == "__main__":

@@ -187,7 +187,7 @@ def _ui_docs_url(args: argparse.Namespace) -> str:
     from urllib.parse import urlsplit
 
     from extproc.page import MAX_UI_URL
-    from extproc.render.options import published_documentation_url
+    from extproc.published import published_documentation_url
 
     url: str | None = args.ui_docs_url
     if url is not None and not args.ui_listen:

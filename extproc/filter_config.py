@@ -47,15 +47,15 @@ RESPONSE_ATTRIBUTES: tuple[str, ...] = (
     "upstream.tls_version",
 )
 
-# Sent with the response headers to an HTTP-lane filter that sees no request phase and
-# runs only on a failing response (gated mode's diagnose filter): the failing request's
-# method, path, id and trace id, for the live page's samples (`failures.attribute_fields`),
-# so only failures pay. A filter that sees every response does not ask: the request phase
-# has them. Envoy 1.40 evaluates each as a CEL expression and leaves an absent header out
-# (tests/page/test_samples_e2e.py). Not over gRPC: there the attributes are a protobuf
-# Struct, whose strings must be UTF-8, and Envoy 1.40 puts a header's bytes in as they
-# are, so one non-UTF-8 x-request-id makes the whole message undecodable and the failure
-# goes undiagnosed (seen with Envoy 1.40); over HTTP Envoy's JSON has replaced such bytes.
+# Sent with the response headers to a filter that sees no request phase and runs only on
+# a failing response (gated mode's diagnose filter): the failing request's method, path,
+# id and trace id, for the live page's samples (`failures.attribute_fields`), so only
+# failures pay. A filter that sees every response does not ask: the request phase has
+# them. Envoy 1.40 evaluates each as a CEL expression and leaves an absent header out
+# (tests/page/test_samples_e2e.py). Over gRPC the attributes are a protobuf Struct, whose
+# strings must be UTF-8, and Envoy 1.40 puts a header's bytes in as they are: the gRPC
+# door reads such a message with U+FFFD for each bad byte (`extproc.wire`) instead of
+# failing it; over HTTP Envoy's JSON has replaced such bytes already.
 # (attribute, the request header it reads)
 SAMPLE_ATTRIBUTES: tuple[tuple[str, str], ...] = (
     ("request.method", ":method"),
@@ -195,7 +195,7 @@ def ext_proc_filter(
     `forward_metadata` forwards it over gRPC too: gated mode's hygiene filter then sees a
     diagnosis the response filter wrote before it, and does not make a second one.
     `only_failures`: a response-only filter that a response matcher creates for failing
-    responses alone; over HTTP it also asks for the request's `SAMPLE_ATTRIBUTES`.
+    responses alone; it also asks for the request's `SAMPLE_ATTRIBUTES`.
     """
     if only_failures and request_headers:
         raise ValueError("only a response-only filter runs on failing responses alone")
@@ -224,7 +224,7 @@ def ext_proc_filter(
             "request_attributes": list(REQUEST_ATTRIBUTES) if request_headers else [],
             "response_attributes": [
                 *(RESPONSE_ATTRIBUTES if response_headers else ()),
-                *(a for a, _ in SAMPLE_ATTRIBUTES if only_failures and transport == HTTP),
+                *(a for a, _ in SAMPLE_ATTRIBUTES if only_failures),
             ],
             # The Host rewrite changes :authority, a routing header, and stripping echoed
             # x-envoy-* headers needs allow_envoy: without them Envoy ignores those

@@ -46,7 +46,13 @@ from extproc.config import Direction, Policy, TlsFiles
 from extproc.core import Answer, Carried
 from extproc.diagnosis import Diagnosis
 from extproc.envoy_admin import ClusterTlsCache
-from extproc.failures import NO_REQUEST, Failures, RequestFields, request_fields
+from extproc.failures import (
+    NO_REQUEST,
+    Failures,
+    RequestFields,
+    attribute_fields,
+    request_fields,
+)
 from extproc.filter_config import DIRECTION_METADATA, METADATA_NAMESPACE
 from extproc.headers import (
     NO_CHANGE,
@@ -57,6 +63,7 @@ from extproc.headers import (
 )
 from extproc.metrics import Metrics
 from extproc.tls import ReloadingCredentials
+from extproc.wire import parse as parse_request
 
 log = structlog.get_logger("extproc")
 
@@ -246,10 +253,15 @@ def _diagnosed_before(request: pb.ProcessingRequest) -> bool:
 
 
 def handle(
-    policy: Policy, request: pb.ProcessingRequest, state: StreamState
+    policy: Policy,
+    request: pb.ProcessingRequest,
+    state: StreamState,
+    first: NamesFirst | None = None,
 ) -> pb.ProcessingResponse | None:
-    """The answer to one message, or None when there is nothing to answer."""
-    return _dispatch(request.WhichOneof("request"), policy, names_first(policy), request, state)
+    """The answer to one message, or None when there is nothing to answer. `first`: the
+    policy's `names_first`, built here when not given (the servicer builds it once)."""
+    first = names_first(policy) if first is None else first
+    return _dispatch(request.WhichOneof("request"), policy, first, request, state)
 
 
 def _dispatch(
@@ -273,11 +285,14 @@ def _dispatch(
             return CONTINUE[kind]
 
 
-def _sample_fields(state: StreamState) -> RequestFields:
-    """The failing request's method, path and id for the live page (none if never seen)."""
-    if state.request_headers is None:
-        return NO_REQUEST
-    return request_fields(header_pairs(state.request_headers))
+def _sample_fields(state: StreamState, request: pb.ProcessingRequest) -> RequestFields:
+    """The failing request's method, path, id and trace id for the live page: from its
+    headers when this stream saw them, else from the attributes a response-only filter
+    asks for (gated mode, `filter_config.SAMPLE_ATTRIBUTES`); none when neither."""
+    if state.request_headers is not None:
+        return request_fields(header_pairs(state.request_headers))
+    fields = _attributes(request)
+    return NO_REQUEST if fields is None else attribute_fields(_StructAttributes(fields).text)
 
 
 def error_fields(exc: BaseException, request: pb.ProcessingRequest) -> dict[str, str]:
@@ -407,10 +422,24 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         elif kind == "response_headers" and state.diagnosis is not None:
             metrics.count_response(state.diagnosis)
             if self.failures is not None:
-                self.failures.record(state.diagnosis, time.time(), _sample_fields(state),
+                self.failures.record(state.diagnosis, time.time(), _sample_fields(state, request),
                                      str(state.direction or ""))  # fmt: skip
         self.tallies[kind].observe(perf_counter() - started)
         return response
+
+
+def add_processor(servicer: pb_grpc.ExternalProcessorServicer, server: grpc.aio.Server) -> None:
+    """The ext_proc service as grpc's generated code adds it, its messages read by
+    `extproc.wire.parse`: a header or attribute string that is not UTF-8 does not fail the stream."""
+    handlers = {
+        "Process": grpc.stream_stream_rpc_method_handler(
+            servicer.Process,
+            request_deserializer=parse_request,
+            response_serializer=pb.ProcessingResponse.SerializeToString,
+        )
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 class _SideStreams:
@@ -502,7 +531,7 @@ class ExtProcServer:
         # No maximum_concurrent_rpcs: the servicer's door admits streams, so that at
         # capacity a new stream can take a silent or an over-share stream's place.
         server = grpc.aio.server(options=self.options())
-        pb_grpc.add_ExternalProcessorServicer_to_server(self.servicer, server)
+        add_processor(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
         self._reflection = _Reflection((SERVICE_NAME, health_name, reflection.SERVICE_NAME))

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import enum
 import re
-import string
-from collections.abc import Iterable
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, metadata, version
+from importlib.metadata import version
 
 from extproc.authority import parse_authority
 from extproc.config import Direction, Policy
 from extproc.filter_config import GRPC, HTTP, MESH_IDENTITY, TRANSPORTS
+from extproc.published import published_documentation_url
 
 # Kubernetes names: a DNS-1123 label.
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
@@ -21,31 +20,6 @@ NAME = "extproc-doctor"
 # page (docs/monitoring.md; on the site, MONITORING_PAGE under the documentation's address).
 RUNBOOK_PAGE = "docs/monitoring.md"
 MONITORING_PAGE = "monitoring/"
-
-# The well-known label `documentation` and its alias `docs`, and how a label is normalised
-# before the comparison (PEP 753, packaging.python.org "Well-known Project URLs in Metadata").
-_DOCUMENTATION_LABELS = ("documentation", "docs")
-_LABEL_NOISE = str.maketrans("", "", string.punctuation + string.whitespace)
-
-
-def documentation_url(project_urls: Iterable[str]) -> str | None:
-    """The documentation's address from core metadata's `Project-URL: LABEL, URL` lines."""
-    for entry in project_urls:
-        label, _, url = entry.partition(",")
-        if label.translate(_LABEL_NOISE).lower() in _DOCUMENTATION_LABELS and url.strip():
-            return url.strip()
-    return None
-
-
-def published_documentation_url() -> str | None:
-    """The documentation site the installed package's metadata names (pyproject.toml
-    `[project.urls] Documentation`); None when it names none. The alerts' runbooks and the
-    live page's reason links (`serve --ui-docs-url`) both start from it."""
-    try:
-        urls = metadata(NAME).get_all("Project-URL") or []
-    except PackageNotFoundError:
-        return None
-    return documentation_url(urls)
 
 
 def published_runbook_url() -> str | None:

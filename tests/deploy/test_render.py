@@ -71,10 +71,10 @@ class TestDeployDirectory:
 
 
 class TestSampleAttributes:
-    def test_only_the_http_lanes_gated_diagnose_filter_asks(self):
-        """The request's sample attributes are asked for by the HTTP lane's gated diagnose
-        filter alone: it runs on failing responses only; a filter that sees every response,
-        or one over gRPC (a non-UTF-8 byte would break the protobuf message), does not."""
+    def test_only_the_gated_diagnose_filter_asks(self):
+        """The request's sample attributes are asked for by gated mode's diagnose filter
+        alone, over either transport: it runs on failing responses only; a filter that sees
+        every response does not (its request phase has them)."""
         wanted = [a for a, _ in SAMPLE_ATTRIBUTES]
 
         def asked(mode: RenderMode, transport: str) -> list[list[str]]:
@@ -85,11 +85,11 @@ class TestSampleAttributes:
                 f["typed_config"]["response_attributes"] for f in _ext_proc(yaml.safe_load(text))
             ]
 
-        for mode, transport in [(RenderMode.ALWAYS, "grpc"), (RenderMode.ALWAYS, "http"),
-                                (RenderMode.GATED, "grpc")]:  # fmt: skip
+        for mode, transport in [(RenderMode.ALWAYS, "grpc"), (RenderMode.ALWAYS, "http")]:
             assert not [a for f in asked(mode, transport) for a in f if a in wanted]
-        gated = asked(RenderMode.GATED, "http")
-        assert [f[-len(wanted) :] for f in gated if set(wanted) <= set(f)] == [wanted]
+        for transport in ("grpc", "http"):
+            gated = asked(RenderMode.GATED, transport)
+            assert [f[-len(wanted) :] for f in gated if set(wanted) <= set(f)] == [wanted]
 
 
 def _ext_proc(tree: object) -> list[dict]:

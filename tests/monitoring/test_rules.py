@@ -237,7 +237,7 @@ class TestRunbookAddress:
     def test_documentation_url_from_project_urls(self):
         """The Documentation Project-URL (or its alias Docs, any case and punctuation) is the
         address; other labels are not."""
-        from extproc.render.options import documentation_url
+        from extproc.published import documentation_url
 
         assert documentation_url(["Source, https://src.example/x"]) is None
         assert documentation_url(["Docs, https://d.example/x"]) == "https://d.example/x"
@@ -255,7 +255,7 @@ class TestRunbookAddress:
 
     def test_metadata_url_becomes_the_monitoring_page(self, monkeypatch):
         """A Documentation Project-URL in the metadata points every alert at its monitoring page."""
-        from extproc.render import options
+        from extproc import published
 
         class Meta:
             def get_all(self, name):
@@ -265,7 +265,7 @@ class TestRunbookAddress:
                     else []
                 )
 
-        monkeypatch.setattr(options, "metadata", lambda name: Meta())
+        monkeypatch.setattr(published, "metadata", lambda name: Meta())
         rules = yaml.safe_load(render("monitoring", RenderOptions())["monitoring/rules.yaml"])
         links = [r["annotations"]["runbook_url"] for r in rules["groups"][1]["rules"]]
         assert links[0].startswith("https://docs.example/extproc/monitoring/#alert-")

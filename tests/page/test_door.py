@@ -337,8 +337,8 @@ class TestDocsLinks:
     def test_default_is_the_documentation_project_url(self, monkeypatch):
         """Without --ui-docs-url the page links into the installed package's Documentation
         Project-URL when its metadata names one (today it names none: no link)."""
+        from extproc import published
         from extproc.cli import build_parser, serve_config
-        from extproc.render import options
 
         argv = ["serve", "--ui-listen", "127.0.0.1:0"]
         assert serve_config(build_parser().parse_args(argv)).ui_docs_url == ""
@@ -347,7 +347,7 @@ class TestDocsLinks:
             def get_all(self, name: str) -> list[str]:
                 return ["Source, https://src.example", "Documentation, https://docs.example/x"]
 
-        monkeypatch.setattr(options, "metadata", lambda name: Meta())
+        monkeypatch.setattr(published, "metadata", lambda name: Meta())
         assert (
             serve_config(build_parser().parse_args(argv)).ui_docs_url == "https://docs.example/x/"
         )

@@ -5,10 +5,9 @@ request fields from the request headers it saw. Over the HTTP lane the response 
 diagnosed in a POST that never saw the request: in always mode the request phase (a
 separate POST) carries them in our metadata namespace, only while the page is on; in
 gated mode the diagnose filter, created for failing responses alone, asks Envoy for them
-as attributes (`filter_config.SAMPLE_ATTRIBUTES`). Each way, the page's /api/failures
-shows method, path without its query, request id and trace id, and never the query, a
-cookie or a credential. (gRPC in gated mode keeps status and Host only: see
-SAMPLE_ATTRIBUTES for why it does not ask.)
+as attributes (`filter_config.SAMPLE_ATTRIBUTES`), over gRPC as over HTTP. Each way,
+the page's /api/failures shows method, path without its query, request id and trace id,
+and never the query, a cookie or a credential.
 """
 
 from __future__ import annotations
@@ -39,6 +38,7 @@ WAYS = [
     (RenderMode.ALWAYS, "grpc"),
     (RenderMode.ALWAYS, "http"),
     (RenderMode.GATED, "http"),
+    (RenderMode.GATED, "grpc"),
 ]
 
 
@@ -52,6 +52,7 @@ class StatusByPathAndQuery(StatusByPath):
 
 class Lane(Gated):
     mode: RenderMode
+    transport: str
     page: Page
 
 
@@ -76,7 +77,7 @@ def lane(request) -> Iterator[Lane]:
         name = f"envoy/{mode}.yaml" if transport == "grpc" else f"envoy/{mode}-{transport}.yaml"
         with EnvoyProcess(yaml.safe_load(render("envoy", options)[name])) as envoy:
             lane = Lane(envoy, None)  # type: ignore[arg-type]
-            lane.mode, lane.page = mode, page
+            lane.mode, lane.transport, lane.page = mode, transport, page
             yield lane
 
 
@@ -123,13 +124,14 @@ class TestSamples:
 
     def test_undecodable_request_id_keeps_the_page_working(self, lane):
         """A request id with a byte that is not UTF-8 (Envoy passes obs-text on) still makes
-        a sample and the page's JSON: from the request headers it becomes U+FFFD; as a
-        gated filter's attribute Envoy 1.40 has already replaced the bytes itself."""
+        a sample and the page's JSON: from the request headers, or as a gated gRPC filter's
+        attribute (`extproc.wire`), it becomes U+FFFD; as a gated HTTP-lane filter's
+        attribute Envoy 1.40's JSON has already replaced the bytes itself."""
         status, _, _ = lane.get("/503", {"x-request-id": "r\xe9q-page-2"})
         assert status == 503
         _, table = page_failures(lane.page)
         ids = [s["request_id"] for s in samples(table)]
         (sent,) = [i for i in ids if i.startswith("r") and i.endswith("-page-2")]
         assert "\xe9" not in sent
-        if lane.mode is RenderMode.ALWAYS:
+        if lane.mode is RenderMode.ALWAYS or lane.transport == "grpc":
             assert sent == "r\ufffdq-page-2"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,13 +57,19 @@ class TestPureDecisionLogic:
         assert bad == []
 
     def test_only_the_adapter_touches_ext_proc_messages(self):
-        """Of the package's own modules, only server.py imports the ext_proc protobufs."""
+        """Of the package's own modules, only the gRPC door (server.py, and wire.py, which
+        reads its messages off the wire) imports the ext_proc protobufs; only it uses wire."""
         users = sorted(
             str(p.relative_to(PACKAGE))
             for p in PACKAGE.rglob("*.py")
             if any(m.startswith("envoy.service.ext_proc") for m in imported_modules(p))
         )
-        assert users == ["server.py"]
+        assert users == ["server.py", "wire.py"]
+        wire_users = sorted(
+            str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+            if "extproc.wire" in imported_modules(p)
+        )  # fmt: skip
+        assert wire_users == ["server.py"]
 
     def test_core_knows_no_wire_format(self):
         """The core takes and returns plain data: no protobuf, no JSON, no HTTP parser.
@@ -120,3 +128,21 @@ class TestOneModulePerDoor:
             node.module for node in cli.body if isinstance(node, ast.ImportFrom) and node.module
         }
         assert "extproc.workers" not in top_level
+
+
+class TestServeLoadsNoRenderer:
+    """A server process never loads the renderers (typed Envoy config: some 20 MiB each)."""
+
+    def test_serve_config_and_doors_import_no_render_module(self):
+        """Building serve's config (the page on, so its docs URL is looked up) and importing
+        the process and its doors leaves extproc.render unloaded."""
+        code = (
+            "import sys\n"
+            "from extproc import cli, process, workers\n"
+            "args = cli.build_parser().parse_args(['serve', '--ui-listen', '127.0.0.1:0'])\n"
+            "cli.serve_config(args)\n"
+            "print(sorted(m for m in sys.modules if m.startswith('extproc.render')))\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True, cwd=ROOT)  # fmt: skip
+        assert out.stdout.strip() == "[]"
