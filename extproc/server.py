@@ -189,11 +189,7 @@ class _StructAttributes:
         self.fields = fields
 
     def number(self, key: str, limit: int) -> int | None:
-        value = self.fields.get(key)
-        if value is None or value.WhichOneof("kind") != "number_value":
-            return None
-        number = value.number_value
-        return int(number) if 0 <= number <= limit else None
+        return _number(self.fields, key, limit)
 
     def text(self, key: str) -> str:
         value = self.fields.get(key)
