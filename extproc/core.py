@@ -170,7 +170,9 @@ class Carried:
     """What the response phase needs from the request phase of the same HTTP request."""
 
     actions: str = ""  # the x-extproc-actions value; "" when the request was not changed
-    host: str = ""  # the authority the request was routed with, after any rewrite
+    # The authority the request was routed with, after any rewrite; "" for a request
+    # answered from its names alone (`UNTOUCHED`): the response phase reads request.host.
+    host: str = ""
     direction: Direction | None = None  # where the filter sits, as the request phase saw it
     reveal: bool = False  # the request carried the policy's reveal token
     # Another of the doctor's filters already diagnosed this response (gated mode: the
