@@ -236,18 +236,24 @@ def scan(text: str) -> Found:
     _scan_pasted(text, found)
     doctor = _DOCTOR.search(text)
     if doctor:
-        found.doctor_reason = doctor["header"] or doctor["reason"] or ""
-        found.doctor_hint = doctor["hint"] or ""
+        found.doctor_reason = doctor["header"] or doctor["reason"] or doctor["first_reason"] or ""
+        found.doctor_hint = doctor["hint"] or doctor["first_hint"] or ""
     if not (_envoy_shaped(text, found) or found.doctor_reason):
         found.status, found.flags, found.grpc_status = None, "", None
     return found
 
 
 # The doctor's own diagnosis in a line: its header (`x-extproc-diagnosis: REASON;…`), or
-# its metadata as `%DYNAMIC_METADATA(extproc_doctor)%` prints it (`{"reason":…,"hint":…}`).
+# its metadata as `%DYNAMIC_METADATA(extproc_doctor)%` prints it in a text format. Envoy
+# 1.40 prints the namespace's keys sorted (`{"actions":…,"cluster":…,"hint":…,"reason":…}`,
+# tests/envoy/test_access_log_metadata.py), so the hint comes before the reason there, with
+# other keys between, never a brace; a printer that keeps the written order puts the
+# reason first. Each gap is bounded, and a brace ends it: the scan stays linear.
 _DOCTOR = re.compile(
     r"x-extproc-diagnosis\W{1,4}(?P<header>[a-z_]{3,40})"
-    r'|\{"reason":\s?"(?P<reason>[a-z_]{3,40})",\s?"hint":\s?"(?P<hint>[^"\\]{0,400})'
+    r'|\{[^{}]{0,2000}?"hint":\s?"(?P<hint>[^"\\]{0,400})"'
+    r'[^{}]{0,2000}?"reason":\s?"(?P<reason>[a-z_]{3,40})"'
+    r'|\{"reason":\s?"(?P<first_reason>[a-z_]{3,40})",\s?"hint":\s?"(?P<first_hint>[^"\\]{0,400})'
 )
 
 # Envoy-shaped structure. Without one of these a status, a flag word or a gRPC code is
