@@ -47,6 +47,7 @@ class Hostile:
     def __exit__(self, *exc: object) -> None:
         self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(timeout=30)
+        assert not self._thread.is_alive(), "the hostile client did not stop"
         self._loop.close()
 
     async def _run(self) -> None:
@@ -56,10 +57,14 @@ class Hostile:
             await self._stop.wait()
             for task in holders:
                 task.cancel()
-            await asyncio.gather(*holders, return_exceptions=True)
+            # Bounded: whatever a holder waits on, leaving the channel cancels its call.
+            await asyncio.wait(holders, timeout=10)
 
     async def _hold(self, stub: pb_grpc.ExternalProcessorStub) -> None:
-        while True:
+        # Checked each time round: grpc.aio may turn the task's cancellation into an
+        # AioRpcError(CANCELLED), which the loop catches, so cancelling alone could leave
+        # it running and `__exit__` waiting (seen once in a fresh-clone run).
+        while not self._stop.is_set():
             call = stub.Process()
             try:
                 if self.speak:
