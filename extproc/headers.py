@@ -249,11 +249,15 @@ class _Active:
     underscores: bool  # a rule looks at every name containing `_`
 
     def may_act(self, names: Collection[str]) -> bool:
-        """Whether any rule could act on a request with these header names: one set test
-        (and one join when a rule looks for `_`) rules out a clean request."""
-        if not self.protected.isdisjoint(names):
-            return True
-        return self.underscores and "_" in "".join(names)
+        """Whether any rule could act on a request with these header names."""
+        return _may_act(self.protected, self.underscores, names)
+
+
+def _may_act(watched: frozenset[str], underscores: bool, names: Collection[str]) -> bool:
+    """One set test (and one join when a rule looks for `_`) rules out a clean request."""
+    if not watched.isdisjoint(names):
+        return True
+    return underscores and "_" in "".join(names)
 
 
 def rule_action(policy: Policy, rule: HeaderRule, direction: Direction) -> Action:
@@ -383,9 +387,7 @@ class NamesFirst:
     reads_host: bool  # a Host rewrite is configured: every request is read whole
 
     def untouched(self, names: Collection[str]) -> bool:
-        if self.reads_host or not self.watched.isdisjoint(names):
-            return False
-        return not (self.underscores and "_" in "".join(names))
+        return not self.reads_host and not _may_act(self.watched, self.underscores, names)
 
 
 def names_first(policy: Policy) -> NamesFirst:

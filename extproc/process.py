@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import signal
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from typing import Any
 
 import structlog
@@ -140,13 +140,10 @@ async def _flushing(metrics: Metrics) -> AsyncIterator[None]:
             await asyncio.sleep(FLUSH_SECONDS)
             metrics.flush()
 
-    task = asyncio.create_task(tick())
     try:
-        yield
+        async with _in_background(tick()):
+            yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
         metrics.flush()
 
 
@@ -165,7 +162,14 @@ async def _reloading(
 
     reloader = PolicyReloader(config.policy_path, apply, metrics)
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reloader.trigger)
-    task = asyncio.create_task(reloader.run(config.reload_interval))
+    async with _in_background(reloader.run(config.reload_interval)):
+        yield
+
+
+@contextlib.asynccontextmanager
+async def _in_background(work: Coroutine[Any, Any, None]) -> AsyncIterator[None]:
+    """Run `work` as a task while the block runs; cancel it and wait for it after."""
+    task = asyncio.create_task(work)
     try:
         yield
     finally:
